@@ -1,0 +1,1 @@
+//! Checkpoint directories: config.json and safetensors shards.

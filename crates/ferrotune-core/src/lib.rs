@@ -1,0 +1,15 @@
+//! ferrotune-core: LoRA fine-tuning and serving of Qwen vision-language models.
+//!
+//! Everything but argv parsing and HTTP lives here. The data flow is
+//! config → data → template → image processor → model (+ LoRA) → train / infer.
+
+pub mod checkpoint;
+pub mod image;
+pub mod models;
+pub mod nn;
+pub mod tokenizer;
+
+/// The crate version, as printed by `ferrotune env`.
+pub fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}

@@ -1,0 +1,1 @@
+//! Model families, chosen by `model_type`.

@@ -1,0 +1,1 @@
+//! Building blocks with backward passes that candle's fused ops lack.

@@ -1,0 +1,1 @@
+//! tokenizer.json and the checkpoint's chat template.
