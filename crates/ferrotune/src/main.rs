@@ -1,1 +1,3 @@
-fn main() { println!("{}", ferrotune_core::version()); }
+fn main() {
+    println!("{}", ferrotune_core::version());
+}
