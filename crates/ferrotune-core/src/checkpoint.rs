@@ -1,1 +1,211 @@
-//! Checkpoint directories: config.json and safetensors shards.
+//! Checkpoint directories as Hugging Face writes them: `config.json` plus one or more `*.safetensors` shards
+//! (with or without `model.safetensors.index.json`), memory-mapped, each tensor in the dtype of its file.
+//!
+//! [`Weights`] hands tensors to model constructors by their checkpoint key, converted to the compute dtype,
+//! with errors that name the tensor, the file and the expected shape.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+/// All safetensors shards of one checkpoint directory, indexed by tensor name.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    index: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Opens every shard of `dir`. With `model.safetensors.index.json` the shards it lists are used; otherwise
+    /// every `*.safetensors` file in the directory (sorted by name).
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("{}: not a directory; give the folder that holds config.json and *.safetensors", dir.display());
+        }
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut paths: Vec<PathBuf> = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path)
+                .with_context(|| format!("{}: cannot read", index_path.display()))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index_path.display()))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .with_context(|| format!("{}: no \"weight_map\" object", index_path.display()))?;
+            let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_owned)).collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            let mut v = Vec::new();
+            for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))? {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "safetensors") {
+                    v.push(path);
+                }
+            }
+            v.sort();
+            v
+        };
+        if paths.is_empty() {
+            bail!(
+                "{}: no *.safetensors files; ferrotune loads Hugging Face safetensors checkpoints \
+                 (convert .bin/.pt weights with transformers' save_pretrained(safe_serialization=True))",
+                dir.display()
+            );
+        }
+        paths.dedup();
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for (i, path) in paths.into_iter().enumerate() {
+            if !path.exists() {
+                bail!("{}: listed in model.safetensors.index.json but missing", path.display());
+            }
+            // SAFETY: the file is mapped read-only; ferrotune never writes into a checkpoint it has open.
+            let st = unsafe { MmapedSafetensors::new(&path) }
+                .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+            for (name, _) in st.tensors() {
+                index.insert(name, i);
+            }
+            files.push((path, st));
+        }
+        Ok(Self { dir: dir.to_path_buf(), files, index })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Names of all tensors, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        v.sort();
+        v
+    }
+
+    /// Shape and dtype of a tensor as stored.
+    pub fn info(&self, name: &str) -> Option<(Vec<usize>, DType)> {
+        let i = *self.index.get(name)?;
+        let view = self.files[i].1.get(name).ok()?;
+        let dtype = DType::try_from(view.dtype()).ok()?;
+        Some((view.shape().to_vec(), dtype))
+    }
+
+    /// The file a tensor lives in.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.index.get(name).map(|&i| self.files[i].0.as_path())
+    }
+
+    /// Loads a tensor as stored (its file's dtype) onto `device`.
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let i = *self.index.get(name).with_context(|| self.missing(name))?;
+        let (path, st) = &self.files[i];
+        st.load(name, device).map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", path.display()))
+    }
+
+    fn missing(&self, name: &str) -> String {
+        // Point at the closest existing names so a prefix mix-up (e.g. `model.layers.` vs
+        // `model.language_model.layers.`) is obvious.
+        let stem = name.rsplit_once('.').map(|(a, _)| a).unwrap_or(name);
+        let leaf = name.rsplit('.').next().unwrap_or(name);
+        let mut near: Vec<&str> =
+            self.index.keys().map(String::as_str).filter(|k| k.ends_with(leaf) || k.starts_with(stem)).collect();
+        near.sort();
+        near.truncate(3);
+        let hint =
+            if near.is_empty() { String::new() } else { format!("; similar names present: {}", near.join(", ")) };
+        format!("{}: the checkpoint has no tensor `{name}`{hint}", self.dir.display())
+    }
+}
+
+/// Reads `config.json` of a checkpoint directory as JSON.
+pub fn read_config_json(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read (is this a Hugging Face checkpoint folder?)", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}:{}:{}: invalid JSON: {e}", path.display(), e.line(), e.column()))
+}
+
+/// A prefix-aware view of a checkpoint that model constructors pull their tensors from.
+///
+/// Every tensor is converted to `dtype` on `device`, except those the caller asks for in another dtype
+/// (`get_as`). Each tensor taken is recorded, so a loader can report what it did not use.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    ckpt: &'a Checkpoint,
+    prefix: String,
+    pub dtype: DType,
+    pub device: Device,
+    used: std::rc::Rc<std::cell::RefCell<BTreeMap<String, ()>>>,
+}
+
+impl<'a> Weights<'a> {
+    pub fn new(ckpt: &'a Checkpoint, dtype: DType, device: &Device) -> Self {
+        Self { ckpt, prefix: String::new(), dtype, device: device.clone(), used: Default::default() }
+    }
+
+    /// A view one level down: `w.pp("layers").pp(3)` reads `layers.3.*`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        Self { prefix, ..self.clone() }
+    }
+
+    /// The full checkpoint key for `name` under this view.
+    pub fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.ckpt.contains(&self.path(name))
+    }
+
+    /// The tensor `name`, checked against `shape` (which `why` explains, e.g. "hidden_size=64"), in the
+    /// compute dtype.
+    pub fn get(&self, name: &str, shape: &[usize], why: &str) -> Result<Tensor> {
+        self.get_as(name, shape, why, self.dtype)
+    }
+
+    /// Like [`Weights::get`] with an explicit dtype (e.g. f32 for `A_log`, which HF keeps in f32).
+    pub fn get_as(&self, name: &str, shape: &[usize], why: &str, dtype: DType) -> Result<Tensor> {
+        let key = self.path(name);
+        let t = self.ckpt.load(&key, &self.device)?;
+        if t.dims() != shape {
+            let file = self.ckpt.file_of(&key).map(|p| p.display().to_string()).unwrap_or_default();
+            bail!(
+                "{file}: tensor `{key}` has shape {:?}, but config.json implies {:?} ({why}); \
+                 the weights do not belong to this config",
+                t.dims(),
+                shape
+            );
+        }
+        self.used.borrow_mut().insert(key, ());
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    /// Checkpoint keys not taken by any `get` so far, excluding those matching `ignore` prefixes.
+    pub fn unused(&self, ignore: &[&str]) -> Vec<String> {
+        let used = self.used.borrow();
+        self.ckpt
+            .names()
+            .into_iter()
+            .filter(|n| !used.contains_key(*n) && !ignore.iter().any(|p| n.starts_with(p)))
+            .map(str::to_owned)
+            .collect()
+    }
+}

@@ -1,1 +1,11 @@
-//! Building blocks with backward passes that candle's fused ops lack.
+//! Building blocks for the models, written only with candle ops that have a backward pass.
+//!
+//! candle's fused `softmax_last_dim`, `rms_norm`, `RmsNorm`/`LayerNorm::forward` and `rope*` silently drop
+//! gradients (they are built with `apply_op*_no_bwd`), so a model made of them trains nothing while reporting
+//! success. Everything here is a composite of differentiable ops (or a custom op with an analytic backward),
+//! and the tests check gradients against finite differences.
+
+pub mod linear;
+pub mod ops;
+
+pub use linear::{Linear, Lora};

@@ -1,1 +1,4 @@
+//! The crate's one integration-test binary (one link of candle instead of one per file).
 
+mod common;
+mod model;

@@ -1,0 +1,295 @@
+//! Qwen3.5 (`Qwen3_5ForConditionalGeneration`): the vision tower's embeddings placed at the `<|image_pad|>`
+//! positions of the token embeddings, 3-D M-RoPE positions, the hybrid decoder, the final norm and the head
+//! (the embedding matrix when tied).
+
+pub mod config;
+pub mod gdn;
+pub mod text;
+pub mod vision;
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+pub use config::{Config, LayerType};
+pub use text::{DecoderLayer, LayerCache};
+pub use vision::VisionModel;
+
+use crate::checkpoint::{read_config_json, Checkpoint, Weights};
+use crate::nn::Linear;
+
+/// Images of one forward pass: processor output for all images of the batch, in order of appearance.
+#[derive(Clone)]
+pub struct VisionInput {
+    /// (Σ t·h·w, C·T·P·P)
+    pub pixel_values: Tensor,
+    /// (t, h, w) per image, in patches.
+    pub grids: Vec<[usize; 3]>,
+}
+
+/// Positions for the three M-RoPE axes (T, H, W) of one sequence, and `max + 1 − len` (the offset that
+/// decoding adds to plain positions after the prompt).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RopePositions {
+    pub axes: [Vec<i64>; 3],
+    pub delta: i64,
+}
+
+/// The caller-owned decoding state: one entry per decoder layer plus the number of tokens seen.
+#[derive(Clone, Default)]
+pub struct Cache {
+    pub layers: Vec<LayerCache>,
+    pub seen: usize,
+}
+
+impl Cache {
+    pub fn new(n_layers: usize) -> Self {
+        Self { layers: vec![LayerCache::Empty; n_layers], seen: 0 }
+    }
+}
+
+pub struct Qwen3_5 {
+    pub cfg: Config,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: text::RmsNorm1p,
+    /// `None` when the head is tied to the embedding.
+    pub lm_head: Option<Linear>,
+    pub visual: VisionModel,
+    inv_freq: Vec<f32>,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// Prefixes that exist in real checkpoints but are not part of the forward pass.
+const IGNORED_PREFIXES: &[&str] = &["mtp."];
+
+impl Qwen3_5 {
+    /// Loads a checkpoint directory, converting weights to `dtype` (f32 on CPU; the file's dtype otherwise).
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let json = read_config_json(dir)?;
+        let cfg = Config::from_json(&json).with_context(|| format!("{}", dir.join("config.json").display()))?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::from_checkpoint(&ckpt, cfg, dtype, device)
+    }
+
+    pub fn from_checkpoint(ckpt: &Checkpoint, cfg: Config, dtype: DType, device: &Device) -> Result<Self> {
+        let w = Weights::new(ckpt, dtype, device);
+        let t = &cfg.text;
+        let lm = w.pp("model.language_model");
+        let embed_tokens = lm.get("embed_tokens.weight", &[t.vocab_size, t.hidden_size], "vocab_size × hidden_size")?;
+        let layers = t
+            .layer_types
+            .iter()
+            .enumerate()
+            .map(|(i, &kind)| {
+                DecoderLayer::load(&lm.pp("layers").pp(i), t, kind)
+                    .with_context(|| format!("decoder layer {i} ({kind:?})"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = text::RmsNorm1p {
+            one_plus_w: (lm.get_as("norm.weight", &[t.hidden_size], "hidden_size", DType::F32)? + 1.0)?,
+            eps: t.rms_norm_eps,
+        };
+        // A checkpoint with `lm_head.weight` uses it; otherwise the head is the embedding (tied).
+        let lm_head = if w.contains("lm_head.weight") {
+            Some(Linear::load(&w.pp("lm_head"), t.hidden_size, t.vocab_size, false, "hidden_size × vocab_size")?)
+        } else if cfg.tie_word_embeddings {
+            None
+        } else {
+            bail!(
+                "{}: no `lm_head.weight` and tie_word_embeddings is false in config.json; the checkpoint is incomplete",
+                ckpt.dir().display()
+            )
+        };
+        let visual = VisionModel::load(&w.pp("model.visual"), &cfg.vision).context("vision tower")?;
+        let unused = w.unused(IGNORED_PREFIXES);
+        if !unused.is_empty() {
+            let shown: Vec<&str> = unused.iter().take(5).map(String::as_str).collect();
+            bail!(
+                "{}: {} tensors are not part of a qwen3_5 model (e.g. {}); is config.json from another checkpoint?",
+                ckpt.dir().display(),
+                unused.len(),
+                shown.join(", ")
+            );
+        }
+        let inv_freq = text::text_inv_freq(t);
+        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, visual, inv_freq, dtype, device: device.clone() })
+    }
+
+    /// The head matrix (V, D).
+    pub fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().map_or(&self.embed_tokens, |l| &l.weight)
+    }
+
+    /// 3-D positions of one sequence (transformers' `get_rope_index`): text advances all three axes by one;
+    /// an image of grid (t, h, w) occupies (h/m)·(w/m) positions at (start, start+row, start+col) and moves
+    /// the next start by max(h, w)/m.
+    pub fn rope_index(&self, ids: &[u32], image_grids: &[[usize; 3]]) -> Result<RopePositions> {
+        rope_index(
+            ids,
+            image_grids,
+            self.cfg.image_token_id,
+            self.cfg.video_token_id,
+            self.cfg.vision.spatial_merge_size,
+        )
+    }
+
+    /// cos/sin for a batch of position sets (all of the same length).
+    pub fn rope(&self, positions: &[&RopePositions]) -> Result<(Tensor, Tensor)> {
+        let axes: [Vec<Vec<i64>>; 3] =
+            std::array::from_fn(|a| positions.iter().map(|p| p.axes[a].clone()).collect::<Vec<_>>());
+        Ok(text::mrope_cos_sin(&self.inv_freq, &self.cfg.text.mrope_section, &axes, &self.device)?)
+    }
+
+    /// cos/sin for `n` decode positions continuing after `seen` tokens with the given rope delta, B rows.
+    pub fn rope_continue(&self, batch: usize, seen: usize, n: usize, delta: i64) -> Result<(Tensor, Tensor)> {
+        let row: Vec<i64> = (0..n).map(|i| (seen + i) as i64 + delta).collect();
+        let axes: [Vec<Vec<i64>>; 3] = std::array::from_fn(|_| vec![row.clone(); batch]);
+        Ok(text::mrope_cos_sin(&self.inv_freq, &self.cfg.text.mrope_section, &axes, &self.device)?)
+    }
+
+    /// Image embeddings (Σ tokens, D) from the vision tower.
+    pub fn image_features(&self, images: &VisionInput) -> Result<Tensor> {
+        Ok(self.visual.forward(&images.pixel_values, &images.grids)?)
+    }
+
+    /// Token embeddings (B, S, D) with image features written over the `<|image_pad|>` rows, in order.
+    pub fn embed(&self, input_ids: &Tensor, image_features: Option<&Tensor>) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let flat = input_ids.flatten_all()?;
+        let text = self.embed_tokens.index_select(&flat, 0)?; // (B·S, D)
+        let emb = match image_features {
+            None => text,
+            Some(feats) => {
+                let ids: Vec<u32> = flat.to_vec1()?;
+                let n_pad = ids.iter().filter(|&&t| t == self.cfg.image_token_id).count();
+                let n_feat = feats.dim(0)?;
+                if n_pad != n_feat {
+                    bail!(
+                        "image features and image tokens do not match: {n_pad} <|image_pad|> tokens, {n_feat} features"
+                    );
+                }
+                // Rows of [text; features] picked per position: a gather keeps gradients flowing to both.
+                let mut next = 0u32;
+                let pick: Vec<u32> = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &t)| {
+                        if t == self.cfg.image_token_id {
+                            next += 1;
+                            (b * s) as u32 + next - 1
+                        } else {
+                            i as u32
+                        }
+                    })
+                    .collect();
+                let all = Tensor::cat(&[&text, &feats.to_dtype(text.dtype())?], 0)?;
+                all.index_select(&Tensor::from_vec(pick, b * s, &self.device)?, 0)?
+            }
+        };
+        Ok(emb.reshape((b, s, self.cfg.text.hidden_size))?)
+    }
+
+    /// Runs the decoder on embeddings. Returns the final-normed hidden states (B, S, D) and, when `collect`,
+    /// the output of every decoder layer.
+    pub fn decode(
+        &self,
+        embeds: &Tensor,
+        rope: &(Tensor, Tensor),
+        mut cache: Option<&mut Cache>,
+        collect: bool,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut x = embeds.clone();
+        let mut hidden = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(&x, rope, c, false)?;
+            if collect {
+                hidden.push(x.clone());
+            }
+        }
+        if let Some(c) = cache {
+            c.seen += embeds.dim(1)?;
+        }
+        Ok((self.norm.forward(&x)?, hidden))
+    }
+
+    /// Logits (.., V) of final hidden states (.., D).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(text::lm_logits(hidden, self.head())?)
+    }
+
+    /// One whole forward pass of a single sequence without cache: final hidden states and per-layer outputs.
+    pub fn forward_sequence(
+        &self,
+        ids: &[u32],
+        images: Option<&VisionInput>,
+        collect: bool,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let grids: &[[usize; 3]] = images.map_or(&[], |v| &v.grids);
+        let pos = self.rope_index(ids, grids)?;
+        let rope = self.rope(&[&pos])?;
+        let feats = images.map(|v| self.image_features(v)).transpose()?;
+        let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &self.device)?;
+        let emb = self.embed(&input, feats.as_ref())?;
+        self.decode(&emb, &rope, None, collect)
+    }
+}
+
+/// See [`Qwen3_5::rope_index`].
+pub fn rope_index(
+    ids: &[u32],
+    image_grids: &[[usize; 3]],
+    image_token: u32,
+    video_token: u32,
+    merge: usize,
+) -> Result<RopePositions> {
+    let mut axes: [Vec<i64>; 3] = Default::default();
+    let mut cur: i64 = 0;
+    let mut grids = image_grids.iter();
+    let mut i = 0;
+    while i < ids.len() {
+        let t = ids[i];
+        if t == video_token {
+            bail!("video inputs are not supported yet (found <|video_pad|> at position {i})");
+        }
+        if t != image_token {
+            for a in &mut axes {
+                a.push(cur);
+            }
+            cur += 1;
+            i += 1;
+            continue;
+        }
+        let run = ids[i..].iter().take_while(|&&x| x == image_token).count();
+        let &[gt, gh, gw] = grids.next().with_context(|| {
+            format!(
+                "more <|image_pad|> runs than images: a run starts at position {i} but only {} grids were given",
+                image_grids.len()
+            )
+        })?;
+        let (lh, lw) = (gh / merge, gw / merge);
+        let need = gt * lh * lw;
+        if run < need {
+            bail!("the image at position {i} needs {need} <|image_pad|> tokens, found {run}");
+        }
+        for ti in 0..gt {
+            for hi in 0..lh {
+                for wi in 0..lw {
+                    axes[0].push(cur + ti as i64);
+                    axes[1].push(cur + hi as i64);
+                    axes[2].push(cur + wi as i64);
+                }
+            }
+        }
+        cur += (gh.max(gw) / merge) as i64;
+        i += need;
+    }
+    if grids.next().is_some() {
+        bail!("{} images given but fewer <|image_pad|> runs in the sequence", image_grids.len());
+    }
+    let max = axes.iter().flat_map(|a| a.iter().copied()).max().unwrap_or(-1);
+    Ok(RopePositions { delta: max + 1 - ids.len() as i64, axes })
+}

@@ -1,0 +1,403 @@
+//! The Qwen3.5 text decoder: gated full attention and Gated-DeltaNet layers (picked from `layer_types`),
+//! SwiGLU MLP, zero-centred RMSNorms, interleaved M-RoPE on a partial rotary dim.
+//!
+//! Reference: transformers `models/qwen3_5/modeling_qwen3_5.py` (5.5.4); shapes in the comments use
+//! B batch, S new tokens, T cached + new tokens, H/KV query/key heads, hd head dim, Hk/Hv delta-rule heads.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+
+use super::config::{LayerType, TextConfig};
+use super::gdn;
+use crate::checkpoint::Weights;
+use crate::nn::ops;
+use crate::nn::Linear;
+
+/// A zero-centred RMSNorm weight, stored as `1 + w` in f32.
+#[derive(Clone)]
+pub struct RmsNorm1p {
+    pub one_plus_w: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm1p {
+    fn load(w: &Weights, dim: usize, eps: f64, why: &str) -> Result<Self> {
+        let weight = w.get_as("weight", &[dim], why, DType::F32)?;
+        Ok(Self { one_plus_w: (weight + 1.0)?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::rms_norm_1p(x, &self.one_plus_w, self.eps)
+    }
+}
+
+#[derive(Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+    act: String,
+}
+
+impl Mlp {
+    fn load(w: &Weights, cfg: &TextConfig) -> Result<Self> {
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let why = "hidden_size × intermediate_size";
+        Ok(Self {
+            gate_proj: Linear::load(&w.pp("gate_proj"), d, f, false, why)?,
+            up_proj: Linear::load(&w.pp("up_proj"), d, f, false, why)?,
+            down_proj: Linear::load(&w.pp("down_proj"), f, d, false, why)?,
+            act: cfg.hidden_act.clone(),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let g = ops::activation(&self.gate_proj.forward_t(x, train)?, &self.act)?;
+        let u = self.up_proj.forward_t(x, train)?;
+        self.down_proj.forward_t(&(g * u)?, train)
+    }
+}
+
+/// Per-layer decoding state, owned by the caller.
+#[derive(Clone, Default)]
+pub enum LayerCache {
+    /// Keys and values after k_norm and RoPE: (B, KV, T, hd).
+    Attention { k: Tensor, v: Tensor },
+    /// Last K−1 pre-conv rows (B, K−1, conv_dim) and the delta-rule state (B·Hv, dk, dv) in f32.
+    DeltaNet { conv: Tensor, state: Tensor },
+    #[default]
+    Empty,
+}
+
+#[derive(Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: RmsNorm1p,
+    pub k_norm: RmsNorm1p,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(w: &Weights, cfg: &TextConfig) -> Result<Self> {
+        let (d, h, kv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let b = cfg.attention_bias;
+        Ok(Self {
+            q_proj: Linear::load(&w.pp("q_proj"), d, h * hd * 2, b, "hidden_size × heads·head_dim·2 (query + gate)")?,
+            k_proj: Linear::load(&w.pp("k_proj"), d, kv * hd, b, "hidden_size × kv_heads·head_dim")?,
+            v_proj: Linear::load(&w.pp("v_proj"), d, kv * hd, b, "hidden_size × kv_heads·head_dim")?,
+            o_proj: Linear::load(&w.pp("o_proj"), h * hd, d, b, "heads·head_dim × hidden_size")?,
+            q_norm: RmsNorm1p::load(&w.pp("q_norm"), hd, cfg.rms_norm_eps, "head_dim")?,
+            k_norm: RmsNorm1p::load(&w.pp("k_norm"), hd, cfg.rms_norm_eps, "head_dim")?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: hd,
+        })
+    }
+
+    /// x: (B, S, D); cos/sin: (B, S, rot). With a cache the new keys/values are appended to it.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut LayerCache>,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        // 1. Projections. q_proj interleaves [query | gate] per head: (B, S, H, 2·hd).
+        let qg = self.q_proj.forward_t(x, train)?.reshape((b, s, h, 2 * hd))?;
+        let q = qg.narrow(3, 0, hd)?;
+        let gate = qg.narrow(3, hd, hd)?.reshape((b, s, h * hd))?;
+        let k = self.k_proj.forward_t(x, train)?.reshape((b, s, kv, hd))?;
+        let v = self.v_proj.forward_t(x, train)?.reshape((b, s, kv, hd))?;
+        // 2. Per-head norms, then (B, S, heads, hd) -> (B, heads, S, hd).
+        let q = self.q_norm.forward(&q)?.transpose(1, 2)?;
+        let k = self.k_norm.forward(&k)?.transpose(1, 2)?;
+        let v = v.transpose(1, 2)?;
+        // 3. Partial rotary on the first `rot` channels.
+        let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+        let q = ops::apply_rope(&q, &cos, &sin)?;
+        let k = ops::apply_rope(&k, &cos, &sin)?.contiguous()?;
+        let v = v.contiguous()?;
+        // 4. Cache: append and attend over everything seen.
+        let (k, v, offset) = match cache {
+            Some(c) => {
+                let (k, v, offset) = match c {
+                    LayerCache::Attention { k: pk, v: pv } => {
+                        let offset = pk.dim(2)?;
+                        (Tensor::cat(&[&*pk, &k], 2)?, Tensor::cat(&[&*pv, &v], 2)?, offset)
+                    }
+                    _ => (k, v, 0),
+                };
+                *c = LayerCache::Attention { k: k.clone(), v: v.clone() };
+                (k, v, offset)
+            }
+            None => (k, v, 0),
+        };
+        // 5. GQA: kv head j serves query heads j·rep .. (j+1)·rep.
+        let rep = h / kv;
+        let t = k.dim(2)?;
+        let expand = |x: &Tensor| -> candle_core::Result<Tensor> {
+            if rep == 1 {
+                Ok(x.clone())
+            } else {
+                x.unsqueeze(2)?.broadcast_as((b, kv, rep, t, hd))?.reshape((b, h, t, hd))
+            }
+        };
+        let (k, v) = (expand(&k)?, expand(&v)?);
+        let mask = if s > 1 { Some(ops::causal_mask(s, offset, x.device())?) } else { None };
+        let o = ops::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), mask.as_ref())?;
+        // 6. (B, H, S, hd) -> (B, S, H·hd), sigmoid output gate, o_proj.
+        let o = o.transpose(1, 2)?.reshape((b, s, h * hd))?;
+        let o = (o * ops::sigmoid(&gate)?)?;
+        self.o_proj.forward_t(&o, train)
+    }
+}
+
+#[derive(Clone)]
+pub struct GatedDeltaNet {
+    pub in_proj_qkv: Linear,
+    pub in_proj_z: Linear,
+    pub in_proj_b: Linear,
+    pub in_proj_a: Linear,
+    pub out_proj: Linear,
+    /// Depthwise conv weight (conv_dim, K).
+    pub conv1d: Tensor,
+    /// −exp(A_log) in f32.
+    pub neg_a: Tensor,
+    pub dt_bias: Tensor,
+    /// Plain (not 1+w) weight of the gated RMSNorm, per value-head channel.
+    pub norm: Tensor,
+    eps: f64,
+    hk: usize,
+    hv: usize,
+    dk: usize,
+    dv: usize,
+}
+
+impl GatedDeltaNet {
+    fn load(w: &Weights, cfg: &TextConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let (hk, hv, dk, dv) =
+            (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim);
+        let conv_dim = 2 * hk * dk + hv * dv;
+        let kk = cfg.linear_conv_kernel_dim;
+        let why_qkv =
+            "hidden_size × (2·linear_num_key_heads·linear_key_head_dim + linear_num_value_heads·linear_value_head_dim)";
+        let conv = w.get("conv1d.weight", &[conv_dim, 1, kk], "conv_dim × 1 × linear_conv_kernel_dim")?;
+        let a_log = w.get_as("A_log", &[hv], "linear_num_value_heads", DType::F32)?;
+        Ok(Self {
+            in_proj_qkv: Linear::load(&w.pp("in_proj_qkv"), d, conv_dim, false, why_qkv)?,
+            in_proj_z: Linear::load(&w.pp("in_proj_z"), d, hv * dv, false, "hidden_size × value heads·dim")?,
+            in_proj_b: Linear::load(&w.pp("in_proj_b"), d, hv, false, "hidden_size × linear_num_value_heads")?,
+            in_proj_a: Linear::load(&w.pp("in_proj_a"), d, hv, false, "hidden_size × linear_num_value_heads")?,
+            out_proj: Linear::load(&w.pp("out_proj"), hv * dv, d, false, "value heads·dim × hidden_size")?,
+            conv1d: conv.squeeze(1)?,
+            neg_a: a_log.exp()?.neg()?,
+            dt_bias: w.get_as("dt_bias", &[hv], "linear_num_value_heads", DType::F32)?,
+            norm: w.get("norm.weight", &[dv], "linear_value_head_dim")?,
+            eps: cfg.rms_norm_eps,
+            hk,
+            hv,
+            dk,
+            dv,
+        })
+    }
+
+    /// x: (B, S, D). With a cache holding a state, continues from it; the cache is updated either way.
+    pub fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, train: bool) -> candle_core::Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (hk, hv, dk, dv) = (self.hk, self.hv, self.dk, self.dv);
+        let dtype = x.dtype();
+        let mixed = self.in_proj_qkv.forward_t(x, train)?; // (B, S, conv_dim): [q | k | v]
+        let z = self.in_proj_z.forward_t(x, train)?; // (B, S, Hv·dv)
+        let bb = self.in_proj_b.forward_t(x, train)?; // (B, S, Hv)
+        let a = self.in_proj_a.forward_t(x, train)?;
+
+        let (prev_conv, prev_state) = match cache.as_deref() {
+            Some(LayerCache::DeltaNet { conv, state }) => (Some(conv.clone()), Some(state.clone())),
+            _ => (None, None),
+        };
+        // 1. Causal depthwise conv over time + SiLU.
+        let (mixed, conv_state) = gdn::causal_conv1d_silu(&mixed, &self.conv1d, prev_conv.as_ref())?;
+        let q = mixed.narrow(2, 0, hk * dk)?.reshape((b, s, hk, dk))?;
+        let k = mixed.narrow(2, hk * dk, hk * dk)?.reshape((b, s, hk, dk))?;
+        let v = mixed.narrow(2, 2 * hk * dk, hv * dv)?.reshape((b, s, hv, dv))?;
+        // 2. beta = sigmoid(b); g = −exp(A_log)·softplus(a + dt_bias), in f32.
+        let beta = ops::sigmoid(&bb)?.to_dtype(DType::F32)?;
+        let g = ops::softplus(&a.to_dtype(DType::F32)?.broadcast_add(&self.dt_bias)?)?.broadcast_mul(&self.neg_a)?;
+        // 3. Value head j reads key head j / (Hv/Hk) (repeat_interleave on the head dim).
+        let rep = hv / hk;
+        let spread = |x: &Tensor| -> candle_core::Result<Tensor> {
+            if rep == 1 {
+                Ok(x.clone())
+            } else {
+                x.unsqueeze(3)?.broadcast_as((b, s, hk, rep, dk))?.reshape((b, s, hv, dk))
+            }
+        };
+        let (q, k) = (spread(&q)?, spread(&k)?);
+        // 4. (B, S, Hv, d) -> (B·Hv, S, d); l2-normalised q/k, scaled q, all f32.
+        let heads_first = |x: &Tensor, d: usize| -> candle_core::Result<Tensor> {
+            x.transpose(1, 2)?.contiguous()?.reshape((b * hv, s, d))
+        };
+        let (q, k) = gdn::prepare_qk(&heads_first(&q, dk)?, &heads_first(&k, dk)?)?;
+        let v = heads_first(&v, dv)?.to_dtype(DType::F32)?;
+        let g = g.transpose(1, 2)?.contiguous()?.reshape((b * hv, s))?;
+        let beta = beta.transpose(1, 2)?.contiguous()?.reshape((b * hv, s))?;
+        // 5. The delta rule: step form for single-token decode, chunked otherwise.
+        let (o, state) = if s == 1 && prev_state.is_some() {
+            gdn::delta_rule_recurrent(&q, &k, &v, &g, &beta, prev_state.as_ref())?
+        } else {
+            gdn::delta_rule_chunked(&q, &k, &v, &g, &beta, prev_state.as_ref())?
+        };
+        if let Some(c) = cache {
+            *c = LayerCache::DeltaNet { conv: conv_state, state };
+        }
+        // 6. (B·Hv, S, dv) -> (B, S, Hv, dv); gated RMSNorm per head with z; out_proj.
+        let o = o.reshape((b, hv, s, dv))?.transpose(1, 2)?.to_dtype(dtype)?;
+        let z = z.reshape((b, s, hv, dv))?;
+        let o = ops::rms_norm_gated(&o, &self.norm, &z, self.eps)?.reshape((b, s, hv * dv))?;
+        self.out_proj.forward_t(&o, train)
+    }
+}
+
+#[derive(Clone)]
+pub enum Mixer {
+    Full(Attention),
+    Linear(GatedDeltaNet),
+}
+
+#[derive(Clone)]
+pub struct DecoderLayer {
+    pub mixer: Mixer,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm1p,
+    pub post_attention_layernorm: RmsNorm1p,
+}
+
+impl DecoderLayer {
+    pub fn load(w: &Weights, cfg: &TextConfig, kind: LayerType) -> Result<Self> {
+        let mixer = match kind {
+            LayerType::Full => Mixer::Full(Attention::load(&w.pp("self_attn"), cfg)?),
+            LayerType::Linear => Mixer::Linear(GatedDeltaNet::load(&w.pp("linear_attn"), cfg)?),
+        };
+        let eps = cfg.rms_norm_eps;
+        Ok(Self {
+            mixer,
+            mlp: Mlp::load(&w.pp("mlp"), cfg)?,
+            input_layernorm: RmsNorm1p::load(&w.pp("input_layernorm"), cfg.hidden_size, eps, "hidden_size")?,
+            post_attention_layernorm: RmsNorm1p::load(
+                &w.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                eps,
+                "hidden_size",
+            )?,
+        })
+    }
+
+    /// Pre-norm residual block. x: (B, S, D).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        cache: Option<&mut LayerCache>,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let h = match &self.mixer {
+            Mixer::Full(attn) => attn.forward(&h, &rope.0, &rope.1, cache, train)?,
+            Mixer::Linear(gdn) => gdn.forward(&h, cache, train)?,
+        };
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, train)?;
+        x + h
+    }
+
+    /// The linears of this layer with their module paths relative to the layer.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut v: Vec<(String, &mut Linear)> = Vec::new();
+        match &mut self.mixer {
+            Mixer::Full(a) => {
+                v.push(("self_attn.q_proj".into(), &mut a.q_proj));
+                v.push(("self_attn.k_proj".into(), &mut a.k_proj));
+                v.push(("self_attn.v_proj".into(), &mut a.v_proj));
+                v.push(("self_attn.o_proj".into(), &mut a.o_proj));
+            }
+            Mixer::Linear(g) => {
+                v.push(("linear_attn.in_proj_qkv".into(), &mut g.in_proj_qkv));
+                v.push(("linear_attn.in_proj_z".into(), &mut g.in_proj_z));
+                v.push(("linear_attn.in_proj_b".into(), &mut g.in_proj_b));
+                v.push(("linear_attn.in_proj_a".into(), &mut g.in_proj_a));
+                v.push(("linear_attn.out_proj".into(), &mut g.out_proj));
+            }
+        }
+        v.push(("mlp.gate_proj".into(), &mut self.mlp.gate_proj));
+        v.push(("mlp.up_proj".into(), &mut self.mlp.up_proj));
+        v.push(("mlp.down_proj".into(), &mut self.mlp.down_proj));
+        v
+    }
+}
+
+/// Inverse frequencies of the text rotary embedding, computed in f32 as the reference does.
+pub fn text_inv_freq(cfg: &TextConfig) -> Vec<f32> {
+    let rot = cfg.rotary_dim();
+    (0..rot / 2)
+        .map(|i| {
+            let exponent = (2 * i) as f32 / rot as f32;
+            1.0f32 / (cfg.rope_theta as f32).powf(exponent)
+        })
+        .collect()
+}
+
+/// cos/sin of the interleaved M-RoPE for positions `pos` (3 axes × B × S): each (B, S, rot), f32.
+/// Frequency i uses the T axis, except i ≡ 1 (mod 3) below 3·section[1] (H) and i ≡ 2 (mod 3) below
+/// 3·section[2] (W).
+pub fn mrope_cos_sin(
+    inv_freq: &[f32],
+    section: &[usize],
+    pos: &[Vec<Vec<i64>>; 3],
+    device: &candle_core::Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let b = pos[0].len();
+    let s = pos[0].first().map_or(0, |r| r.len());
+    let axis_of = |i: usize| -> usize {
+        if i % 3 == 1 && i < 3 * section[1] {
+            1
+        } else if i % 3 == 2 && i < 3 * section[2] {
+            2
+        } else {
+            0
+        }
+    };
+    let mut cos = Vec::with_capacity(b * s * half * 2);
+    let mut sin = Vec::with_capacity(b * s * half * 2);
+    for bi in 0..b {
+        for si in 0..s {
+            let freqs: Vec<f32> = (0..half).map(|i| pos[axis_of(i)][bi][si] as f32 * inv_freq[i]).collect();
+            for _ in 0..2 {
+                cos.extend(freqs.iter().map(|f| f.cos()));
+                sin.extend(freqs.iter().map(|f| f.sin()));
+            }
+        }
+    }
+    Ok((Tensor::from_vec(cos, (b, s, 2 * half), device)?, Tensor::from_vec(sin, (b, s, 2 * half), device)?))
+}
+
+/// Logits from final hidden states: x (.., D) against the head (V, D).
+pub fn lm_logits(x: &Tensor, head: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let d = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, d))?.matmul(&head.t()?)?;
+    let mut out = dims;
+    let last = out.len() - 1;
+    out[last] = head.dim(0)?;
+    y.reshape(out)
+}

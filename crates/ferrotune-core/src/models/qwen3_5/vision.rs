@@ -1,0 +1,249 @@
+//! The Qwen3.5 vision tower (shared with Qwen3-VL): Conv3d patch embedding as a matmul, a learned position
+//! table bilinearly interpolated to each image's grid, 2-D rotary, pre-norm ViT blocks with per-image
+//! attention, and the 2×2 patch merger that projects into the text model's width.
+//!
+//! Patches arrive in the image processor's "merge block" order (block row, block col, in-block row, in-block
+//! col); position embeddings and rotary positions are produced in the same order, and the merger relies on
+//! every 4 consecutive rows forming one 2×2 block.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+use super::config::VisionConfig;
+use crate::checkpoint::Weights;
+use crate::nn::ops;
+use crate::nn::Linear;
+
+#[derive(Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl LayerNorm {
+    fn load(w: &Weights, dim: usize, why: &str) -> Result<Self> {
+        Ok(Self { weight: w.get("weight", &[dim], why)?, bias: w.get("bias", &[dim], why)? })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, 1e-6)
+    }
+}
+
+#[derive(Clone)]
+pub struct VisionBlock {
+    pub norm1: LayerNorm,
+    pub norm2: LayerNorm,
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    heads: usize,
+    act: String,
+}
+
+impl VisionBlock {
+    fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            norm1: LayerNorm::load(&w.pp("norm1"), d, "vision hidden_size")?,
+            norm2: LayerNorm::load(&w.pp("norm2"), d, "vision hidden_size")?,
+            qkv: Linear::load(&w.pp("attn.qkv"), d, 3 * d, true, "vision hidden_size × 3·hidden_size")?,
+            proj: Linear::load(&w.pp("attn.proj"), d, d, true, "vision hidden_size")?,
+            fc1: Linear::load(&w.pp("mlp.linear_fc1"), d, f, true, "vision hidden_size × intermediate_size")?,
+            fc2: Linear::load(&w.pp("mlp.linear_fc2"), f, d, true, "vision intermediate_size × hidden_size")?,
+            heads: cfg.num_heads,
+            act: cfg.hidden_act.clone(),
+        })
+    }
+
+    /// x: (N, d) patches of all images; `spans`: (start, len) of each image (or video frame) in x.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, spans: &[(usize, usize)]) -> candle_core::Result<Tensor> {
+        let (n, d) = x.dims2()?;
+        let (h, hd) = (self.heads, d / self.heads);
+        let qkv = self.qkv.forward(&self.norm1.forward(x)?)?.reshape((n, 3, h, hd))?;
+        // (N, H, hd) each; rotary over the whole head dim, in f32.
+        let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+        let q = ops::apply_rope(&qkv.narrow(1, 0, 1)?.squeeze(1)?, &cos, &sin)?;
+        let k = ops::apply_rope(&qkv.narrow(1, 1, 1)?.squeeze(1)?, &cos, &sin)?;
+        let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
+        // Attention never crosses images: one block-diagonal piece per span. (N, H, hd) -> (1, H, len, hd).
+        let mut outs = Vec::with_capacity(spans.len());
+        for &(start, len) in spans {
+            let pick =
+                |t: &Tensor| -> candle_core::Result<Tensor> { t.narrow(0, start, len)?.transpose(0, 1)?.unsqueeze(0) };
+            let o = ops::attention(&pick(&q)?, &pick(&k)?, &pick(&v)?, 1.0 / (hd as f64).sqrt(), None)?;
+            outs.push(o.squeeze(0)?.transpose(0, 1)?.reshape((len, d))?);
+        }
+        let o = Tensor::cat(&outs, 0)?;
+        let x = (x + self.proj.forward(&o)?)?;
+        let m = self.fc2.forward(&ops::activation(&self.fc1.forward(&self.norm2.forward(&x)?)?, &self.act)?)?;
+        x + m
+    }
+}
+
+#[derive(Clone)]
+pub struct VisionModel {
+    /// Conv3d kernel flattened to (hidden, C·T·P·P).
+    pub patch_embed: Linear,
+    pub pos_embed: Tensor,
+    pub blocks: Vec<VisionBlock>,
+    pub merger_norm: LayerNorm,
+    pub merger_fc1: Linear,
+    pub merger_fc2: Linear,
+    cfg: VisionConfig,
+}
+
+impl VisionModel {
+    pub fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let (c, t, p) = (cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size);
+        let kernel = w.get(
+            "patch_embed.proj.weight",
+            &[d, c, t, p, p],
+            "vision hidden_size × in_channels × temporal_patch_size × patch_size²",
+        )?;
+        let bias = w.get("patch_embed.proj.bias", &[d], "vision hidden_size")?;
+        let patch_embed = Linear::new(kernel.reshape((d, c * t * p * p))?, Some(bias));
+        let pos_embed =
+            w.get("pos_embed.weight", &[cfg.num_position_embeddings, d], "num_position_embeddings × hidden")?;
+        let blocks =
+            (0..cfg.depth).map(|i| VisionBlock::load(&w.pp("blocks").pp(i), cfg)).collect::<Result<Vec<_>>>()?;
+        let m = cfg.spatial_merge_size * cfg.spatial_merge_size * d;
+        Ok(Self {
+            patch_embed,
+            pos_embed,
+            blocks,
+            merger_norm: LayerNorm::load(&w.pp("merger.norm"), d, "vision hidden_size")?,
+            merger_fc1: Linear::load(&w.pp("merger.linear_fc1"), m, m, true, "merge_size²·hidden × same")?,
+            merger_fc2: Linear::load(
+                &w.pp("merger.linear_fc2"),
+                m,
+                cfg.out_hidden_size,
+                true,
+                "merge_size²·hidden × out_hidden_size",
+            )?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &VisionConfig {
+        &self.cfg
+    }
+
+    /// pixel_values: (N, C·T·P·P) in processor order; grids: (t, h, w) per image in patches.
+    /// Returns the merged embeddings (N / merge², out_hidden_size).
+    pub fn forward(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> candle_core::Result<Tensor> {
+        let dev = pixel_values.device();
+        let dtype = self.pos_embed.dtype();
+        let x = self.patch_embed.forward(&pixel_values.to_dtype(dtype)?)?;
+        let x = (x + self.interpolated_pos_embed(grids, dev)?)?;
+        let (cos, sin) = self.rotary(grids, dev)?;
+        let mut spans = Vec::new();
+        let mut start = 0;
+        for &[t, h, w] in grids {
+            for _ in 0..t {
+                spans.push((start, h * w));
+                start += h * w;
+            }
+        }
+        let mut x = x;
+        for blk in &self.blocks {
+            x = blk.forward(&x, &cos, &sin, &spans)?;
+        }
+        let n = x.dim(0)?;
+        let unit = self.cfg.spatial_merge_size * self.cfg.spatial_merge_size;
+        let y = self.merger_norm.forward(&x)?.reshape((n / unit, unit * self.cfg.hidden_size))?;
+        self.merger_fc2.forward(&ops::gelu_erf(&self.merger_fc1.forward(&y)?)?)
+    }
+
+    /// (row, col) of each patch in merge-block order, for every frame.
+    fn block_order(grids: &[[usize; 3]], merge: usize) -> Vec<(usize, usize, usize, usize)> {
+        let mut out = Vec::new();
+        for &[t, h, w] in grids {
+            for _ in 0..t {
+                for br in 0..h / merge {
+                    for bc in 0..w / merge {
+                        for ir in 0..merge {
+                            for ic in 0..merge {
+                                out.push((br * merge + ir, bc * merge + ic, h, w));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Bilinear (align_corners) interpolation of the learned square table to each grid, as a weighted
+    /// gather of four rows per patch. Weights are computed in f32 like `torch.linspace`.
+    fn interpolated_pos_embed(&self, grids: &[[usize; 3]], dev: &Device) -> candle_core::Result<Tensor> {
+        let side = (self.cfg.num_position_embeddings as f64).sqrt() as usize;
+        let order = Self::block_order(grids, self.cfg.spatial_merge_size);
+        let mut idx: [Vec<u32>; 4] = Default::default();
+        let mut wts: [Vec<f32>; 4] = Default::default();
+        for &(r, c, h, w) in &order {
+            let (fr, fc) = (linspace_at(side, h, r), linspace_at(side, w, c));
+            let (r0, c0) = (fr as usize, fc as usize);
+            let (r1, c1) = ((r0 + 1).min(side - 1), (c0 + 1).min(side - 1));
+            let (dr, dc) = (fr - r0 as f32, fc - c0 as f32);
+            let cells = [(r0, c0), (r0, c1), (r1, c0), (r1, c1)];
+            let weights = [(1.0 - dr) * (1.0 - dc), (1.0 - dr) * dc, dr * (1.0 - dc), dr * dc];
+            for q in 0..4 {
+                idx[q].push((cells[q].0 * side + cells[q].1) as u32);
+                wts[q].push(weights[q]);
+            }
+        }
+        let n = order.len();
+        let dtype = self.pos_embed.dtype();
+        let mut acc: Option<Tensor> = None;
+        for q in 0..4 {
+            let rows = self.pos_embed.index_select(&Tensor::from_vec(idx[q].clone(), n, dev)?, 0)?;
+            let w = Tensor::from_vec(wts[q].clone(), (n, 1), dev)?.to_dtype(dtype)?;
+            let term = rows.broadcast_mul(&w)?;
+            acc = Some(match acc {
+                None => term,
+                Some(a) => (a + term)?,
+            });
+        }
+        Ok(acc.expect("four terms"))
+    }
+
+    /// 2-D rotary cos/sin, (N, head_dim): [rows·f, cols·f] repeated twice, f = 1/10000^(2i/(head_dim/2)).
+    fn rotary(&self, grids: &[[usize; 3]], dev: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+        let hd = self.cfg.hidden_size / self.cfg.num_heads;
+        let dim = hd / 2;
+        let inv: Vec<f32> = (0..dim / 2).map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / dim as f32)).collect();
+        let order = Self::block_order(grids, self.cfg.spatial_merge_size);
+        let mut cos = Vec::with_capacity(order.len() * hd);
+        let mut sin = Vec::with_capacity(order.len() * hd);
+        for &(r, c, _, _) in &order {
+            let f: Vec<f32> = inv.iter().map(|x| r as f32 * x).chain(inv.iter().map(|x| c as f32 * x)).collect();
+            for _ in 0..2 {
+                cos.extend(f.iter().map(|x| x.cos()));
+                sin.extend(f.iter().map(|x| x.sin()));
+            }
+        }
+        let n = order.len();
+        Ok((Tensor::from_vec(cos, (n, hd), dev)?, Tensor::from_vec(sin, (n, hd), dev)?))
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.pos_embed.dtype()
+    }
+}
+
+/// `torch.linspace(0, side - 1, steps)[i]` in f32 (torch fills the second half from the end).
+fn linspace_at(side: usize, steps: usize, i: usize) -> f32 {
+    if steps == 1 {
+        return 0.0;
+    }
+    let end = (side - 1) as f32;
+    let step = end / (steps - 1) as f32;
+    if i < steps / 2 {
+        step * i as f32
+    } else {
+        end - step * (steps - 1 - i) as f32
+    }
+}

@@ -1,0 +1,72 @@
+//! `Linear` with an optional LoRA adapter, PEFT semantics: `y = x Wᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ`.
+//!
+//! The base weight is a plain tensor (frozen) unless the model is fully fine-tuned, in which case it is a
+//! `Var`. The adapter matrices are always f32 `Var`s: A `[r, in]`, B `[out, r]`.
+
+use candle_core::{DType, Result, Tensor, Var};
+
+use crate::checkpoint::Weights;
+
+#[derive(Clone)]
+pub struct Lora {
+    pub a: Var,
+    pub b: Var,
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub scale: f64,
+    /// Dropout probability on the adapter input (training only).
+    pub dropout: f32,
+}
+
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias, lora: None }
+    }
+
+    /// Loads `<prefix>.weight` ([out, in]) and, when `bias`, `<prefix>.bias` ([out]).
+    pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool, why: &str) -> anyhow::Result<Self> {
+        let weight = w.get("weight", &[out_dim, in_dim], why)?;
+        let bias = if bias { Some(w.get("bias", &[out_dim], why)?) } else { None };
+        Ok(Self::new(weight, bias))
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// x: (.., in) -> (.., out). `train` enables the adapter's dropout.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(lora) = &self.lora {
+            let xin = x2.to_dtype(DType::F32)?;
+            let xin = if train && lora.dropout > 0.0 { candle_nn::ops::dropout(&xin, lora.dropout)? } else { xin };
+            let delta = (xin.matmul(&lora.a.as_tensor().t()?)?.matmul(&lora.b.as_tensor().t()?)? * lora.scale)?;
+            y = (y.to_dtype(DType::F32)? + delta)?.to_dtype(y.dtype())?;
+        }
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.out_dim();
+        y.reshape(out_dims)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_t(x, false)
+    }
+}

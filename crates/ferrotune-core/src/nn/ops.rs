@@ -1,0 +1,134 @@
+//! Differentiable functional ops, with the precision rules of the reference (transformers): norms, softmax,
+//! rotary embeddings and the delta rule run in f32 whatever the activation dtype, and cast back.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// `x * rsqrt(mean(x², -1) + eps)` in f32.
+fn rms_normalize_f32(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let xf = x.to_dtype(DType::F32)?;
+    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    xf.broadcast_mul(&(ms + eps)?.sqrt()?.recip()?)
+}
+
+/// Qwen3.5's zero-centred RMSNorm: `norm(x) * (1 + w)` in f32, cast back to x's dtype.
+/// `one_plus_w` is the stored weight plus one, precomputed in f32 at load time.
+pub fn rms_norm_1p(x: &Tensor, one_plus_w: &Tensor, eps: f64) -> Result<Tensor> {
+    rms_normalize_f32(x, eps)?.broadcast_mul(one_plus_w)?.to_dtype(x.dtype())
+}
+
+/// The gated RMSNorm of Gated-DeltaNet: `w * norm(x)` (plain weight) times `silu(gate)`, computed as the
+/// reference does (normalise in f32, cast, scale, gate in f32, cast).
+pub fn rms_norm_gated(x: &Tensor, w: &Tensor, gate: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let normed = rms_normalize_f32(x, eps)?.to_dtype(dtype)?.broadcast_mul(w)?;
+    let g = gate.to_dtype(DType::F32)?.silu()?;
+    normed.to_dtype(DType::F32)?.mul(&g)?.to_dtype(dtype)
+}
+
+/// LayerNorm over the last dim with weight and bias (biased variance, as torch).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let xc = xf.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
+    y.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// Softmax over the last dim, computed in f32 and cast back.
+pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let max = xf.max_keepdim(D::Minus1)?.detach();
+    let e = xf.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dtype)
+}
+
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::sigmoid(x)
+}
+
+/// `log(1 + exp(x))` as torch computes it (linear above 20), in a form that cannot overflow.
+pub fn softplus(x: &Tensor) -> Result<Tensor> {
+    // max(x, 0) + log1p(exp(-|x|)) equals softplus everywhere; torch switches to x above 20, where the two agree
+    // to f32 precision.
+    let pos = x.relu()?;
+    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    pos + tail
+}
+
+/// `x * rsqrt(sum(x², -1) + eps)`, the l2 normalisation of the delta-rule keys and queries.
+pub fn l2norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    x.broadcast_mul(&(x.sqr()?.sum_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?)
+}
+
+/// `cat(-x[.., d/2..], x[.., ..d/2])`.
+pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// Rotary embedding on the first `cos.dim(-1)` channels of `x` (the rest pass through), in f32.
+/// `x`: (.., S, D); `cos`, `sin`: broadcastable to (.., S, rot).
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let d = x.dim(D::Minus1)?;
+    let rot = cos.dim(D::Minus1)?;
+    let xf = x.to_dtype(DType::F32)?;
+    let (x_rot, x_pass) = if rot == d {
+        (xf.clone(), None)
+    } else {
+        (xf.narrow(D::Minus1, 0, rot)?, Some(xf.narrow(D::Minus1, rot, d - rot)?))
+    };
+    let y = (x_rot.broadcast_mul(cos)? + rotate_half(&x_rot)?.broadcast_mul(sin)?)?;
+    let y = match x_pass {
+        Some(p) => Tensor::cat(&[&y, &p], D::Minus1)?,
+        None => y,
+    };
+    y.to_dtype(dtype)
+}
+
+/// `GELU` with the tanh approximation (`gelu_pytorch_tanh`).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    x.gelu()
+}
+
+/// Exact (erf) GELU, torch's `nn.GELU()`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}
+
+/// Activation by its config name.
+pub fn activation(x: &Tensor, name: &str) -> Result<Tensor> {
+    match name {
+        "silu" | "swish" => x.silu(),
+        "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => x.gelu(),
+        "gelu" => x.gelu_erf(),
+        "quick_gelu" => x.broadcast_mul(&sigmoid(&(x * 1.702)?)?),
+        other => Err(candle_core::Error::Msg(format!(
+            "unsupported activation {other:?} (supported: silu, gelu, gelu_pytorch_tanh, quick_gelu)"
+        ))),
+    }
+}
+
+/// Scaled dot-product attention with an optional additive mask, softmax in f32.
+/// q: (B, H, S, D), k/v: (B, H, T, D), mask: broadcastable to (B, H, S, T).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+        None => scores,
+    };
+    softmax_f32(&scores)?.matmul(&v.contiguous()?)
+}
+
+/// Additive causal mask (0 on and below the diagonal shifted by `offset`, -inf above): (S, offset + S).
+pub fn causal_mask(s: usize, offset: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let t = offset + s;
+    let mask: Vec<f32> =
+        (0..s).flat_map(|i| (0..t).map(move |j| if j <= i + offset { 0.0 } else { f32::NEG_INFINITY })).collect();
+    Tensor::from_vec(mask, (s, t), device)
+}

@@ -1,0 +1,84 @@
+//! Qwen3.5 parity with transformers on the tiny checkpoint (fixtures from tools/golden/gen_model.py).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use ferrotune_core::models::qwen3_5::{Qwen3_5, VisionInput};
+
+use crate::common::{assert_close, fixtures, tiny_checkpoint};
+
+struct Case {
+    name: String,
+    t: HashMap<String, Tensor>,
+}
+
+fn cases() -> Vec<Case> {
+    let dir = fixtures().join("golden/model");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    index
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let name = c["name"].as_str().unwrap().to_string();
+            let t = candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu).unwrap();
+            Case { name, t }
+        })
+        .collect()
+}
+
+/// Pixel values as transformers computes them from uint8 levels: (k/255 − 0.5)/0.5 in f32.
+fn pixel_values(levels: &Tensor) -> Tensor {
+    let k = levels.to_dtype(DType::F32).unwrap();
+    ((k * (1.0f64 / 255.0)).unwrap() - 0.5).unwrap().affine(2.0, 0.0).unwrap()
+}
+
+fn vision_input(c: &Case) -> Option<VisionInput> {
+    let levels = c.t.get("pixel_levels")?;
+    let grids: Vec<Vec<i64>> = c.t["image_grid_thw"].to_vec2().unwrap();
+    let grids = grids.iter().map(|g| [g[0] as usize, g[1] as usize, g[2] as usize]).collect();
+    Some(VisionInput { pixel_values: pixel_values(levels), grids })
+}
+
+fn ids(c: &Case) -> Vec<u32> {
+    c.t["input_ids"].to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect()
+}
+
+#[test]
+fn f32_forward_matches_transformers() {
+    let model = Qwen3_5::load(&tiny_checkpoint(), DType::F32, &Device::Cpu).unwrap();
+    for c in cases() {
+        let ids = ids(&c);
+        let images = vision_input(&c);
+        // 3-D positions: exactly equal.
+        let grids: Vec<[usize; 3]> = images.as_ref().map_or(vec![], |v| v.grids.clone());
+        let pos = model.rope_index(&ids, &grids).unwrap();
+        let want: Vec<Vec<i64>> = c.t["position_ids"].to_vec2().unwrap();
+        for a in 0..3 {
+            assert_eq!(pos.axes[a], want[a], "{}: position axis {a}", c.name);
+        }
+        assert_eq!(pos.delta, c.t["rope_delta"].to_vec1::<i64>().unwrap()[0], "{}: rope delta", c.name);
+        if let Some(v) = &images {
+            let feats = model.image_features(v).unwrap();
+            let d = assert_close(&feats, &c.t["image_embeds"], 1e-4, &format!("{}: image embeddings", c.name));
+            eprintln!("{}: image embeddings max diff {d:e}", c.name);
+        }
+        let (hidden, layers) = model.forward_sequence(&ids, images.as_ref(), true).unwrap();
+        for (i, h) in layers.iter().enumerate() {
+            let d = assert_close(
+                &h.squeeze(0).unwrap(),
+                &c.t[&format!("hidden.{i}")],
+                1e-4,
+                &format!("{}: layer {i}", c.name),
+            );
+            eprintln!("{}: layer {i} max diff {d:e}", c.name);
+        }
+        assert_close(&hidden.squeeze(0).unwrap(), &c.t["final_hidden"], 1e-4, &format!("{}: final hidden", c.name));
+        let want = &c.t["logits_tail"];
+        let tail = want.dim(0).unwrap();
+        let logits = model.logits(&hidden.squeeze(0).unwrap().narrow(0, ids.len() - tail, tail).unwrap()).unwrap();
+        let d = assert_close(&logits, want, 1e-4, &format!("{}: logits", c.name));
+        eprintln!("{}: logits max diff {d:e}", c.name);
+    }
+}
