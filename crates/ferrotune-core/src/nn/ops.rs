@@ -33,7 +33,8 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     let xc = xf.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let y = xc.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
-    y.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b)
+    // torch applies weight and bias in f32 and rounds once.
+    y.broadcast_mul(&w.to_dtype(DType::F32)?)?.broadcast_add(&b.to_dtype(DType::F32)?)?.to_dtype(dtype)
 }
 
 /// Softmax over the last dim, computed in f32 and cast back.
@@ -58,9 +59,12 @@ pub fn softplus(x: &Tensor) -> Result<Tensor> {
     pos + tail
 }
 
-/// `x * rsqrt(sum(x², -1) + eps)`, the l2 normalisation of the delta-rule keys and queries.
+/// `x * rsqrt(sum(x², -1) + eps)`, the l2 normalisation of the delta-rule keys and queries. The sum is
+/// accumulated in f32 (as torch does for bf16 inputs), the result is in x's dtype.
 pub fn l2norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    x.broadcast_mul(&(x.sqr()?.sum_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?)
+    let xf = x.to_dtype(DType::F32)?;
+    let inv = (xf.sqr()?.sum_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv.to_dtype(x.dtype())?)
 }
 
 /// `cat(-x[.., d/2..], x[.., ..d/2])`.
@@ -71,24 +75,29 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
 }
 
-/// Rotary embedding on the first `cos.dim(-1)` channels of `x` (the rest pass through), in f32.
-/// `x`: (.., S, D); `cos`, `sin`: broadcastable to (.., S, rot).
+/// Rotary embedding on the first `cos.dim(-1)` channels of `x` (the rest pass through), computed in x's dtype
+/// with cos/sin cast to it, as the text model of the reference does. `x`: (.., S, D); `cos`, `sin`:
+/// broadcastable to (.., S, rot).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
     let d = x.dim(D::Minus1)?;
     let rot = cos.dim(D::Minus1)?;
-    let xf = x.to_dtype(DType::F32)?;
+    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
     let (x_rot, x_pass) = if rot == d {
-        (xf.clone(), None)
+        (x.clone(), None)
     } else {
-        (xf.narrow(D::Minus1, 0, rot)?, Some(xf.narrow(D::Minus1, rot, d - rot)?))
+        (x.narrow(D::Minus1, 0, rot)?, Some(x.narrow(D::Minus1, rot, d - rot)?))
     };
-    let y = (x_rot.broadcast_mul(cos)? + rotate_half(&x_rot)?.broadcast_mul(sin)?)?;
-    let y = match x_pass {
-        Some(p) => Tensor::cat(&[&y, &p], D::Minus1)?,
-        None => y,
-    };
-    y.to_dtype(dtype)
+    let y = (x_rot.broadcast_mul(&cos)? + rotate_half(&x_rot)?.broadcast_mul(&sin)?)?;
+    match x_pass {
+        Some(p) => Tensor::cat(&[&y, &p], D::Minus1),
+        None => Ok(y),
+    }
+}
+
+/// [`apply_rope`] computed in f32 and cast back (the vision tower's variant).
+pub fn apply_rope_f32(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let f = |t: &Tensor| t.to_dtype(DType::F32);
+    apply_rope(&f(x)?, &f(cos)?, &f(sin)?)?.to_dtype(x.dtype())
 }
 
 /// `GELU` with the tanh approximation (`gelu_pytorch_tanh`).
@@ -114,15 +123,17 @@ pub fn activation(x: &Tensor, name: &str) -> Result<Tensor> {
     }
 }
 
-/// Scaled dot-product attention with an optional additive mask, softmax in f32.
+/// Scaled dot-product attention with an optional additive mask, computed in f32 (torch's CPU SDPA kernels
+/// accumulate low-precision inputs in f32 too) and returned in q's dtype.
 /// q: (B, H, S, D), k/v: (B, H, T, D), mask: broadcastable to (B, H, S, T).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let f = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let scores = (f(q)?.matmul(&f(&k.t()?)?)? * scale)?;
     let scores = match mask {
-        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+        Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
         None => scores,
     };
-    softmax_f32(&scores)?.matmul(&v.contiguous()?)
+    softmax_f32(&scores)?.matmul(&f(v)?)?.to_dtype(q.dtype())
 }
 
 /// Additive causal mask (0 on and below the diagonal shifted by `offset`, -inf above): (S, offset + S).

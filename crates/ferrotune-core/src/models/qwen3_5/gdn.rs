@@ -23,16 +23,18 @@ pub fn causal_conv1d_silu(x: &Tensor, w: &Tensor, state: Option<&Tensor>) -> Res
         None => Tensor::zeros((b, k - 1, c), x.dtype(), x.device())?,
     };
     let padded = Tensor::cat(&[&prev, x], 1)?; // (B, K-1+S, C)
+                                               // Accumulate in f32 and round once, as torch's conv1d does for low-precision inputs.
+    let (xf, w) = (padded.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?);
     let mut acc: Option<Tensor> = None;
     for j in 0..k {
         // Output t sees inputs t-(K-1) .. t, weight column j multiplies input t-(K-1)+j.
-        let term = padded.narrow(1, j, s)?.broadcast_mul(&w.narrow(1, j, 1)?.squeeze(1)?)?;
+        let term = xf.narrow(1, j, s)?.broadcast_mul(&w.narrow(1, j, 1)?.squeeze(1)?)?;
         acc = Some(match acc {
             None => term,
             Some(a) => (a + term)?,
         });
     }
-    let out = acc.expect("kernel size is at least 1").silu()?;
+    let out = acc.expect("kernel size is at least 1").to_dtype(x.dtype())?.silu()?;
     let new_state = padded.narrow(1, s, k - 1)?;
     Ok((out, new_state))
 }

@@ -64,8 +64,8 @@ impl VisionBlock {
         let qkv = self.qkv.forward(&self.norm1.forward(x)?)?.reshape((n, 3, h, hd))?;
         // (N, H, hd) each; rotary over the whole head dim, in f32.
         let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
-        let q = ops::apply_rope(&qkv.narrow(1, 0, 1)?.squeeze(1)?, &cos, &sin)?;
-        let k = ops::apply_rope(&qkv.narrow(1, 1, 1)?.squeeze(1)?, &cos, &sin)?;
+        let q = ops::apply_rope_f32(&qkv.narrow(1, 0, 1)?.squeeze(1)?, &cos, &sin)?;
+        let k = ops::apply_rope_f32(&qkv.narrow(1, 1, 1)?.squeeze(1)?, &cos, &sin)?;
         let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
         // Attention never crosses images: one block-diagonal piece per span. (N, H, hd) -> (1, H, len, hd).
         let mut outs = Vec::with_capacity(spans.len());
