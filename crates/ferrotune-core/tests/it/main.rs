@@ -1,4 +1,5 @@
 //! The crate's one integration-test binary (one link of candle instead of one per file).
 
+mod chat;
 mod common;
 mod model;
