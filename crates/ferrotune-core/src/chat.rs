@@ -28,7 +28,8 @@ impl ChatTemplate {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let jinja = dir.join("chat_template.jinja");
         if jinja.exists() {
-            let source = std::fs::read_to_string(&jinja).with_context(|| format!("{}: cannot read", jinja.display()))?;
+            let source =
+                std::fs::read_to_string(&jinja).with_context(|| format!("{}: cannot read", jinja.display()))?;
             return Self::new(source, jinja);
         }
         let tc = dir.join("tokenizer_config.json");
@@ -132,20 +133,27 @@ pub fn python_json(v: &serde_json::Value, indent: Option<usize>, level: usize) -
         J::Array(a) if a.is_empty() => "[]".into(),
         J::Object(o) if o.is_empty() => "{}".into(),
         J::Array(a) => {
-            let items: Vec<String> = a.iter().map(|x| format!("{pad_in}{}", python_json(x, indent, level + 1))).collect();
+            let items: Vec<String> =
+                a.iter().map(|x| format!("{pad_in}{}", python_json(x, indent, level + 1))).collect();
             format!("[{nl}{}{nl}{pad}]", items.join(&format!("{sep}{nl}")))
         }
         J::Object(o) => {
             let items: Vec<String> = o
                 .iter()
-                .map(|(k, x)| format!("{pad_in}{}: {}", serde_json::Value::String(k.clone()), python_json(x, indent, level + 1)))
+                .map(|(k, x)| {
+                    format!("{pad_in}{}: {}", serde_json::Value::String(k.clone()), python_json(x, indent, level + 1))
+                })
                 .collect();
             format!("{{{nl}{}{nl}{pad}}}", items.join(&format!("{sep}{nl}")))
         }
         J::Number(n) if n.is_f64() => {
             let f = n.as_f64().unwrap_or(0.0);
             // Python prints integral floats with a trailing ".0".
-            if f.fract() == 0.0 && f.abs() < 1e16 { format!("{f:.1}") } else { format!("{f}") }
+            if f.fract() == 0.0 && f.abs() < 1e16 {
+                format!("{f:.1}")
+            } else {
+                format!("{f}")
+            }
         }
         other => other.to_string(),
     }

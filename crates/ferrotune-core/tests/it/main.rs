@@ -2,4 +2,5 @@
 
 mod chat;
 mod common;
+mod loading;
 mod model;
