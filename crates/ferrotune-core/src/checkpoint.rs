@@ -209,3 +209,49 @@ impl<'a> Weights<'a> {
             .collect()
     }
 }
+
+/// Files that travel with a model: tokenizer, chat template, processor and generation settings.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+];
+
+/// Copies the [`TOKENIZER_FILES`] that exist in `from` into `to`.
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<Vec<String>> {
+    let mut copied = Vec::new();
+    for name in TOKENIZER_FILES {
+        let src = from.join(name);
+        if src.exists() {
+            std::fs::copy(&src, to.join(name))
+                .with_context(|| format!("copying {} to {}", src.display(), to.display()))?;
+            copied.push(name.to_string());
+        }
+    }
+    Ok(copied)
+}
+
+/// Writes tensors as a safetensors file (metadata `format: pt`, as PyTorch writers do) via a temporary
+/// name and a rename, so a crash never leaves a half-written file under the final name.
+pub fn save_safetensors(tensors: &std::collections::HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let views: Vec<(&str, &Tensor)> = names.iter().map(|n| (n.as_str(), &tensors[*n])).collect();
+    let tmp = path.with_extension("safetensors.tmp");
+    let meta: std::collections::HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let contiguous: Vec<(&str, Tensor)> =
+        views.iter().map(|(n, t)| Ok((*n, t.contiguous()?))).collect::<candle_core::Result<_>>()?;
+    safetensors::tensor::serialize_to_file(contiguous.iter().map(|(n, t)| (*n, t)), Some(meta), &tmp)
+        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok(())
+}

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod gdn;
+pub mod init;
 pub mod text;
 pub mod vision;
 
