@@ -6,9 +6,11 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod image;
+pub mod lora;
 pub mod models;
 pub mod nn;
 pub mod tokenizer;
+pub mod train;
 
 /// The crate version, as printed by `ferrotune env`.
 pub fn version() -> &'static str {

@@ -50,13 +50,18 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        // A trainable base weight (full fine-tuning) needs its gradient; a frozen one must not get one.
+        let mut y = if self.weight.is_variable() {
+            x2.matmul(&self.weight.t()?)?
+        } else {
+            super::frozen::frozen_matmul(&x2, &self.weight)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
         if let Some(lora) = &self.lora {
             let xin = x2.to_dtype(DType::F32)?;
-            let xin = if train && lora.dropout > 0.0 { candle_nn::ops::dropout(&xin, lora.dropout)? } else { xin };
+            let xin = if train && lora.dropout > 0.0 { dropout(&xin, lora.dropout)? } else { xin };
             let delta = (xin.matmul(&lora.a.as_tensor().t()?)?.matmul(&lora.b.as_tensor().t()?)? * lora.scale)?;
             y = (y.to_dtype(DType::F32)? + delta)?.to_dtype(y.dtype())?;
         }
@@ -69,4 +74,27 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_t(x, false)
     }
+}
+
+thread_local! {
+    static DROPOUT_RNG: std::cell::RefCell<rand::rngs::StdRng> =
+        std::cell::RefCell::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0));
+}
+
+/// Reseeds the dropout masks. Gradient checkpointing reseeds before a segment's forward and before its
+/// recomputation, so both see the same masks (as torch's checkpoint restores the RNG state).
+pub fn seed_dropout(seed: u64) {
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed));
+}
+
+/// Inverted dropout with a mask from the seeded RNG.
+fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
+    use rand::Rng;
+    let n = x.elem_count();
+    let keep = 1.0 - p;
+    let mask: Vec<f32> = DROPOUT_RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        (0..n).map(|_| if r.random::<f32>() < keep { 1.0 / keep } else { 0.0 }).collect()
+    });
+    x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
 }

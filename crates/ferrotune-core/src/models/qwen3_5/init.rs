@@ -155,12 +155,8 @@ pub fn random_weights(cfg: &Config, dtype: DType, seed: u64) -> Result<HashMap<S
                 out.insert(format!("{p}.self_attn.k_norm.weight"), full(&[hd], 0.0)?);
             }
             LayerType::Linear => {
-                let (hk, hv, dk, dv) = (
-                    t.linear_num_key_heads,
-                    t.linear_num_value_heads,
-                    t.linear_key_head_dim,
-                    t.linear_value_head_dim,
-                );
+                let (hk, hv, dk, dv) =
+                    (t.linear_num_key_heads, t.linear_num_value_heads, t.linear_key_head_dim, t.linear_value_head_dim);
                 let conv_dim = 2 * hk * dk + hv * dv;
                 let k = t.linear_conv_kernel_dim;
                 out.insert(format!("{p}.linear_attn.in_proj_qkv.weight"), normal(&[conv_dim, d], &mut rng)?);

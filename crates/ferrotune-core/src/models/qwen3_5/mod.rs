@@ -119,6 +119,47 @@ impl Qwen3_5 {
         Ok(Self { cfg, embed_tokens, layers, norm, lm_head, visual, inv_freq, dtype, device: device.clone() })
     }
 
+    /// Every linear of the model with its checkpoint module path, in checkpoint order: decoder layers, then the
+    /// vision blocks and the merger, then `lm_head` when untied.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (rel, lin) in layer.linears_mut() {
+                out.push((format!("model.language_model.layers.{i}.{rel}"), lin));
+            }
+        }
+        for (i, blk) in self.visual.blocks.iter_mut().enumerate() {
+            let p = format!("model.visual.blocks.{i}");
+            out.push((format!("{p}.attn.qkv"), &mut blk.qkv));
+            out.push((format!("{p}.attn.proj"), &mut blk.proj));
+            out.push((format!("{p}.mlp.linear_fc1"), &mut blk.fc1));
+            out.push((format!("{p}.mlp.linear_fc2"), &mut blk.fc2));
+        }
+        out.push(("model.visual.merger.linear_fc1".into(), &mut self.visual.merger_fc1));
+        out.push(("model.visual.merger.linear_fc2".into(), &mut self.visual.merger_fc2));
+        if let Some(h) = self.lm_head.as_mut() {
+            out.push(("lm_head".into(), h));
+        }
+        out
+    }
+
+    /// The linears LoRA may target: the decoder's, plus the vision tower's / merger's when they are not
+    /// frozen. Never `lm_head` (PEFT and LLaMA-Factory exclude it from `all`).
+    pub fn lora_candidates(&mut self, vision_tower: bool, projector: bool) -> Vec<(String, &mut Linear)> {
+        self.linears_mut()
+            .into_iter()
+            .filter(|(p, _)| {
+                if p.starts_with("model.visual.merger") {
+                    projector
+                } else if p.starts_with("model.visual.") {
+                    vision_tower
+                } else {
+                    p != "lm_head"
+                }
+            })
+            .collect()
+    }
+
     /// The head matrix (V, D).
     pub fn head(&self) -> &Tensor {
         self.lm_head.as_ref().map_or(&self.embed_tokens, |l| &l.weight)

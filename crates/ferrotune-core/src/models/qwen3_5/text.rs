@@ -395,7 +395,8 @@ pub fn lm_logits(x: &Tensor, head: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
     let d = dims[dims.len() - 1];
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, d))?.matmul(&head.t()?)?;
+    let x2 = x.reshape((rows, d))?;
+    let y = if head.is_variable() { x2.matmul(&head.t()?)? } else { crate::nn::frozen::frozen_matmul(&x2, head)? };
     let mut out = dims;
     let last = out.len() - 1;
     out[last] = head.dim(0)?;

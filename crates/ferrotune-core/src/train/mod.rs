@@ -1,0 +1,5 @@
+//! Training: AdamW, schedules, the micro-batch step (with gradient checkpointing) and the loop.
+
+pub mod optim;
+pub mod schedule;
+pub mod step;

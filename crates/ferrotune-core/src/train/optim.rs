@@ -1,0 +1,128 @@
+//! AdamW with PyTorch's arithmetic (decoupled weight decay, bias correction folded into the step size and the
+//! denominator) and gradient-norm clipping as `torch.nn.utils.clip_grad_norm_`. State is f32.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor, Var};
+
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// HF TrainingArguments' defaults.
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+/// One trainable tensor with its name (PEFT key or checkpoint key) and moments.
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+    pub m: Tensor,
+    pub v: Tensor,
+    /// HF applies weight decay to everything but biases and norm weights.
+    pub decay: bool,
+}
+
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    pub params: Vec<Param>,
+    /// Optimizer steps taken.
+    pub step: u64,
+}
+
+impl AdamW {
+    pub fn new(cfg: AdamWConfig, vars: Vec<(String, Var, bool)>) -> Result<Self> {
+        let params = vars
+            .into_iter()
+            .map(|(name, var, decay)| {
+                let z = var.as_tensor().zeros_like()?.to_dtype(DType::F32)?;
+                Ok(Param { name, var, m: z.clone(), v: z, decay })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { cfg, params, step: 0 })
+    }
+
+    /// Applies one update with learning rate `lr` from `grads` (one per param, in order; None = no gradient).
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        let step_size = lr / bc1;
+        for (p, g) in self.params.iter_mut().zip(grads) {
+            let Some(g) = g else { continue };
+            let g = g.to_dtype(DType::F32)?;
+            let theta = p.var.as_tensor().to_dtype(DType::F32)?;
+            let theta = if p.decay && self.cfg.weight_decay != 0.0 {
+                (theta * (1.0 - lr * self.cfg.weight_decay))?
+            } else {
+                theta
+            };
+            // m.lerp_(g, 1 - β1); v = β2·v + (1 − β2)·g²
+            p.m = (&p.m + ((&g - &p.m)? * (1.0 - b1))?)?;
+            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let denom = ((p.v.sqrt()? / bc2_sqrt)? + self.cfg.eps)?;
+            let theta = (theta - ((&p.m / denom)? * step_size)?)?;
+            p.var.set(&theta.to_dtype(p.var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// Moments by name (`<name>.exp_avg`, `<name>.exp_avg_sq`) plus the step, for checkpoints.
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for p in &self.params {
+            out.insert(format!("{}.exp_avg", p.name), p.m.to_device(&candle_core::Device::Cpu)?);
+            out.insert(format!("{}.exp_avg_sq", p.name), p.v.to_device(&candle_core::Device::Cpu)?);
+        }
+        out.insert("step".into(), Tensor::new(&[self.step as i64], &candle_core::Device::Cpu)?);
+        Ok(out)
+    }
+
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        for p in &mut self.params {
+            let dev = p.var.device().clone();
+            let get = |k: String| -> Result<Tensor> {
+                Ok(state.get(&k).with_context(|| format!("optimizer state has no {k}"))?.to_device(&dev)?)
+            };
+            p.m = get(format!("{}.exp_avg", p.name))?;
+            p.v = get(format!("{}.exp_avg_sq", p.name))?;
+        }
+        self.step = state.get("step").context("optimizer state has no step")?.to_vec1::<i64>()?[0] as u64;
+        Ok(())
+    }
+}
+
+/// Total L2 norm of the gradients (norm of the per-tensor norms, in f32 as torch computes it).
+pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+    let mut norms = Vec::new();
+    for g in grads.iter().flatten() {
+        norms.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?);
+    }
+    let total: f32 = norms.iter().map(|n| n * n).sum::<f32>().sqrt();
+    Ok(total as f64)
+}
+
+/// Scales gradients so their total norm is at most `max_norm`; returns the norm before clipping.
+/// Like torch: coefficient max_norm / (norm + 1e-6), clamped at 1, always applied.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads)?;
+    if max_norm > 0.0 {
+        let coef = (max_norm / (norm + 1e-6)).min(1.0);
+        if coef < 1.0 {
+            for g in grads.iter_mut().flatten() {
+                *g = (&*g * coef)?;
+            }
+        }
+    }
+    Ok(norm)
+}
