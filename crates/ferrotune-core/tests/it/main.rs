@@ -2,6 +2,7 @@
 
 mod chat;
 mod common;
+mod image;
 mod loading;
 mod model;
 mod train;
