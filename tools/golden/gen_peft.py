@@ -8,7 +8,7 @@ Writes tests/fixtures/golden/peft/:
   grads.json           the loss of that micro-batch per target set
   train.json           20 optimizer steps of HF Trainer (batch 1, accumulation 4, cosine, warmup 0.1, clipping
                        1.0, lr 1e-3, fixed sample order, targets `all`): per-step loss, learning rate, grad norm
-  train_final.safetensors  the adapter after those 20 steps
+  train_final.safetensors  the adapter after those 20 steps (and adapter/, the same saved by PEFT)
 
 Run: tools/golden/.venv/bin/python tools/golden/gen_peft.py
 """
@@ -179,6 +179,11 @@ def train_fixture(samples):
         json.dump({"order": order, "accumulation": 4, "lr": LR, "scheduler": "cosine", "warmup_ratio": 0.1,
                    "max_grad_norm": 1.0, "optim": args.optim, "steps": steps}, f, indent=1)
     save_file(lora_state(model), os.path.join(OUT, "train_final.safetensors"))
+    # The same adapter as PEFT itself saves it (adapter_config.json + adapter_model.safetensors), for the
+    # loaders and the generation fixtures.
+    model.peft_config["default"].base_model_name_or_path = "tests/fixtures/tiny-qwen3_5"
+    model.save_pretrained(os.path.join(OUT, "adapter"))
+    os.remove(os.path.join(OUT, "adapter", "README.md"))
     print("optim", args.optim, "steps", len(steps), "first", steps[0], "last", steps[-1])
     import shutil
 

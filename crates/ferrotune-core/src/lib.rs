@@ -6,6 +6,7 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod image;
+pub mod infer;
 pub mod lora;
 pub mod models;
 pub mod nn;

@@ -2,6 +2,7 @@
 
 mod chat;
 mod common;
+mod generate;
 mod image;
 mod loading;
 mod model;

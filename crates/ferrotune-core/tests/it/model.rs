@@ -55,8 +55,8 @@ fn f32_forward_matches_transformers() {
         let grids: Vec<[usize; 3]> = images.as_ref().map_or(vec![], |v| v.grids.clone());
         let pos = model.rope_index(&ids, &grids).unwrap();
         let want: Vec<Vec<i64>> = c.t["position_ids"].to_vec2().unwrap();
-        for a in 0..3 {
-            assert_eq!(pos.axes[a], want[a], "{}: position axis {a}", c.name);
+        for (a, (got, want)) in pos.axes.iter().zip(&want).enumerate() {
+            assert_eq!(got, want, "{}: position axis {a}", c.name);
         }
         assert_eq!(pos.delta, c.t["rope_delta"].to_vec1::<i64>().unwrap()[0], "{}: rope delta", c.name);
         if let Some(v) = &images {

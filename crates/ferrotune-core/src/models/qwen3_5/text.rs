@@ -378,8 +378,9 @@ pub fn mrope_cos_sin(
     };
     let mut cos = Vec::with_capacity(b * s * half * 2);
     let mut sin = Vec::with_capacity(b * s * half * 2);
-    for bi in 0..b {
-        for si in 0..s {
+    let cells = (0..b).flat_map(|bi| (0..s).map(move |si| (bi, si)));
+    for (bi, si) in cells {
+        {
             let freqs: Vec<f32> = (0..half).map(|i| pos[axis_of(i)][bi][si] as f32 * inv_freq[i]).collect();
             for _ in 0..2 {
                 cos.extend(freqs.iter().map(|f| f.cos()));

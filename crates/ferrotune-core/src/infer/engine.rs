@@ -1,0 +1,261 @@
+//! The generation engine: a model (with adapters merged or attached), its tokenizer, chat template and image
+//! processor; prompts built exactly like transformers' processor; prefill then token-by-token decode with a
+//! caller-owned cache (KV for full-attention layers, conv + delta-rule state for Gated-DeltaNet layers).
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+
+use super::sample::{Sampler, SamplingParams};
+use crate::chat::{expand_pads, ChatTemplate, RenderOptions};
+use crate::image::ImageProcessorConfig;
+use crate::lora::Adapter;
+use crate::models::qwen3_5::{Cache, Qwen3_5, RopePositions, VisionInput};
+use crate::tokenizer::Tokenizer;
+
+/// `generation_config.json`: stop ids and sampling defaults of the checkpoint.
+#[derive(Clone, Debug, Default)]
+pub struct GenerationConfig {
+    pub eos_token_ids: Vec<u32>,
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f64>,
+}
+
+impl GenerationConfig {
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        if !path.exists() {
+            return Ok(Self::default());
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let j: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}:{}:{}: invalid JSON: {e}", path.display(), e.line(), e.column()))?;
+        let eos = match j.get("eos_token_id") {
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            None => vec![],
+        };
+        Ok(Self {
+            eos_token_ids: eos,
+            do_sample: j.get("do_sample").and_then(|x| x.as_bool()),
+            temperature: j.get("temperature").and_then(|x| x.as_f64()),
+            top_p: j.get("top_p").and_then(|x| x.as_f64()),
+            top_k: j.get("top_k").and_then(|x| x.as_u64()).map(|x| x as usize),
+            repetition_penalty: j.get("repetition_penalty").and_then(|x| x.as_f64()),
+        })
+    }
+
+    /// Sampling parameters from the checkpoint's defaults (greedy when it does not ask for sampling).
+    pub fn default_sampling(&self) -> SamplingParams {
+        let sample = self.do_sample.unwrap_or(false);
+        SamplingParams {
+            temperature: if sample { self.temperature.unwrap_or(1.0) } else { 0.0 },
+            top_p: self.top_p.unwrap_or(1.0),
+            top_k: self.top_k.unwrap_or(0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            ..Default::default()
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The consumer asked to stop (e.g. the client went away).
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_openai(&self) -> &'static str {
+        match self {
+            FinishReason::Stop | FinishReason::Cancelled => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub finish_reason: FinishReason,
+}
+
+/// A tokenized prompt with its images.
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    pub images: Option<VisionInput>,
+}
+
+pub struct Engine {
+    pub model: Qwen3_5,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub processor: ImageProcessorConfig,
+    pub generation: GenerationConfig,
+    image_pad: String,
+}
+
+/// How to apply adapters when loading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdapterMode {
+    /// Fold `scale·B·A` into the base weights (fastest inference).
+    Merge,
+    /// Keep each adapter as a separate branch (the base weights stay untouched).
+    Separate,
+}
+
+impl Engine {
+    /// Loads a checkpoint directory, applying `adapters` in order. Dtype: f32 on CPU, else the given one.
+    pub fn load(
+        model_dir: &Path,
+        adapters: &[&Path],
+        mode: AdapterMode,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        crate::models::model_type(model_dir)?;
+        let mut model = Qwen3_5::load(model_dir, dtype, device)?;
+        for dir in adapters {
+            let adapter = Adapter::load(dir, device)?;
+            if mode == AdapterMode::Separate && adapters.len() > 1 {
+                bail!("several adapters can only be served merged (one LoRA branch per module)");
+            }
+            adapter
+                .apply(model.linears_mut(), mode == AdapterMode::Merge)
+                .with_context(|| format!("applying adapter {}", dir.display()))?;
+        }
+        let tokenizer = Tokenizer::from_path(model_dir)?;
+        let template = ChatTemplate::from_dir(model_dir)?;
+        let processor = ImageProcessorConfig::from_dir(model_dir)?;
+        let generation = GenerationConfig::from_dir(model_dir)?;
+        let image_pad = tokenizer
+            .id_to_token(model.cfg.image_token_id)
+            .with_context(|| format!("the tokenizer has no token for image_token_id {}", model.cfg.image_token_id))?;
+        Ok(Self { model, tokenizer, template, processor, generation, image_pad })
+    }
+
+    /// Renders `messages` (transformers' chat format: content strings or parts `{"type": "text"|"image"}`) with
+    /// the checkpoint's template, expands each image placeholder, tokenizes, and preprocesses `images` (in the
+    /// order their parts appear).
+    pub fn prompt(&self, messages: &serde_json::Value, images: &[RgbImage], opts: &RenderOptions) -> Result<Prompt> {
+        let text = self.template.render(messages, opts)?;
+        self.prompt_from_text(&text, images)
+    }
+
+    /// Like [`Engine::prompt`] for already rendered text containing one image placeholder per image.
+    pub fn prompt_from_text(&self, text: &str, images: &[RgbImage]) -> Result<Prompt> {
+        if images.is_empty() {
+            return Ok(Prompt { ids: self.tokenizer.encode(text)?, images: None });
+        }
+        let processed = self.processor.preprocess(images)?;
+        let text = expand_pads(text, &self.image_pad, &processed.num_tokens)?;
+        let ids = self.tokenizer.encode(&text)?;
+        let n = processed.num_patches();
+        let pixel_values = Tensor::from_vec(processed.pixel_values, (n, processed.feature_dim), &self.model.device)?;
+        Ok(Prompt { ids, images: Some(VisionInput { pixel_values, grids: processed.image_grid_thw }) })
+    }
+
+    /// Stop token ids: the checkpoint's generation config, else `<|im_end|>` and `<|endoftext|>`.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        if !self.generation.eos_token_ids.is_empty() {
+            return self.generation.eos_token_ids.clone();
+        }
+        ["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| self.tokenizer.token_id(t)).collect()
+    }
+
+    /// Runs the prompt through the model, filling `cache`; returns the last position's logits and the rope delta.
+    pub fn prefill(&self, prompt: &Prompt, cache: &mut Cache) -> Result<(Vec<f32>, RopePositions)> {
+        let m = &self.model;
+        let grids: &[[usize; 3]] = prompt.images.as_ref().map_or(&[], |v| &v.grids);
+        let pos = m.rope_index(&prompt.ids, grids)?;
+        let rope = m.rope(&[&pos])?;
+        let feats = prompt.images.as_ref().map(|v| m.image_features(v)).transpose()?;
+        let ids = Tensor::from_vec(prompt.ids.clone(), (1, prompt.ids.len()), &m.device)?;
+        let emb = m.embed(&ids, feats.as_ref())?;
+        let (h, _) = m.decode(&emb, &rope, Some(cache), false)?;
+        let last = h.narrow(1, prompt.ids.len() - 1, 1)?;
+        Ok((m.logits(&last)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?, pos))
+    }
+
+    /// Feeds one token after the cached ones; returns its logits.
+    pub fn step(&self, token: u32, rope_delta: i64, cache: &mut Cache) -> Result<Vec<f32>> {
+        let m = &self.model;
+        let rope = m.rope_continue(1, cache.seen, 1, rope_delta)?;
+        let emb = m.embed(&Tensor::new(&[[token]], &m.device)?, None)?;
+        let (h, _) = m.decode(&emb, &rope, Some(cache), false)?;
+        Ok(m.logits(&h)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+    }
+
+    /// Generates a completion. `on_text` receives each new piece of text as soon as it is final (no partial
+    /// UTF-8, no text that might still become a stop string); returning false cancels generation.
+    pub fn generate(
+        &self,
+        prompt: &Prompt,
+        req: &GenerateRequest,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        let mut cache = Cache::new(self.model.layers.len());
+        let (mut logits, pos) = self.prefill(prompt, &mut cache)?;
+        let stop_ids = self.stop_ids();
+        let mut sampler = Sampler::new(req.sampling.clone());
+        let mut out: Vec<u32> = Vec::new();
+        let mut emitted = 0usize; // bytes of `text` already handed to on_text
+        let mut text = String::new();
+        let hold = req.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut finish = FinishReason::Length;
+        while out.len() < req.max_tokens {
+            let tok = sampler.next(&mut logits, &prompt.ids, &out);
+            if stop_ids.contains(&tok) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            out.push(tok);
+            text = self.tokenizer.decode(&out, true)?;
+            if let Some(cut) = req.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(cut);
+                finish = FinishReason::Stop;
+                break;
+            }
+            // Hold back an incomplete UTF-8 sequence and anything that could be the start of a stop string.
+            let stable = if text.ends_with('\u{FFFD}') { text.trim_end_matches('\u{FFFD}').len() } else { text.len() };
+            let mut upto = stable.saturating_sub(hold.saturating_sub(1));
+            while upto > emitted && !text.is_char_boundary(upto) {
+                upto -= 1;
+            }
+            if upto > emitted {
+                if !on_text(&text[emitted..upto]) {
+                    finish = FinishReason::Cancelled;
+                    emitted = upto;
+                    break;
+                }
+                emitted = upto;
+            }
+            if out.len() >= req.max_tokens {
+                break;
+            }
+            logits = self.step(tok, pos.delta, &mut cache)?;
+        }
+        if emitted < text.len() && finish != FinishReason::Cancelled {
+            on_text(&text[emitted..]);
+        }
+        Ok(Generation { text, token_ids: out, prompt_tokens: prompt.ids.len(), finish_reason: finish })
+    }
+}

@@ -1,0 +1,125 @@
+//! Generation equals transformers' greedy `generate` (with and without a PEFT adapter), and the cached decode
+//! equals a full re-forward at every step. Fixtures: tools/golden/gen_generate.py.
+
+use candle_core::{DType, Device};
+use ferrotune_core::chat::RenderOptions;
+use ferrotune_core::infer::{AdapterMode, Engine, GenerateRequest, SamplingParams};
+use ferrotune_core::models::qwen3_5::Cache;
+
+use crate::common::{fixtures, tiny_checkpoint};
+
+fn cases() -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(fixtures().join("golden/generate.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap().as_array().unwrap().clone()
+}
+
+fn images(c: &serde_json::Value) -> Vec<image::RgbImage> {
+    c["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| ferrotune_core::image::load_image(&fixtures().join("golden/model").join(f.as_str().unwrap())).unwrap())
+        .collect()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn engine(adapter: Option<AdapterMode>) -> Engine {
+    let dir = fixtures().join("golden/peft/adapter");
+    let adapters = if adapter.is_some() { vec![dir.as_path()] } else { vec![] };
+    Engine::load(&tiny_checkpoint(), &adapters, adapter.unwrap_or(AdapterMode::Merge), DType::F32, &Device::Cpu)
+        .unwrap()
+}
+
+fn greedy(rep: f64) -> GenerateRequest {
+    GenerateRequest {
+        sampling: SamplingParams { repetition_penalty: rep, ..Default::default() },
+        max_tokens: 32,
+        stop: vec![],
+    }
+}
+
+#[test]
+fn greedy_generation_equals_transformers() {
+    let runs = [
+        ("base", None, 1.0),
+        ("base_rep", None, 1.3),
+        ("adapter", Some(AdapterMode::Merge), 1.0),
+        ("adapter", Some(AdapterMode::Separate), 1.0),
+    ];
+    for (key, mode, rep) in runs {
+        let e = engine(mode);
+        for c in cases() {
+            let name = c["name"].as_str().unwrap();
+            let opts = RenderOptions { add_generation_prompt: true, ..Default::default() };
+            let prompt = e.prompt(&c["messages"], &images(&c), &opts).unwrap();
+            assert_eq!(prompt.ids, ids(&c["prompt_ids"]), "{name}: prompt ids");
+            let mut streamed = String::new();
+            let g = e
+                .generate(&prompt, &greedy(rep), |t| {
+                    streamed.push_str(t);
+                    true
+                })
+                .unwrap();
+            assert_eq!(g.token_ids, ids(&c[key]), "{name} / {key} / {mode:?}: generated tokens");
+            assert_eq!(streamed, g.text, "{name}: streamed pieces add up to the text");
+        }
+    }
+}
+
+#[test]
+fn cached_decode_equals_full_reforward_at_every_step() {
+    let e = engine(Some(AdapterMode::Separate));
+    for c in cases() {
+        let opts = RenderOptions { add_generation_prompt: true, ..Default::default() };
+        let prompt = e.prompt(&c["messages"], &images(&c), &opts).unwrap();
+        let mut cache = Cache::new(e.model.layers.len());
+        let (mut logits, pos) = e.prefill(&prompt, &mut cache).unwrap();
+        let mut seq = prompt.ids.clone();
+        let mut worst = 0f32;
+        for tok in ids(&c["adapter"]).into_iter().take(12) {
+            seq.push(tok);
+            let cached = e.step(tok, pos.delta, &mut cache).unwrap();
+            let (h, _) = e.model.forward_sequence(&seq, prompt.images.as_ref(), false).unwrap();
+            let full = e
+                .model
+                .logits(&h.narrow(1, seq.len() - 1, 1).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let d = cached.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(d <= 1e-4, "{}: step {} cached vs full logits differ by {d:e}", c["name"], seq.len());
+            worst = worst.max(d);
+            logits = cached;
+        }
+        assert!(!logits.is_empty());
+        eprintln!("{}: cached decode vs re-forward, worst logit diff {worst:e}", c["name"]);
+    }
+}
+
+#[test]
+fn stop_strings_and_length_finish() {
+    let e = engine(Some(AdapterMode::Merge));
+    let c = &cases()[1];
+    let opts = RenderOptions { add_generation_prompt: true, ..Default::default() };
+    let prompt = e.prompt(&c["messages"], &images(c), &opts).unwrap();
+    let full = e.generate(&prompt, &greedy(1.0), |_| true).unwrap();
+    assert_eq!(full.finish_reason.as_openai(), "length");
+    // Stop at a string that occurs in the greedy output: the text ends right before it.
+    let needle: String = full.text.chars().skip(4).take(2).collect();
+    let req = GenerateRequest { stop: vec![needle.clone()], ..greedy(1.0) };
+    let mut streamed = String::new();
+    let g = e
+        .generate(&prompt, &req, |t| {
+            streamed.push_str(t);
+            true
+        })
+        .unwrap();
+    assert_eq!(g.finish_reason.as_openai(), "stop");
+    assert!(full.text.starts_with(&g.text) && !g.text.contains(&needle), "{:?} / {:?}", g.text, needle);
+    assert_eq!(streamed, g.text);
+}
