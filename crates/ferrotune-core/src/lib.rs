@@ -5,6 +5,7 @@
 
 pub mod chat;
 pub mod checkpoint;
+pub mod export;
 pub mod image;
 pub mod infer;
 pub mod lora;

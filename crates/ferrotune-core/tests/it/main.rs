@@ -2,6 +2,7 @@
 
 mod chat;
 mod common;
+mod export;
 mod generate;
 mod image;
 mod loading;
