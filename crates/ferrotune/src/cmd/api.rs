@@ -1,0 +1,107 @@
+//! `ferrotune api`: base + adapters behind an OpenAI-compatible HTTP API (see `server/`).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use super::{layered, load_engine, ModelArgs, SamplingArgs};
+use crate::server::{self, media::MediaPolicy, AppState, ServerOptions};
+
+/// Flags as LLaMA-Factory's `api` names them; a YAML file with the same keys (and `key=value` items) may come
+/// first. API_HOST, API_PORT, API_KEY and API_MODEL_NAME are read when neither sets the value.
+#[derive(Parser, Clone, Debug, Default)]
+#[command(args_override_self = true)]
+pub struct Args {
+    /// A YAML file with the same keys as the flags, and/or `key=value` items.
+    #[arg(value_name = "CONFIG.yaml | KEY=VALUE")]
+    pub config: Vec<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Require `Authorization: Bearer KEY` on /v1/*.
+    #[arg(long = "api-key", alias = "api_key")]
+    pub api_key: Option<String>,
+    /// The model id clients see (default: the checkpoint's folder name).
+    #[arg(long = "served-model-name", alias = "served_model_name")]
+    pub served_model_name: Option<String>,
+    /// Folder that local image paths and file:// URLs may point into (nothing else is readable).
+    #[arg(long = "media-dir", alias = "media_dir", value_name = "DIR")]
+    pub media_dir: Option<PathBuf>,
+    /// Fetch http(s) image URLs (only from public addresses).
+    #[arg(long = "allow-remote-images", alias = "allow_remote_images", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_remote_images: Option<bool>,
+    /// Return `<think>` text as `reasoning_content` (default true); false leaves it inside `content`.
+    #[arg(long = "reasoning-content", alias = "reasoning_content", num_args = 0..=1, default_missing_value = "true")]
+    pub reasoning_content: Option<bool>,
+    /// Largest accepted request body, in MB (images as data URLs count).
+    #[arg(long = "max-body-mb", alias = "max_body_mb")]
+    pub max_body_mb: Option<usize>,
+}
+
+const ENV: &[(&str, &str)] =
+    &[("API_HOST", "host"), ("API_PORT", "port"), ("API_KEY", "api_key"), ("API_MODEL_NAME", "served_model_name")];
+
+pub fn run(args: Args) -> Result<()> {
+    let args = layered::<Args>("api", &args.config, ENV)?.unwrap_or(args);
+    let loaded = load_engine(&args.model, &args.sampling)?;
+    let media_dir = match &args.media_dir {
+        Some(d) => {
+            let c = d.canonicalize().with_context(|| format!("--media-dir {}: not found", d.display()))?;
+            if !c.is_dir() {
+                bail!("--media-dir {}: not a folder", d.display());
+            }
+            Some(c)
+        }
+        None => None,
+    };
+    let mut opts =
+        ServerOptions::new(args.served_model_name.clone().unwrap_or(loaded.model_name), loaded.max_model_len);
+    opts.api_key = args.api_key.clone().filter(|k| !k.is_empty());
+    opts.media = MediaPolicy {
+        media_dir,
+        allow_remote: args.allow_remote_images.unwrap_or(false),
+        max_bytes: opts.media.max_bytes,
+    };
+    opts.sampling = loaded.sampling;
+    opts.max_new_tokens = loaded.max_new_tokens;
+    opts.enable_thinking = loaded.enable_thinking;
+    opts.split_reasoning = args.reasoning_content.unwrap_or(true);
+    if let Some(mb) = args.max_body_mb {
+        opts.max_body_bytes = mb << 20;
+    }
+    let host = args.host.clone().unwrap_or_else(|| "127.0.0.1".into());
+    let port = args.port.unwrap_or(8000);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+            .await
+            .with_context(|| format!("cannot listen on {host}:{port} (in use? pick another with --port)"))?;
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "serving `{}` on http://{addr}/v1 (max context {} tokens{}{})",
+            opts.served_name,
+            opts.max_model_len,
+            if opts.api_key.is_some() { ", API key required" } else { "" },
+            match &opts.media.media_dir {
+                Some(d) => format!(", local images from {}", d.display()),
+                None => String::new(),
+            }
+        );
+        if opts.api_key.is_none() && !addr.ip().is_loopback() {
+            eprintln!("warning: listening on {addr} without --api-key: anyone who can reach it can use the model");
+        }
+        let state = AppState::new(loaded.engine, opts);
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("shutting down");
+        };
+        server::serve(listener, state, shutdown).await.context("HTTP server")
+    })
+}

@@ -1,0 +1,595 @@
+//! The OpenAI-compatible HTTP API: `GET /v1/models`, `POST /v1/chat/completions` (JSON or SSE stream),
+//! `GET /health`.
+//!
+//! One engine serves one request at a time: requests queue on a fair lock (first come, first served), are
+//! prepared (images decoded, prompt rendered and tokenized) in parallel before that, and generate on a blocking
+//! thread. A client that goes away stops its generation at the next token. Every failure is an OpenAI error
+//! body; bad input is a 4xx, and a panic is caught and answered with a 500.
+
+pub mod error;
+pub mod media;
+pub mod reasoning;
+pub mod request;
+#[cfg(test)]
+mod tests;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferrotune_core::chat::RenderOptions;
+use ferrotune_core::infer::{Engine, GenerateRequest, Generation, Prompt, SamplingParams};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+
+use error::ApiError;
+use media::MediaPolicy;
+use reasoning::{Part, ThinkSplitter};
+use request::ChatRequest;
+
+/// What the server was started with.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// The model id clients see in `/v1/models` and in every response.
+    pub served_name: String,
+    /// Required as `Authorization: Bearer <key>` on `/v1/*` when set.
+    pub api_key: Option<String>,
+    pub media: MediaPolicy,
+    /// Longest prompt + completion, in tokens.
+    pub max_model_len: usize,
+    /// Sampling when a request does not say (generation_config.json, then the server's flags).
+    pub sampling: SamplingParams,
+    /// Completion length when a request does not say (else: the rest of the context).
+    pub max_new_tokens: Option<usize>,
+    /// `enable_thinking` when a request does not say (else: the template's default).
+    pub enable_thinking: Option<bool>,
+    /// Return `<think>` text as `reasoning_content` rather than inside `content`.
+    pub split_reasoning: bool,
+    pub max_body_bytes: usize,
+    /// Requests allowed to wait for the engine before new ones get 429.
+    pub max_waiting: usize,
+}
+
+impl ServerOptions {
+    pub fn new(served_name: impl Into<String>, max_model_len: usize) -> Self {
+        Self {
+            served_name: served_name.into(),
+            api_key: None,
+            media: MediaPolicy { media_dir: None, allow_remote: false, max_bytes: 32 << 20 },
+            max_model_len,
+            sampling: SamplingParams::default(),
+            max_new_tokens: None,
+            enable_thinking: None,
+            split_reasoning: true,
+            max_body_bytes: 64 << 20,
+            max_waiting: 256,
+        }
+    }
+}
+
+/// Counters, for `/health` and the tests.
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub completed: AtomicU64,
+    pub cancelled: AtomicU64,
+    /// Completion tokens generated, all requests together.
+    pub tokens: AtomicU64,
+    pub waiting: AtomicUsize,
+}
+
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub opts: ServerOptions,
+    pub stats: Stats,
+    /// Held while the engine generates; tokio's mutex queues waiters in arrival order.
+    gate: Arc<tokio::sync::Mutex<()>>,
+    started: u64,
+}
+
+impl AppState {
+    pub fn new(engine: Engine, opts: ServerOptions) -> Arc<Self> {
+        Arc::new(Self {
+            engine: Arc::new(engine),
+            opts,
+            stats: Stats::default(),
+            gate: Arc::new(tokio::sync::Mutex::new(())),
+            started: unix_now(),
+        })
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(health))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+/// Constant-time comparison, so the time to reject a key says nothing about how much of it matched.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_key(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = st.opts.api_key.as_deref() {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim);
+        if !given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
+            let msg = if given.is_some() {
+                "incorrect API key provided"
+            } else {
+                "no API key provided; send the header `Authorization: Bearer <key>`"
+            };
+            return ApiError::new(StatusCode::UNAUTHORIZED, msg).code("invalid_api_key").into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("unknown request URL: {method} {}", uri.path())).code("unknown_url")
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}", uri.path()))
+        .code("method_not_allowed")
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "model": st.opts.served_name,
+        "waiting": st.stats.waiting.load(Ordering::Relaxed),
+        "completed": st.stats.completed.load(Ordering::Relaxed),
+        "cancelled": st.stats.cancelled.load(Ordering::Relaxed),
+        "completion_tokens": st.stats.tokens.load(Ordering::Relaxed),
+    }))
+}
+
+fn model_card(st: &AppState) -> Value {
+    json!({
+        "id": st.opts.served_name,
+        "object": "model",
+        "created": st.started,
+        "owned_by": "ferrotune",
+        "max_model_len": st.opts.max_model_len,
+    })
+}
+
+async fn list_models(State(st): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [model_card(&st)]}))
+}
+
+async fn get_model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    if id == st.opts.served_name {
+        Json(model_card(&st)).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("the model `{id}` does not exist; this server serves `{}`", st.opts.served_name),
+        )
+        .param("model")
+        .code("model_not_found")
+        .into_response()
+    }
+}
+
+/// Runs `fut` as its own task so that a panic in it becomes a 500 response instead of a dropped connection; the
+/// task is aborted when the caller (the connection) goes away.
+async fn panic_to_500(fut: impl Future<Output = Response> + Send + 'static) -> Response {
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let task = tokio::spawn(fut);
+    let _abort = AbortOnDrop(task.abort_handle());
+    match task.await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("internal error: request handler failed: {e}");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error while handling the request")
+                .into_response()
+        }
+    }
+}
+
+async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
+    panic_to_500(handle_chat(st, body)).await
+}
+
+/// A request ready to generate.
+struct Prepared {
+    prompt: Prompt,
+    req: GenerateRequest,
+    opens_think: bool,
+}
+
+fn random_id() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..24).map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0')).collect()
+}
+
+async fn handle_chat(st: Arc<AppState>, body: Body) -> Response {
+    let t0 = Instant::now();
+    let id = format!("chatcmpl-{}", random_id());
+    let bytes = match axum::body::to_bytes(body, st.opts.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => {
+            let too_big = std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"));
+            let err = if too_big {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body is larger than {} bytes", st.opts.max_body_bytes),
+                )
+            } else {
+                ApiError::bad(format!("cannot read the request body: {e}"))
+            };
+            return log_error(&id, t0, err).into_response();
+        }
+    };
+    let parsed = std::panic::catch_unwind(|| ChatRequest::parse(&bytes)).unwrap_or_else(|_| {
+        Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error while reading the request"))
+    });
+    let r = match parsed {
+        Ok(r) => r,
+        Err(e) => return log_error(&id, t0, e).into_response(),
+    };
+    let engine = st.engine.clone();
+    let opts = st.opts.clone();
+    let stream = r.stream;
+    let include_usage = r.include_usage;
+    let prepared = tokio::task::spawn_blocking(move || {
+        std::panic::catch_unwind(AssertUnwindSafe(|| prepare(&engine, &opts, r))).unwrap_or_else(|_| {
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error while building the prompt"))
+        })
+    })
+    .await
+    .unwrap_or_else(|e| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}"))));
+    let p = match prepared {
+        Ok(p) => p,
+        Err(e) => return log_error(&id, t0, e).into_response(),
+    };
+    if st.stats.waiting.load(Ordering::Relaxed) >= st.opts.max_waiting {
+        let e =
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many requests are waiting for the model; retry later")
+                .code("server_busy");
+        return log_error(&id, t0, e).into_response();
+    }
+    let chunk = ChunkMaker { id: id.clone(), created: unix_now(), model: st.opts.served_name.clone() };
+    if stream {
+        stream_response(st, p, chunk, include_usage, t0)
+    } else {
+        complete_response(st, p, chunk, t0).await
+    }
+}
+
+fn log_error(id: &str, t0: Instant, e: ApiError) -> ApiError {
+    eprintln!("{id} {} {:.3}s error: {}", e.status.as_u16(), t0.elapsed().as_secs_f64(), e.message);
+    e
+}
+
+fn log_done(st: &AppState, id: &str, t0: Instant, wait: Duration, g: &Generation, cancelled: bool) {
+    let counter = if cancelled { &st.stats.cancelled } else { &st.stats.completed };
+    counter.fetch_add(1, Ordering::Relaxed);
+    st.stats.tokens.fetch_add(g.token_ids.len() as u64, Ordering::Relaxed);
+    let secs = t0.elapsed().as_secs_f64();
+    let gen_secs = (secs - wait.as_secs_f64()).max(1e-9);
+    eprintln!(
+        "{id} 200 prompt={} completion={} finish={} {:.3}s (queued {:.3}s, {:.1} tok/s){}",
+        g.prompt_tokens,
+        g.token_ids.len(),
+        g.finish_reason.as_openai(),
+        secs,
+        wait.as_secs_f64(),
+        g.token_ids.len() as f64 / gen_secs,
+        if cancelled { " cancelled: client went away" } else { "" }
+    );
+}
+
+/// Decodes the images, renders and tokenizes the prompt, checks the context length and settles the sampling.
+fn prepare(engine: &Engine, opts: &ServerOptions, mut r: ChatRequest) -> Result<Prepared, ApiError> {
+    let images = r.images.iter().map(|i| media::load(&i.url, &opts.media, &i.param)).collect::<Result<Vec<_>, _>>()?;
+    // An empty assistant message at the end asks for a plain answer, not a continuation.
+    let final_text = if r.continue_final { text_of(r.messages.last()) } else { String::new() };
+    if r.continue_final && final_text.trim().is_empty() {
+        r.messages.pop();
+        r.continue_final = false;
+    }
+    let ro = RenderOptions {
+        add_generation_prompt: !r.continue_final,
+        enable_thinking: r.enable_thinking.or(opts.enable_thinking),
+        extra: r.template_kwargs.clone(),
+    };
+    let mut text = engine
+        .template
+        .render(&Value::Array(r.messages), &ro)
+        .map_err(|e| ApiError::bad(format!("{e:#}")).param("messages").code("invalid_conversation"))?;
+    if r.continue_final {
+        // As transformers' continue_final_message: the prompt ends where the final message's text ends.
+        let tail = final_text.trim_end();
+        match text.rfind(tail) {
+            Some(i) => text.truncate(i + tail.len()),
+            None => {
+                return Err(ApiError::bad(
+                    "the chat template does not render the final assistant message verbatim, so it cannot be continued",
+                )
+                .param("messages"))
+            }
+        }
+    }
+    let opens_think = ThinkSplitter::prompt_opens_think(&text);
+    let prompt = engine
+        .prompt_from_text(&text, &images)
+        .map_err(|e| ApiError::bad(format!("{e:#}")).param("messages").code("invalid_prompt"))?;
+    let n = prompt.ids.len();
+    let limit = opts.max_model_len;
+    if n >= limit {
+        return Err(ApiError::bad(format!(
+            "this model's maximum context length is {limit} tokens, but the messages have {n} tokens; \
+             shorten them (or send fewer or smaller images)"
+        ))
+        .param("messages")
+        .code("context_length_exceeded"));
+    }
+    let max_tokens = match r.max_tokens {
+        Some(m) if n + m > limit => {
+            return Err(ApiError::bad(format!(
+                "this model's maximum context length is {limit} tokens, but {} were requested ({n} in the messages, \
+                 {m} in the completion); reduce the messages or max_tokens",
+                n + m
+            ))
+            .param("max_tokens")
+            .code("context_length_exceeded"))
+        }
+        Some(m) => m,
+        None => opts.max_new_tokens.unwrap_or(limit).min(limit - n),
+    };
+    let mut s = opts.sampling.clone();
+    if let Some(t) = r.temperature {
+        s.temperature = t;
+    }
+    if let Some(p) = r.top_p {
+        s.top_p = p;
+    }
+    if let Some(k) = r.top_k {
+        s.top_k = k;
+    }
+    if let Some(p) = r.repetition_penalty {
+        s.repetition_penalty = p;
+    }
+    if let Some(p) = r.presence_penalty {
+        s.presence_penalty = p;
+    }
+    if let Some(p) = r.frequency_penalty {
+        s.frequency_penalty = p;
+    }
+    if r.seed.is_some() {
+        s.seed = r.seed;
+    }
+    Ok(Prepared { prompt, req: GenerateRequest { sampling: s, max_tokens, stop: r.stop }, opens_think })
+}
+
+fn text_of(msg: Option<&Value>) -> String {
+    match msg.and_then(|m| m.get("content")) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect(),
+        _ => String::new(),
+    }
+}
+
+/// Waits for the engine, then runs `job` with it on a blocking thread. A panic in the job is a 500. `gone` says
+/// the client left while waiting (the job is then skipped).
+async fn with_engine<R: Send + 'static>(
+    st: &Arc<AppState>,
+    gone: impl Fn() -> bool,
+    job: impl FnOnce(&Engine) -> anyhow::Result<R> + Send + 'static,
+) -> Result<(Option<R>, Duration), ApiError> {
+    let t = Instant::now();
+    st.stats.waiting.fetch_add(1, Ordering::Relaxed);
+    let guard = st.gate.clone().lock_owned().await;
+    st.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+    let wait = t.elapsed();
+    if gone() {
+        return Ok((None, wait));
+    }
+    let engine = st.engine.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        // The lock is released when generation ends, even if the request's task was dropped meanwhile.
+        let _guard = guard;
+        std::panic::catch_unwind(AssertUnwindSafe(|| job(&engine)))
+    })
+    .await;
+    match res {
+        Ok(Ok(Ok(r))) => Ok((Some(r), wait)),
+        Ok(Ok(Err(e))) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("generation failed: {e:#}"))),
+        Ok(Err(_)) | Err(_) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error: generation panicked; see the server log",
+        )),
+    }
+}
+
+/// Sets its flag when dropped: the non-streaming handler holds one, and the connection dropping the handler
+/// (the client went away) tells the generating thread to stop.
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn complete_response(st: Arc<AppState>, p: Prepared, chunk: ChunkMaker, t0: Instant) -> Response {
+    let flag = Arc::new(AtomicBool::new(false));
+    let _drop = DropFlag(flag.clone());
+    let seen = flag.clone();
+    let Prepared { prompt, req, opens_think } = p;
+    let job = move |e: &Engine| e.generate(&prompt, &req, |_| !seen.load(Ordering::Relaxed));
+    let (g, wait) = match with_engine(&st, || flag.load(Ordering::Relaxed), job).await {
+        Ok((Some(g), wait)) => (g, wait),
+        Ok((None, _)) => {
+            // Nobody reads this answer: the client left while the request waited.
+            st.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            return ApiError::new(StatusCode::BAD_REQUEST, "cancelled").into_response();
+        }
+        Err(e) => return log_error(&chunk.id, t0, e).into_response(),
+    };
+    log_done(&st, &chunk.id, t0, wait, &g, flag.load(Ordering::Relaxed));
+    let mut message = json!({"role": "assistant", "content": g.text});
+    if st.opts.split_reasoning {
+        let (reasoning, content) = ThinkSplitter::split_all(opens_think, &g.text);
+        message["content"] = content.into();
+        if !reasoning.is_empty() {
+            message["reasoning_content"] = reasoning.into();
+        }
+    }
+    Json(json!({
+        "id": chunk.id,
+        "object": "chat.completion",
+        "created": chunk.created,
+        "model": chunk.model,
+        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": g.finish_reason.as_openai()}],
+        "usage": usage(&g),
+    }))
+    .into_response()
+}
+
+fn usage(g: &Generation) -> Value {
+    json!({
+        "prompt_tokens": g.prompt_tokens,
+        "completion_tokens": g.token_ids.len(),
+        "total_tokens": g.prompt_tokens + g.token_ids.len(),
+    })
+}
+
+/// Builds `chat.completion.chunk` events that share one id, creation time and model.
+#[derive(Clone)]
+struct ChunkMaker {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl ChunkMaker {
+    fn event(&self, delta: Value, finish: Option<&str>, with_usage: bool) -> Event {
+        let mut c = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        if with_usage {
+            c["usage"] = Value::Null; // OpenAI: null on every chunk but the last when usage is asked for
+        }
+        Event::default().data(c.to_string())
+    }
+
+    fn usage_event(&self, g: &Generation) -> Event {
+        Event::default().data(
+            json!({
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage(g),
+            })
+            .to_string(),
+        )
+    }
+}
+
+fn stream_response(st: Arc<AppState>, p: Prepared, chunk: ChunkMaker, include_usage: bool, t0: Instant) -> Response {
+    let (tx, rx) = mpsc::unbounded_channel::<Event>();
+    // The role comes first, as OpenAI sends it, before the request may wait for the engine.
+    let _ = tx.send(chunk.event(json!({"role": "assistant", "content": ""}), None, include_usage));
+    let split = st.opts.split_reasoning;
+    tokio::spawn(async move {
+        let Prepared { prompt, req, opens_think } = p;
+        let (jtx, jchunk) = (tx.clone(), chunk.clone());
+        let job = move |e: &Engine| {
+            let mut splitter = split.then(|| ThinkSplitter::new(opens_think));
+            let send = |parts: Vec<(Part, String)>| {
+                parts.into_iter().all(|(part, text)| {
+                    let key = if part == Part::Reasoning { "reasoning_content" } else { "content" };
+                    jtx.send(jchunk.event(json!({ key: text }), None, include_usage)).is_ok()
+                })
+            };
+            // Text held back by the splitter sends nothing, so the closed channel is checked as well.
+            let g = e.generate(&prompt, &req, |piece| {
+                let sent = match splitter.as_mut() {
+                    Some(s) => send(s.push(piece)),
+                    None => send(vec![(Part::Content, piece.to_string())]),
+                };
+                sent && !jtx.is_closed()
+            })?;
+            if let Some(s) = splitter.as_mut() {
+                send(s.finish());
+            }
+            Ok(g)
+        };
+        let gone = tx.clone();
+        match with_engine(&st, move || gone.is_closed(), job).await {
+            Ok((Some(g), wait)) => {
+                let cancelled = tx.is_closed();
+                log_done(&st, &chunk.id, t0, wait, &g, cancelled);
+                let _ = tx.send(chunk.event(json!({}), Some(g.finish_reason.as_openai()), include_usage));
+                if include_usage {
+                    let _ = tx.send(chunk.usage_event(&g));
+                }
+            }
+            Ok((None, _)) => {
+                st.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                eprintln!("{} cancelled while queued: client went away", chunk.id);
+            }
+            Err(e) => {
+                let e = log_error(&chunk.id, t0, e);
+                let _ = tx.send(Event::default().data(e.body().to_string()));
+            }
+        }
+        let _ = tx.send(Event::default().data("[DONE]"));
+    });
+    let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<Event, Infallible>);
+    // Comments every few seconds keep proxies from timing out while queued, and reveal a closed connection.
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(5))).into_response()
+}

@@ -1,0 +1,491 @@
+//! The API over a real socket on 127.0.0.1: the tiny checkpoint with the PEFT adapter, requests written by hand
+//! (HTTP/1.1, `Connection: close`), answers checked against the transformers + PEFT golden generations.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use candle_core::{DType, Device};
+use ferrotune_core::infer::{AdapterMode, Engine};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::*;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn engine() -> Engine {
+    let adapter = fixtures().join("golden/peft/adapter");
+    Engine::load(&fixtures().join("tiny-qwen3_5"), &[adapter.as_path()], AdapterMode::Merge, DType::F32, &Device::Cpu)
+        .expect("tiny checkpoint + adapter load")
+}
+
+fn data_url(file: &str) -> String {
+    let bytes = std::fs::read(fixtures().join("golden/model").join(file)).unwrap();
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// The golden case "one_image" of tools/golden/gen_generate.py: prompt and the 32 greedy tokens of
+/// transformers + PEFT.
+fn golden_one_image() -> (String, Vec<u32>, Vec<u32>) {
+    let text = std::fs::read_to_string(fixtures().join("golden/generate.json")).unwrap();
+    let cases: Value = serde_json::from_str(&text).unwrap();
+    let c = cases.as_array().unwrap().iter().find(|c| c["name"] == "one_image").unwrap();
+    let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    let question = c["messages"][0]["content"][1]["text"].as_str().unwrap().to_string();
+    (question, ids(&c["prompt_ids"]), ids(&c["adapter"]))
+}
+
+fn image_request(question: &str, extra: Value) -> Value {
+    let mut r = json!({
+        "model": "tiny",
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url("img_a.png")}},
+            {"type": "text", "text": question}]}],
+        "temperature": 0,
+        "max_tokens": 32,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        r[k] = v.clone();
+    }
+    r
+}
+
+struct Server {
+    addr: std::net::SocketAddr,
+    state: Arc<AppState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+async fn start(edit: impl FnOnce(&mut ServerOptions)) -> Server {
+    let mut opts = ServerOptions::new("tiny-qwen3_5", 4096);
+    edit(&mut opts);
+    let state = AppState::new(engine(), opts);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(listener, state.clone(), async move {
+        let _ = rx.await;
+    }));
+    Server { addr, state, stop: Some(tx) }
+}
+
+struct Reply {
+    status: u16,
+    headers: String,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The `data:` payloads of an SSE body.
+    fn events(&self) -> Vec<String> {
+        let text = String::from_utf8(self.body.clone()).unwrap();
+        text.split("\n\n")
+            .flat_map(|e| e.lines().filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// Undoes `Transfer-Encoding: chunked`.
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { return out };
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
+        b = &b[eol + 2 + size + 2..];
+    }
+}
+
+async fn raw(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("{head}\r\nHost: test\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
+    let headers = String::from_utf8_lossy(&buf[..split]).to_string();
+    let status = headers.split(' ').nth(1).unwrap().parse().unwrap();
+    let rest = &buf[split + 4..];
+    let body =
+        if headers.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_vec() };
+    Reply { status, headers, body }
+}
+
+async fn get(addr: std::net::SocketAddr, path: &str, key: Option<&str>) -> Reply {
+    let auth = key.map(|k| format!("\r\nAuthorization: Bearer {k}")).unwrap_or_default();
+    raw(addr, &format!("GET {path} HTTP/1.1{auth}"), b"").await
+}
+
+async fn post(addr: std::net::SocketAddr, body: &[u8], key: Option<&str>) -> Reply {
+    let auth = key.map(|k| format!("\r\nAuthorization: Bearer {k}")).unwrap_or_default();
+    raw(addr, &format!("POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json{auth}"), body).await
+}
+
+async fn chat(addr: std::net::SocketAddr, req: &Value) -> Reply {
+    post(addr, req.to_string().as_bytes(), None).await
+}
+
+/// Asserts an OpenAI error body with the status and (when given) the param.
+fn assert_error(r: &Reply, status: u16, param: Option<&str>) -> Value {
+    assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
+    let j = r.json();
+    let e = &j["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{j}");
+    assert!(e["type"].is_string() && e.get("param").is_some() && e.get("code").is_some(), "{j}");
+    if let Some(p) = param {
+        assert_eq!(e["param"], p, "{j}");
+    }
+    j
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_health_and_unknown_routes() {
+    let s = start(|_| {}).await;
+    let r = get(s.addr, "/v1/models", None).await;
+    assert_eq!(r.status, 200);
+    let j = r.json();
+    assert_eq!(j["object"], "list");
+    assert_eq!(j["data"][0]["id"], "tiny-qwen3_5");
+    assert_eq!(j["data"][0]["object"], "model");
+    assert_eq!(get(s.addr, "/v1/models/tiny-qwen3_5", None).await.json()["id"], "tiny-qwen3_5");
+    assert_error(&get(s.addr, "/v1/models/gpt-3.5-turbo", None).await, 404, Some("model"));
+    assert_eq!(get(s.addr, "/health", None).await.json()["status"], "ok");
+    assert_error(&get(s.addr, "/v1/nothing", None).await, 404, None);
+    assert_error(&get(s.addr, "/v1/chat/completions", None).await, 405, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_request_equals_transformers_and_stream_equals_non_stream() {
+    // Think text left in `content`, so the answer is exactly the decoded golden tokens.
+    let s = start(|o| o.split_reasoning = false).await;
+    let (question, prompt_ids, golden) = golden_one_image();
+    let want = s.state.engine.tokenizer.decode(&golden, true).unwrap();
+
+    let t = Instant::now();
+    let r = chat(s.addr, &image_request(&question, json!({}))).await;
+    let latency = t.elapsed();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let j = r.json();
+    assert_eq!(j["object"], "chat.completion");
+    assert_eq!(j["model"], "tiny-qwen3_5");
+    assert!(j["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let choice = &j["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["message"]["content"], want.as_str(), "greedy answer over HTTP = transformers + PEFT");
+    assert_eq!(choice["finish_reason"], "length", "32 tokens of 32: a length stop");
+    assert_eq!(j["usage"]["prompt_tokens"], prompt_ids.len());
+    assert_eq!(j["usage"]["completion_tokens"], 32);
+    assert_eq!(j["usage"]["total_tokens"], prompt_ids.len() + 32);
+    eprintln!("non-streaming, 1 image, 32 tokens: {:.0} ms", latency.as_secs_f64() * 1e3);
+
+    let r = chat(s.addr, &image_request(&question, json!({"stream": true, "stream_options": {"include_usage": true}})))
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.to_ascii_lowercase().contains("content-type: text/event-stream"), "{}", r.headers);
+    let events = r.events();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let id = chunks[0]["id"].clone();
+    assert!(chunks.iter().all(|c| c["id"] == id && c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 32);
+    let last = &chunks[chunks.len() - 2];
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["choices"][0]["delta"], json!({}));
+    let middle = &chunks[1..chunks.len() - 2];
+    assert!(middle.len() > 1, "content arrives in several chunks");
+    assert!(middle.iter().all(|c| c["choices"][0]["finish_reason"].is_null() && c["usage"].is_null()));
+    let streamed: String = middle.iter().map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap()).collect();
+    assert_eq!(streamed, want, "streamed greedy answer = non-streamed");
+
+    // A stop string inside the answer ends it right before, with finish_reason "stop".
+    let stop: String = want.chars().skip(5).take(2).collect();
+    let j = chat(s.addr, &image_request(&question, json!({"stop": [stop.clone()]}))).await.json();
+    let content = j["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(j["choices"][0]["finish_reason"], "stop");
+    assert!(want.starts_with(content) && !content.contains(&stop), "{content:?} / {stop:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_content_split_and_thinking_switch() {
+    let s = start(|_| {}).await;
+    let (question, _, golden) = golden_one_image();
+    let want = s.state.engine.tokenizer.decode(&golden, true).unwrap();
+    // The template opens `<think>`; this random model never closes it, so the whole answer is reasoning.
+    let j = chat(s.addr, &image_request(&question, json!({}))).await.json();
+    let m = &j["choices"][0]["message"];
+    let (r, c) = ThinkSplitter::split_all(true, &want);
+    assert_eq!(m["reasoning_content"], r.as_str());
+    assert_eq!(m["content"], c.as_str());
+    let events = chat(s.addr, &image_request(&question, json!({"stream": true}))).await.events();
+    let streamed: String = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["reasoning_content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(streamed, r);
+    // enable_thinking false (per request): the template closes the block, everything is content.
+    for extra in [json!({"chat_template_kwargs": {"enable_thinking": false}}), json!({"enable_thinking": false})] {
+        let j = chat(s.addr, &image_request(&question, extra)).await.json();
+        let m = &j["choices"][0]["message"];
+        assert!(m.get("reasoning_content").is_none(), "{m}");
+        assert!(!m["content"].as_str().unwrap().is_empty());
+        assert!(j["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_is_required_on_v1() {
+    let s = start(|o| o.api_key = Some("sekret".into())).await;
+    let j = assert_error(&get(s.addr, "/v1/models", None).await, 401, None);
+    assert_eq!(j["error"]["code"], "invalid_api_key");
+    assert_error(&get(s.addr, "/v1/models", Some("wrong")).await, 401, None);
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).to_string();
+    assert_error(&post(s.addr, body.as_bytes(), None).await, 401, None);
+    assert_eq!(get(s.addr, "/v1/models", Some("sekret")).await.status, 200);
+    assert_eq!(post(s.addr, body.as_bytes(), Some("sekret")).await.status, 200);
+    assert_eq!(get(s.addr, "/health", None).await.status, 200, "health needs no key");
+}
+
+fn one_image(url: &str) -> Value {
+    json!({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]}],
+        "max_tokens": 2, "temperature": 0})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_images_only_under_media_dir() {
+    let media = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::copy(fixtures().join("golden/model/img_b.png"), media.path().join("robot.png")).unwrap();
+    std::fs::copy(fixtures().join("golden/model/img_b.png"), outside.path().join("secret.png")).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(outside.path().join("secret.png"), media.path().join("link.png")).unwrap();
+    let root = media.path().canonicalize().unwrap();
+    let s = start(|o| o.media.media_dir = Some(root.clone())).await;
+    let inside = root.join("robot.png");
+    for url in [inside.display().to_string(), format!("file://{}", inside.display()), "robot.png".to_string()] {
+        let r = chat(s.addr, &one_image(&url)).await;
+        assert_eq!(r.status, 200, "{url}: {}", String::from_utf8_lossy(&r.body));
+    }
+    let param = "messages[0].content[0].image_url.url";
+    let secret = outside.path().join("secret.png").display().to_string();
+    for url in [
+        secret.clone(),
+        format!("file://{secret}"),
+        "../../../../../../etc/passwd".to_string(),
+        format!("{}/../{}", root.display(), "x.png"),
+        "/etc/passwd".to_string(),
+        #[cfg(unix)]
+        "link.png".to_string(),
+    ] {
+        let j = assert_error(&chat(s.addr, &one_image(&url)).await, 403, Some(param));
+        assert_eq!(j["error"]["code"], "path_outside_media_dir", "{url}");
+    }
+    assert_error(&chat(s.addr, &one_image("missing.png")).await, 400, Some(param));
+    // Without --media-dir no local path is read.
+    let s2 = start(|_| {}).await;
+    assert_error(&chat(s2.addr, &one_image(&inside.display().to_string())).await, 403, Some(param));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_urls_refused_unless_allowed_and_never_to_private_addresses() {
+    let s = start(|_| {}).await;
+    let j = assert_error(&chat(s.addr, &one_image("https://example.com/robot.png")).await, 400, None);
+    assert_eq!(j["error"]["code"], "remote_images_disabled");
+    let s = start(|o| o.media.allow_remote = true).await;
+    // The server's own address: loopback, refused before any connection.
+    let url = format!("http://{}/health", s.addr);
+    let j = assert_error(&chat(s.addr, &one_image(&url)).await, 403, None);
+    assert_eq!(j["error"]["code"], "url_not_public");
+    assert_error(&chat(s.addr, &one_image("http://169.254.169.254/latest/meta-data")).await, 403, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_a_4xx_openai_error() {
+    let s = start(|o| {
+        o.max_model_len = 20;
+        o.max_body_bytes = 1 << 20;
+    })
+    .await;
+    let param = "messages[0].content[0].image_url.url";
+    let j = assert_error(&post(s.addr, b"{\"messages\": [", None).await, 400, None);
+    assert_eq!(j["error"]["code"], "invalid_json");
+    assert_error(&post(s.addr, b"[1, 2]", None).await, 400, None);
+    let j = assert_error(&chat(s.addr, &one_image("data:image/png;base64,!!not*base64!!")).await, 400, Some(param));
+    assert_eq!(j["error"]["code"], "invalid_image");
+    let junk = base64::engine::general_purpose::STANDARD.encode(b"GIF89a but not really an image");
+    assert_error(&chat(s.addr, &one_image(&format!("data:image/gif;base64,{junk}"))).await, 400, Some(param));
+    assert_error(&chat(s.addr, &one_image("data:image/png,rawbytes")).await, 400, Some(param));
+    let cases = [
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "x"}}]}]}),
+            "messages[0].content[0].type",
+        ),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "temperature": "warm"}), "temperature"),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5}), "max_tokens"),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "n": 3}), "n"),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "stop": 7}), "stop"),
+        (json!({"messages": [{"role": "wizard", "content": "hi"}]}), "messages[0].role"),
+        (json!({"messages": []}), "messages"),
+        (json!({"model": "x"}), "messages"),
+        (json!({"messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}), "tools"),
+        // Too long for --max-model-len 20: the image alone takes more tokens; then the completion.
+        (one_image(&data_url("img_a.png")), "messages"),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}), "max_tokens"),
+        // The template refuses a system message after the first turn.
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                              {"role": "system", "content": "late"}, {"role": "user", "content": "x"}]}),
+            "messages",
+        ),
+    ];
+    for (body, param) in cases {
+        assert_error(&chat(s.addr, &body).await, 400, Some(param));
+    }
+    let big = vec![b' '; 2 << 20];
+    assert_error(&post(s.addr, &big, None).await, 413, None);
+    // Still serving after all that.
+    let ok = chat(s.addr, &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})).await;
+    assert_eq!(ok.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_merge_same_role_and_continue_a_prefix() {
+    let s = start(|_| {}).await;
+    let img = data_url("img_c.png");
+    let split = json!({"max_tokens": 3, "temperature": 0, "messages": [
+        {"role": "system", "content": "You describe robots."},
+        {"role": "user", "content": "Here is one."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": "Describe it."}]},
+        {"role": "assistant", "content": "A robot."},
+        {"role": "user", "content": [{"type": "text", "text": "More?"}]}]});
+    let r = chat(s.addr, &split).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // The same conversation with the two user messages written as one gives the same prompt.
+    let merged = json!({"max_tokens": 3, "temperature": 0, "messages": [
+        {"role": "system", "content": "You describe robots."},
+        {"role": "user", "content": [{"type": "text", "text": "Here is one."}, {"type": "text", "text": "\n\n"},
+                                     {"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": "Describe it."}]},
+        {"role": "assistant", "content": "A robot."},
+        {"role": "user", "content": "More?"}]});
+    let a = r.json();
+    let b = chat(s.addr, &merged).await.json();
+    assert_eq!(a["usage"]["prompt_tokens"], b["usage"]["prompt_tokens"]);
+    assert_eq!(a["choices"][0]["message"], b["choices"][0]["message"]);
+    // A final assistant message is continued: no new assistant turn is opened.
+    let plain = json!({"max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]});
+    let prefix = json!({"max_tokens": 2, "temperature": 0, "enable_thinking": false, "messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The robot"}]});
+    let p0 = chat(s.addr, &plain).await.json()["usage"]["prompt_tokens"].as_u64().unwrap();
+    let p1 = chat(s.addr, &prefix).await.json()["usage"]["prompt_tokens"].as_u64().unwrap();
+    let n_prefix = s.state.engine.tokenizer.encode("<think>\n\n</think>\n\nThe robot").unwrap().len() as u64;
+    // `<think>\n` of the generation prompt is replaced by the closed block + the prefix.
+    assert_eq!(p1, p0 - s.state.engine.tokenizer.encode("<think>\n").unwrap().len() as u64 + n_prefix);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_concurrent_clients_are_all_answered() {
+    let s = start(|_| {}).await;
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let addr = s.addr;
+            tokio::spawn(async move {
+                let mut req = json!({"messages": [{"role": "user", "content": format!("Client {i}")}],
+                                     "max_tokens": 4, "temperature": 0, "stream": i % 2 == 0});
+                if i % 4 == 1 {
+                    req["messages"][0]["content"] = json!([{"type": "image_url", "image_url": {"url": data_url("img_b.png")}},
+                                                          {"type": "text", "text": "Client"}]);
+                }
+                chat(addr, &req).await
+            })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "client {i}: {}", String::from_utf8_lossy(&r.body));
+        if i % 2 == 0 {
+            assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+        } else {
+            assert_eq!(r.json()["usage"]["completion_tokens"], 4);
+        }
+    }
+    assert_eq!(s.state.stats.completed.load(Ordering::Relaxed), 16);
+    eprintln!("16 concurrent requests of 4 tokens: {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_stops_its_generation() {
+    let s = start(|_| {}).await;
+    let max = 3000;
+    let body = json!({"messages": [{"role": "user", "content": "Talk forever."}], "max_tokens": max,
+                      "temperature": 0, "stream": true, "enable_thinking": false})
+    .to_string();
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(body.as_bytes()).await.unwrap();
+    // Read the role chunk and two more, then hang up.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&got).matches("data: ").count() < 3 {
+        let n = sock.read(&mut buf).await.unwrap();
+        assert!(n > 0, "stream ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(sock);
+    let t = Instant::now();
+    while s.state.stats.cancelled.load(Ordering::Relaxed) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "generation did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tokens = s.state.stats.tokens.load(Ordering::Relaxed);
+    assert!(tokens < max as u64 / 2, "{tokens} tokens generated after the client left");
+    // The engine is free again.
+    let r = chat(s.addr, &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_a_500_error_body() {
+    let r = panic_to_500(async { panic!("boom") }).await;
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+    let j: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(j["error"]["type"], "server_error");
+}

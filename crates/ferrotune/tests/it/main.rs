@@ -1,0 +1,3 @@
+//! The binary's one integration-test binary: runs the built `ferrotune` as users do.
+
+mod cli;
