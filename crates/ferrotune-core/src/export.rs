@@ -334,6 +334,12 @@ pub fn export(opts: &ExportOptions, mut log: impl FnMut(&str)) -> Result<ExportR
                 tensors.insert(p.name.clone(), t);
             }
             save_safetensors(&tensors, &staging.join(&file))?;
+            // The writer's temporary file is private (0600); a model folder is for everyone who may read it.
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(staging.join(&file), std::fs::Permissions::from_mode(0o644))?;
+            }
             log(&format!("wrote {file} ({} tensors, {:.1} MB)", members.len(), bytes as f64 / 1e6));
             shard_report.push((file, bytes));
         }

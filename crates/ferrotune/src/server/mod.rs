@@ -423,10 +423,18 @@ async fn with_engine<R: Send + 'static>(
     gone: impl Fn() -> bool,
     job: impl FnOnce(&Engine) -> anyhow::Result<R> + Send + 'static,
 ) -> Result<(Option<R>, Duration), ApiError> {
+    /// Counts a waiting request until it gets the engine or is dropped (its client left).
+    struct Waiting<'a>(&'a AtomicUsize);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
     let t = Instant::now();
     st.stats.waiting.fetch_add(1, Ordering::Relaxed);
+    let waiting = Waiting(&st.stats.waiting);
     let guard = st.gate.clone().lock_owned().await;
-    st.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+    drop(waiting);
     let wait = t.elapsed();
     if gone() {
         return Ok((None, wait));

@@ -489,3 +489,33 @@ async fn a_panicking_handler_is_a_500_error_body() {
     let j: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(j["error"]["type"], "server_error");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_and_frees_up() {
+    let s = start(|o| o.max_waiting = 1).await;
+    // A long stream holds the engine...
+    let body =
+        json!({"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 3000, "stream": true}).to_string();
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    let head = format!("POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n", body.len());
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(body.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(sock.read(&mut buf).await.unwrap() > 0);
+    // ...one request waits for it...
+    let addr = s.addr;
+    let second = tokio::spawn(async move {
+        chat(addr, &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})).await
+    });
+    let t = Instant::now();
+    while s.state.stats.waiting.load(Ordering::Relaxed) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // ...and the next one is turned away.
+    let j = assert_error(&chat(s.addr, &json!({"messages": [{"role": "user", "content": "hi"}]})).await, 429, None);
+    assert_eq!(j["error"]["code"], "server_busy");
+    drop(sock);
+    assert_eq!(second.await.unwrap().status, 200);
+    assert_eq!(s.state.stats.waiting.load(Ordering::Relaxed), 0);
+}
