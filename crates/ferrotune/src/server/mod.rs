@@ -29,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferrotune_core::chat::RenderOptions;
-use ferrotune_core::infer::{Engine, GenerateRequest, Generation, Prompt, SamplingParams};
+use ferrotune_core::infer::{Engine, FinishReason, GenerateRequest, Generation, Prompt, SamplingParams};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
@@ -317,7 +317,7 @@ fn log_done(st: &AppState, id: &str, t0: Instant, wait: Duration, g: &Generation
         "{id} 200 prompt={} completion={} finish={} {:.3}s (queued {:.3}s, {:.1} tok/s){}",
         g.prompt_tokens,
         g.token_ids.len(),
-        g.finish_reason.as_openai(),
+        if g.finish_reason == FinishReason::Cancelled { "cancelled" } else { g.finish_reason.as_openai() },
         secs,
         wait.as_secs_f64(),
         g.token_ids.len() as f64 / gen_secs,
@@ -469,19 +469,37 @@ impl Drop for DropFlag {
 async fn complete_response(st: Arc<AppState>, p: Prepared, chunk: ChunkMaker, t0: Instant) -> Response {
     let flag = Arc::new(AtomicBool::new(false));
     let _drop = DropFlag(flag.clone());
-    let seen = flag.clone();
-    let Prepared { prompt, req, opens_think } = p;
-    let job = move |e: &Engine| e.generate(&prompt, &req, |_| !seen.load(Ordering::Relaxed));
-    let (g, wait) = match with_engine(&st, || flag.load(Ordering::Relaxed), job).await {
-        Ok((Some(g), wait)) => (g, wait),
-        Ok((None, _)) => {
-            // Nobody reads this answer: the client left while the request waited.
-            st.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            return ApiError::new(StatusCode::BAD_REQUEST, "cancelled").into_response();
+    let opens_think = p.opens_think;
+    // Generation and its log line live in their own task: the connection drops this handler when the client
+    // leaves, and the task still reports how the request ended.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (task_st, id) = (st.clone(), chunk.id.clone());
+    tokio::spawn(async move {
+        let Prepared { prompt, req, .. } = p;
+        let seen = flag.clone();
+        let job = move |e: &Engine| e.generate(&prompt, &req, |_| !seen.load(Ordering::Relaxed));
+        let out = match with_engine(&task_st, || flag.load(Ordering::Relaxed), job).await {
+            Ok((Some(g), wait)) => {
+                log_done(&task_st, &id, t0, wait, &g, flag.load(Ordering::Relaxed));
+                Ok(g)
+            }
+            Ok((None, _)) => {
+                task_st.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                eprintln!("{id} cancelled while queued: client went away");
+                Err(ApiError::new(StatusCode::BAD_REQUEST, "cancelled"))
+            }
+            Err(e) => Err(log_error(&id, t0, e)),
+        };
+        let _ = tx.send(out);
+    });
+    let g = match rx.await {
+        Ok(Ok(g)) => g,
+        Ok(Err(e)) => return e.into_response(),
+        Err(_) => {
+            return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error: generation ended early")
+                .into_response()
         }
-        Err(e) => return log_error(&chunk.id, t0, e).into_response(),
     };
-    log_done(&st, &chunk.id, t0, wait, &g, flag.load(Ordering::Relaxed));
     let mut message = json!({"role": "assistant", "content": g.text});
     if st.opts.split_reasoning {
         let (reasoning, content) = ThinkSplitter::split_all(opens_think, &g.text);

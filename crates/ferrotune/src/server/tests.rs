@@ -519,3 +519,26 @@ async fn a_full_queue_answers_429_and_frees_up() {
     assert_eq!(second.await.unwrap().status, 200);
     assert_eq!(s.state.stats.waiting.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_streaming_client_that_leaves_stops_too() {
+    let s = start(|_| {}).await;
+    let max = 3000;
+    let body = json!({"messages": [{"role": "user", "content": "Go on."}], "max_tokens": max, "temperature": 0,
+                      "enable_thinking": false})
+    .to_string();
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    let head = format!("POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n", body.len());
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(body.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(sock);
+    let t = Instant::now();
+    while s.state.stats.cancelled.load(Ordering::Relaxed) == 0 {
+        assert_eq!(s.state.stats.completed.load(Ordering::Relaxed), 0, "the request ran to its end");
+        assert!(t.elapsed() < Duration::from_secs(60), "generation did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tokens = s.state.stats.tokens.load(Ordering::Relaxed);
+    assert!(tokens < max as u64 / 2, "{tokens} tokens generated after the client left");
+}
