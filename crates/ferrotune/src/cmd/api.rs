@@ -20,9 +20,10 @@ pub struct Args {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+    /// Address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface).
     #[arg(long)]
     pub host: Option<String>,
+    /// Port to listen on (default 8000).
     #[arg(long)]
     pub port: Option<u16>,
     /// Require `Authorization: Bearer KEY` on /v1/*.

@@ -61,6 +61,7 @@ pub struct SamplingArgs {
     /// 0 = greedy.
     #[arg(long)]
     pub temperature: Option<f64>,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass; 1.0 disables.
     #[arg(long = "top_p", alias = "top-p")]
     pub top_p: Option<f64>,
     /// 0 disables.
@@ -75,6 +76,7 @@ pub struct SamplingArgs {
     /// false = greedy, whatever the temperature.
     #[arg(long = "do_sample", alias = "do-sample", num_args = 0..=1, default_missing_value = "true")]
     pub do_sample: Option<bool>,
+    /// Seed of the sampler, for reproducible sampling.
     #[arg(long)]
     pub seed: Option<u64>,
     /// Default of the chat template's `enable_thinking` (unset: the template's own default).
