@@ -9,6 +9,7 @@ pub mod image;
 pub mod infer;
 pub mod lora;
 pub mod models;
+pub mod plot;
 pub mod nn;
 pub mod tokenizer;
 pub mod train;
