@@ -3,6 +3,7 @@
 //! Everything but argv parsing and HTTP lives here. The data flow is
 //! config → data → template → image processor → model (+ LoRA) → train / infer.
 
+pub mod bench;
 pub mod chat;
 pub mod checkpoint;
 pub mod image;

@@ -2,4 +2,5 @@
 
 pub mod optim;
 pub mod schedule;
+pub mod state;
 pub mod step;
