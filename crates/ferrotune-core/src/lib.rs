@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod chat;
 pub mod checkpoint;
+pub mod env;
 pub mod image;
 pub mod infer;
 pub mod lora;
