@@ -78,14 +78,25 @@ fn synthetic(model: &Qwen3_5, seq_len: usize, image_side: usize, seed: u64) -> R
         }
         let feat = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size;
         let px: Vec<f32> = (0..g * g * feat).map(|_| rng.random_range(-1.0..1.0)).collect();
-        images = Some(VisionInput { pixel_values: Tensor::from_vec(px, (g * g, feat), &model.device)?, grids: vec![[1, g, g]] });
+        images = Some(VisionInput {
+            pixel_values: Tensor::from_vec(px, (g * g, feat), &model.device)?,
+            grids: vec![[1, g, g]],
+        });
     }
-    let labels: Vec<i64> =
-        ids.iter().enumerate().map(|(i, &t)| if i < seq_len / 2 || t == model.cfg.image_token_id { -100 } else { t as i64 }).collect();
+    let labels: Vec<i64> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| if i < seq_len / 2 || t == model.cfg.image_token_id { -100 } else { t as i64 })
+        .collect();
     let grids = images.as_ref().map_or(vec![], |v| v.grids.clone());
     let pos = model.rope_index(&ids, &grids)?;
     let rope = model.rope(&[&pos])?;
-    Ok(MicroBatch { input_ids: Tensor::from_vec(ids, (1, seq_len), &model.device)?, labels: vec![labels], rope, images })
+    Ok(MicroBatch {
+        input_ids: Tensor::from_vec(ids, (1, seq_len), &model.device)?,
+        labels: vec![labels],
+        rope,
+        images,
+    })
 }
 
 /// LoRA training steps (batch 1, one micro-batch per optimizer step) on `model_dir`.
@@ -116,7 +127,8 @@ pub fn train(model_dir: &Path, opts: &TrainBench, device: &Device) -> Result<Ben
     let mut acc = GradAccum::default();
     let run = |n: usize, acc: &mut GradAccum, opt: &mut AdamW| -> Result<()> {
         for _ in 0..n {
-            let so = StepOptions { scale: 1.0, checkpointing: opts.checkpointing, train_embeddings: false, dropout_seed: 0 };
+            let so =
+                StepOptions { scale: 1.0, checkpointing: opts.checkpointing, train_embeddings: false, dropout_seed: 0 };
             forward_backward(&model, &mb, &plist, acc, so)?;
             let mut g = acc.take(&plist);
             clip_grad_norm(&mut g, 1.0)?;
@@ -139,7 +151,13 @@ pub fn train(model_dir: &Path, opts: &TrainBench, device: &Device) -> Result<Ben
 }
 
 /// Forward passes of one sequence (no gradients).
-pub fn forward(model_dir: &Path, seq_len: usize, image_side: usize, iters: usize, device: &Device) -> Result<BenchReport> {
+pub fn forward(
+    model_dir: &Path,
+    seq_len: usize,
+    image_side: usize,
+    iters: usize,
+    device: &Device,
+) -> Result<BenchReport> {
     let model = Qwen3_5::load(model_dir, DType::F32, device)?;
     let mb = synthetic(&model, seq_len, image_side, 2)?;
     let go = || -> Result<()> {

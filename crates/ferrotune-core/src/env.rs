@@ -14,7 +14,10 @@ pub fn report() -> Vec<(String, String)> {
     }
     push("build features", if features.is_empty() { "cpu only".into() } else { features.join(", ") });
     push("cpu", cpu_model().unwrap_or_else(|| "unknown".into()));
-    push("cpu cores (available)", std::thread::available_parallelism().map(|n| n.get().to_string()).unwrap_or("?".into()));
+    push(
+        "cpu cores (available)",
+        std::thread::available_parallelism().map(|n| n.get().to_string()).unwrap_or("?".into()),
+    );
     push("simd", simd());
     push(
         "threads",
@@ -48,7 +51,10 @@ pub fn render() -> String {
 
 fn cpu_model() -> Option<String> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    info.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string())
+    info.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
 }
 
 fn mem_total() -> Option<String> {

@@ -11,8 +11,8 @@ pub mod image;
 pub mod infer;
 pub mod lora;
 pub mod models;
-pub mod plot;
 pub mod nn;
+pub mod plot;
 pub mod tokenizer;
 pub mod train;
 

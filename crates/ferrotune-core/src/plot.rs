@@ -42,8 +42,20 @@ pub fn line_chart(path: &Path, title: &str, y_label: &str, series: &[(f64, f64)]
     root.fill(&WHITE).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
     let (x0, x1) = series.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
     let (y0, y1) = series.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-    let (x0, x1) = if series.is_empty() { (0.0, 1.0) } else if x0 == x1 { (x0 - 1.0, x1 + 1.0) } else { (x0, x1) };
-    let (y0, y1) = if series.is_empty() { (0.0, 1.0) } else if y0 == y1 { (y0 - 1.0, y1 + 1.0) } else { (y0, y1) };
+    let (x0, x1) = if series.is_empty() {
+        (0.0, 1.0)
+    } else if x0 == x1 {
+        (x0 - 1.0, x1 + 1.0)
+    } else {
+        (x0, x1)
+    };
+    let (y0, y1) = if series.is_empty() {
+        (0.0, 1.0)
+    } else if y0 == y1 {
+        (y0 - 1.0, y1 + 1.0)
+    } else {
+        (y0, y1)
+    };
     let pad = (y1 - y0) * 0.05;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, (FAMILY, 20))
@@ -155,7 +167,14 @@ mod tests {
         let img = image::open(&p).unwrap();
         assert_eq!((img.width(), img.height()), (800, 500));
         let b = dir.path().join("bars.png");
-        bar_chart(&b, "metrics", &["bleu".into(), "rouge".into()], &["base".into(), "lora".into()], &[vec![0.1, 0.2], vec![0.5, 0.6]]).unwrap();
+        bar_chart(
+            &b,
+            "metrics",
+            &["bleu".into(), "rouge".into()],
+            &["base".into(), "lora".into()],
+            &[vec![0.1, 0.2], vec![0.5, 0.6]],
+        )
+        .unwrap();
         assert!(image::open(&b).is_ok());
         // Smoothing keeps the first value and stays within the data's range.
         let s = smooth(&[1.0, 0.0, 0.0]);

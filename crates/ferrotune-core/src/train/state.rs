@@ -83,10 +83,7 @@ impl TrainerState {
     /// `(step, loss)` of the training entries, and `(step, eval_loss)` of the evaluation entries.
     pub fn curves(&self) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
         let pick = |key: &str| -> Vec<(f64, f64)> {
-            self.log_history
-                .iter()
-                .filter_map(|e| Some((e.get("step")?.as_f64()?, e.get(key)?.as_f64()?)))
-                .collect()
+            self.log_history.iter().filter_map(|e| Some((e.get("step")?.as_f64()?, e.get(key)?.as_f64()?))).collect()
         };
         (pick("loss"), pick("eval_loss"))
     }
@@ -95,7 +92,8 @@ impl TrainerState {
 /// Writes JSON through a temporary file and a rename, so readers never see half a file.
 pub fn write_json_atomic(path: &Path, v: &Value) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(v)? + "\n").with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(v)? + "\n")
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }
