@@ -4,9 +4,12 @@
 //! config → data → template → image processor → model (+ LoRA) → train / infer.
 
 pub mod checkpoint;
+pub mod config;
+pub mod data;
 pub mod image;
 pub mod models;
 pub mod nn;
+pub mod template;
 pub mod tokenizer;
 
 /// The crate version, as printed by `ferrotune env`.
