@@ -185,7 +185,7 @@ pub fn prepare(plan: &Plan, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<
         } else {
             attr.tags.clone()
         };
-        let outcomes: Vec<(RowRef, Result<(Sample, Lengths, bool), RowIssueKind>)> = rows
+        let outcomes: Vec<(RowRef, RowOutcome)> = rows
             .par_iter()
             .map(|(file, row)| {
                 let at = RowRef { dataset: attr.name.clone(), file: file.clone(), row: row.index, line: row.line };
@@ -201,7 +201,7 @@ pub fn prepare(plan: &Plan, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<
         let mut added = 0;
         for (at, r) in outcomes {
             match r {
-                Ok((sample, lengths, placeholders_added)) => {
+                Ok(KeptRow { sample, lengths, placeholders_added }) => {
                     kept += 1;
                     added += usize::from(placeholders_added);
                     all_lengths.push((at.clone(), lengths));
@@ -254,7 +254,7 @@ pub fn prepare(plan: &Plan, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<
     report.image_tokens = Dist::of(all_lengths.iter().map(|(_, l)| l.image).collect());
     report.total_tokens = Dist::of(all_lengths.iter().map(|(_, l)| l.total).collect());
     report.truncated = all_lengths.iter().filter(|(_, l)| l.truncated).count();
-    all_lengths.sort_by(|a, b| b.1.total.cmp(&a.1.total));
+    all_lengths.sort_by_key(|(_, l)| std::cmp::Reverse(l.total));
     report.longest = all_lengths.iter().take(3).map(|(r, l)| (r.clone(), l.total)).collect();
     report.train_samples = train.len();
     report.eval_samples = eval.len();
@@ -264,7 +264,15 @@ pub fn prepare(plan: &Plan, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<
     Ok(Prepared { train, eval, template: choice, report })
 }
 
-type RowIssueKind = (IssueKind, String);
+/// A usable row, or why it is not.
+type RowOutcome = Result<KeptRow, (IssueKind, String)>;
+
+struct KeptRow {
+    sample: Sample,
+    lengths: Lengths,
+    /// `<image>` placeholders were added to this row.
+    placeholders_added: bool,
+}
 
 struct RowChecker<'a> {
     enc: &'a ChatEncoder<'a>,
@@ -278,13 +286,7 @@ struct RowChecker<'a> {
 
 impl RowChecker<'_> {
     /// One row, end to end.
-    fn row(
-        &self,
-        value: &serde_json::Value,
-        attr: &DatasetAttr,
-        tags: &Tags,
-        at: &RowRef,
-    ) -> Result<(Sample, Lengths, bool), RowIssueKind> {
+    fn row(&self, value: &serde_json::Value, attr: &DatasetAttr, tags: &Tags, at: &RowRef) -> RowOutcome {
         let conv: Conversation = convert(value, attr, tags).map_err(|r| (IssueKind::BadRow, r))?;
         let mut images = Vec::with_capacity(conv.images.len());
         let mut tokens = Vec::with_capacity(conv.images.len());
@@ -324,7 +326,7 @@ impl RowChecker<'_> {
                     ));
                 }
                 let sample = Sample { input_ids, labels, images, image_tokens: tokens, source: at.clone() };
-                Ok((sample, lengths, conv.placeholders_added))
+                Ok(KeptRow { sample, lengths, placeholders_added: conv.placeholders_added })
             }
             Encoded::ImageOverCutoff { needed, image_tokens } => Err((
                 IssueKind::ImageOverCutoff { needed },

@@ -318,9 +318,8 @@ mod tests {
     use serde_json::json;
 
     fn attr(formatting: Formatting) -> DatasetAttr {
-        let mut columns = Columns::default();
-        columns.images = Some("images".into());
-        columns.messages = Some("messages".into());
+        let columns =
+            Columns { images: Some("images".into()), messages: Some("messages".into()), ..Columns::default() };
         DatasetAttr {
             name: "t".into(),
             files: vec![],
