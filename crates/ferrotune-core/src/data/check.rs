@@ -388,29 +388,24 @@ impl fmt::Display for Report {
         let rows: usize = self.datasets.iter().map(|d| d.rows).sum();
         let kept: usize = self.datasets.iter().map(|d| d.kept).sum();
         writeln!(f, "rows: {rows} read, {kept} kept, {errors} with errors, {dropped} dropped (image over cutoff_len)")?;
-        if !self.issues.is_empty() {
+        // Errors first (they stop training), then the rows dropped for cutoff_len, each in row order.
+        let (errs, drops): (Vec<&RowIssue>, Vec<&RowIssue>) = self.issues.iter().partition(|i| i.is_error(false));
+        if !errs.is_empty() {
             writeln!(f)?;
-            writeln!(f, "problems:")?;
-            const SHOWN: usize = 50;
-            for i in self.issues.iter().take(SHOWN) {
-                let tag = if i.is_error(false) { "error" } else { "dropped" };
-                writeln!(f, "  {tag}: {}: {}", i.at, i.reason)?;
+            writeln!(f, "errors ({}):", errs.len())?;
+            for i in errs.iter().take(50) {
+                writeln!(f, "  {}: {}", i.at, i.reason)?;
             }
-            if self.issues.len() > SHOWN {
+            if errs.len() > 50 {
                 let mut by_kind: BTreeMap<&str, usize> = BTreeMap::new();
-                for i in &self.issues[SHOWN..] {
-                    let k = match i.kind {
-                        IssueKind::BadRow => "bad rows",
-                        IssueKind::Image { .. } => "missing or unreadable images",
-                        IssueKind::ImageOverCutoff { .. } => "images over cutoff_len",
-                    };
+                for i in &errs[50..] {
+                    let k = if matches!(i.kind, IssueKind::Image { .. }) { "image problems" } else { "bad rows" };
                     *by_kind.entry(k).or_default() += 1;
                 }
                 let rest: Vec<String> = by_kind.iter().map(|(k, n)| format!("{n} {k}")).collect();
-                writeln!(f, "  ... and {} more: {}", self.issues.len() - SHOWN, rest.join(", "))?;
+                writeln!(f, "  ... and {} more: {}", errs.len() - 50, rest.join(", "))?;
             }
-            let images: Vec<&PathBuf> = self
-                .issues
+            let images: Vec<&PathBuf> = errs
                 .iter()
                 .filter_map(|i| match &i.kind {
                     IssueKind::Image { path } => Some(path),
@@ -419,9 +414,27 @@ impl fmt::Display for Report {
                 .collect();
             if !images.is_empty() {
                 writeln!(f, "images missing or unreadable ({}):", images.len())?;
-                for p in images.iter().take(SHOWN) {
+                for p in images.iter().take(50) {
                     writeln!(f, "  {}", p.display())?;
                 }
+            }
+        }
+        if !drops.is_empty() {
+            writeln!(f)?;
+            writeln!(f, "dropped: cutoff_len {} would cut an image ({} rows):", self.cutoff_len, drops.len())?;
+            for i in drops.iter().take(10) {
+                writeln!(f, "  {}: {}", i.at, i.reason)?;
+            }
+            let most = drops
+                .iter()
+                .filter_map(|i| match i.kind {
+                    IssueKind::ImageOverCutoff { needed } => Some(needed),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
+            if drops.len() > 10 {
+                writeln!(f, "  ... and {} more; cutoff_len {most} keeps them all", drops.len() - 10)?;
             }
         }
         if kept > 0 {

@@ -152,15 +152,15 @@ fn describe_difference(chosen: &Template, exact: &Template, info: &CheckpointInf
     let mut diffs = Vec::new();
     if chosen.default_system != exact.default_system {
         diffs.push(if chosen.default_system.is_empty() {
-            format!("no default system prompt (the checkpoint's is {:?})", exact.default_system)
+            format!("has no default system prompt (the checkpoint's is {:?})", exact.default_system)
         } else {
             format!("adds the system prompt {:?} to every sample without one", chosen.default_system)
         });
     }
     match (chosen.reasoning, exact.reasoning) {
         (false, true) => diffs.push(
-            "no think block, while the checkpoint's chat template renders `<think>\\n\\n</think>\\n\\n` before \
-             answers"
+            "renders no think block, while the checkpoint's chat template puts `<think>\\n\\n</think>\\n\\n` \
+             before answers"
                 .to_string(),
         ),
         (true, false) => diffs.push(
@@ -179,14 +179,19 @@ fn describe_difference(chosen: &Template, exact: &Template, info: &CheckpointInf
     if diffs.is_empty() {
         diffs.push("renders the same text under another name".to_string());
     }
+    // The thinking / non-thinking sibling is a deliberate choice, not a mistake: say "differs", not "poor match".
+    let sibling = chosen.name.trim_end_matches("_nothink") == exact.name.trim_end_matches("_nothink");
     let mut line = format!(
-        "template `{}` is a poor match for this {} checkpoint: it {}; the exact match is `{}`",
+        "template `{}` {} this {} checkpoint: it {}; the exact match is `{}`",
         chosen.name,
+        if sibling { "differs from the chat template of" } else { "is a poor match for" },
         info.model_type,
         diffs.join("; "),
         exact.name
     );
-    if exact.reasoning && chosen.name != format!("{}_nothink", exact.name) {
+    if sibling {
+        line.push_str(" (serve and export with the same template)");
+    } else if exact.reasoning {
         line.push_str(&format!(" (or `{}_nothink` to train answers without the think block)", exact.name));
     }
     line

@@ -176,3 +176,52 @@ fn image_tokens_equal_llamafactory_and_hf_processor() {
         assert_eq!(processor.image_tokens(w, h).unwrap() as u64, n("tokens"), "{c}");
     }
 }
+
+#[test]
+fn folder_datasets_max_samples_and_media_dir() {
+    // A folder of JSON-lines files, images in a separate media_dir, and the first 3 rows only.
+    let dir = scratch("folder");
+    let media = scratch("folder-media");
+    std::fs::copy(fixtures().join("data/images/robot_64x48.png"), media.join("r.png")).unwrap();
+    std::fs::create_dir_all(dir.join("parts")).unwrap();
+    let line = |q: &str| conv(&format!("<image>{q}"), json!(["r.png"])).to_string();
+    std::fs::write(dir.join("parts/a.jsonl"), format!("{}\n{}\n", line("one"), line("two"))).unwrap();
+    std::fs::write(dir.join("parts/b.jsonl"), format!("{}\n{}\n", line("three"), line("four"))).unwrap();
+    let info = json!({"d": {"file_name": "parts", "formatting": "sharegpt",
+        "columns": {"messages": "messages", "images": "images"}}});
+    std::fs::write(dir.join("dataset_info.json"), info.to_string()).unwrap();
+    let p = run(&dir, &[("media_dir", json!(media.display().to_string())), ("max_samples", json!(3))]).unwrap();
+    assert_eq!((p.report.train_samples, p.report.errors(true)), (3, 0), "{}", p.report);
+    assert_eq!(p.train[2].source.file, dir.join("parts/b.jsonl"));
+    assert_eq!(p.train[2].images, vec![media.join("r.png")]);
+    assert_eq!(p.train[2].image_tokens, vec![4]);
+}
+
+#[test]
+fn openai_formatting_merges_tool_results() {
+    let dir = scratch("openai");
+    let rows = json!([{"messages": [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "Battery and temperature?"},
+        {"role": "assistant", "content": "Checking."},
+        {"role": "tool", "content": "{\"battery\": 87}"},
+        {"role": "tool", "content": "{\"temp\": 31}"},
+        {"role": "assistant", "content": "87 percent, 31 degrees."}]}]);
+    std::fs::write(dir.join("d.json"), rows.to_string()).unwrap();
+    let info = json!({"d": {"file_name": "d.json", "formatting": "openai", "columns": {"messages": "messages"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                 "observation_tag": "tool", "system_tag": "system"}}});
+    std::fs::write(dir.join("dataset_info.json"), info.to_string()).unwrap();
+    let p = run(&dir, &[("template", json!("qwen3_5_nothink"))]).unwrap();
+    assert_eq!(p.report.train_samples, 1, "{}", p.report);
+    let tok = ferrotune_core::tokenizer::Tokenizer::from_path(&tiny()).unwrap();
+    let text = tok.decode(&p.train[0].input_ids, false).unwrap();
+    // One observation turn holding both results; the system prompt is the row's own (no injected text).
+    assert!(
+        text.contains(
+            "<tool_response>\n{\"battery\": 87}\n</tool_response>\n<tool_response>\n{\"temp\": 31}\n</tool_response>"
+        ),
+        "{text}"
+    );
+    assert!(text.starts_with("<|im_start|>system\nUse tools.<|im_end|>"), "{text}");
+}
