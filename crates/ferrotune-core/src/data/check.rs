@@ -290,6 +290,7 @@ impl RowChecker<'_> {
         let conv: Conversation = convert(value, attr, tags).map_err(|r| (IssueKind::BadRow, r))?;
         let mut images = Vec::with_capacity(conv.images.len());
         let mut tokens = Vec::with_capacity(conv.images.len());
+        let mut sizes = Vec::with_capacity(conv.images.len());
         if !conv.images.is_empty() {
             let Some(vision) = self.vision else {
                 return Err((IssueKind::BadRow, "the row has images but the checkpoint has no vision tower".into()));
@@ -309,6 +310,7 @@ impl RowChecker<'_> {
                     .image_tokens(pw, ph)
                     .map_err(|e| (IssueKind::Image { path: path.clone() }, format!("image {i} {written:?}: {e}")))?;
                 images.push(path);
+                sizes.push((pw, ph));
                 tokens.push(n);
             }
         }
@@ -325,7 +327,8 @@ impl RowChecker<'_> {
                         ),
                     ));
                 }
-                let sample = Sample { input_ids, labels, images, image_tokens: tokens, source: at.clone() };
+                let sample =
+                    Sample { input_ids, labels, images, image_sizes: sizes, image_tokens: tokens, source: at.clone() };
                 Ok(KeptRow { sample, lengths, placeholders_added: conv.placeholders_added })
             }
             Encoded::ImageOverCutoff { needed, image_tokens } => Err((

@@ -194,7 +194,7 @@ fn folder_datasets_max_samples_and_media_dir() {
     assert_eq!((p.report.train_samples, p.report.errors(true)), (3, 0), "{}", p.report);
     assert_eq!(p.train[2].source.file, dir.join("parts/b.jsonl"));
     assert_eq!(p.train[2].images, vec![media.join("r.png")]);
-    assert_eq!(p.train[2].image_tokens, vec![4]);
+    assert_eq!((p.train[2].image_sizes.clone(), p.train[2].image_tokens.clone()), (vec![(64, 48)], vec![4]));
 }
 
 #[test]
