@@ -6,6 +6,8 @@
 pub mod bench;
 pub mod chat;
 pub mod checkpoint;
+pub mod config;
+pub mod data;
 pub mod env;
 pub mod image;
 pub mod infer;
@@ -13,6 +15,7 @@ pub mod lora;
 pub mod models;
 pub mod nn;
 pub mod plot;
+pub mod template;
 pub mod tokenizer;
 pub mod train;
 

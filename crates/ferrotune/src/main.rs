@@ -1,3 +1,24 @@
-fn main() {
-    println!("{}", ferrotune_core::version());
+//! ferrotune: LoRA fine-tuning and serving of Qwen vision-language models, compatible with LLaMA-Factory's
+//! configs and data. This file is the whole command dispatch; each command is a thin file in `cmd/`.
+
+mod cli;
+mod cmd;
+
+use std::process::ExitCode;
+
+use cli::{Command, DataCommand};
+
+fn main() -> ExitCode {
+    let cli = cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => cmd::train::run(args),
+        Command::Data(DataCommand::Check(args)) => cmd::data::check(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,43 @@
+//! One file per command, each a thin layer over ferrotune-core.
+
+pub mod data;
+pub mod train;
+
+use anyhow::Result;
+use ferrotune_core::config::Plan;
+use ferrotune_core::data::{prepare, Prepared};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::ConfigInput;
+
+/// Rows above which the data pass shows a progress bar.
+const PROGRESS_FROM_ROWS: usize = 2000;
+
+/// Reads and validates the config, printing its notes.
+pub fn load_plan(input: &ConfigInput) -> Result<Plan> {
+    if input.file.is_none() && input.overrides.is_empty() {
+        anyhow::bail!("give a config file (train.yaml) or --key value flags; `ferrotune train --help` lists the keys");
+    }
+    Plan::load(input.file.as_deref(), &input.overrides)
+}
+
+/// Runs the data pass with a progress bar on stderr for large datasets.
+pub fn prepare_with_progress(plan: &Plan) -> Result<Prepared> {
+    let bar = ProgressBar::hidden();
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} rows ({per_sec}, {eta} left)")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message("checking rows");
+    let progress = |done: usize, total: usize| {
+        if total >= PROGRESS_FROM_ROWS && bar.is_hidden() && done < total {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let prepared = prepare(plan, &progress);
+    bar.finish_and_clear();
+    prepared
+}
