@@ -54,6 +54,15 @@ pub struct DataPlan {
     pub seed: u64,
 }
 
+/// `finetuning_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinetuningType {
+    /// LoRA adapters on the target modules; the base stays frozen.
+    Lora,
+    /// Every parameter of the language model trained (the vision tower and projector follow the freeze keys).
+    Full,
+}
+
 /// `lora_target`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LoraTarget {
@@ -163,6 +172,8 @@ pub struct TrainPlan {
     pub compute_accuracy: bool,
     pub disable_shuffling: bool,
     pub include_num_input_tokens_seen: bool,
+    /// Per-layer activation recomputation in the backward pass (on unless `disable_gradient_checkpointing`).
+    pub gradient_checkpointing: bool,
 }
 
 impl TrainPlan {
@@ -208,6 +219,7 @@ pub struct ExportPlan {
 pub struct Plan {
     /// The config file, when there was one.
     pub source: Option<PathBuf>,
+    pub finetuning_type: FinetuningType,
     pub model_name_or_path: PathBuf,
     pub adapter_name_or_path: Vec<PathBuf>,
     pub do_train: bool,
@@ -245,13 +257,14 @@ impl Plan {
                 raw.place("stage")
             );
         }
-        let finetuning_type = raw.str("finetuning_type")?;
-        if finetuning_type != "lora" {
-            bail!(
-                "{}: finetuning_type `{finetuning_type}` is not implemented; ferrotune implements `lora`",
+        let finetuning_type = match raw.str("finetuning_type")?.as_str() {
+            "lora" => FinetuningType::Lora,
+            "full" => FinetuningType::Full,
+            other => bail!(
+                "{}: finetuning_type `{other}` is not implemented; ferrotune implements `lora` and `full`",
                 raw.place("finetuning_type")
-            );
-        }
+            ),
+        };
 
         // ---- model ----
         let model = raw.opt_str("model_name_or_path")?.with_context(|| {
@@ -513,6 +526,7 @@ impl Plan {
             compute_accuracy: raw.bool("compute_accuracy")?,
             disable_shuffling: raw.bool("disable_shuffling")?,
             include_num_input_tokens_seen: tokens_seen,
+            gradient_checkpointing: !raw.bool("disable_gradient_checkpointing")?,
         };
 
         // ---- generation and export ----
@@ -542,6 +556,7 @@ impl Plan {
 
         Ok(Plan {
             source: raw.path.clone(),
+            finetuning_type,
             model_name_or_path,
             adapter_name_or_path,
             do_train,

@@ -312,6 +312,54 @@ pub fn infer_seqlen(source_len: usize, target_len: usize, cutoff: usize) -> (usi
     (new_source, new_target)
 }
 
+/// A Jinja chat template that renders prompts exactly as `t` encodes them for training, for serving and export
+/// (one renderer everywhere: a model trained with a `_nothink` template must not be served with a thinking
+/// prompt). Content may be a string or parts (`{"type": "image"}` / `{"type": "text"}`); a reasoning template
+/// drops earlier thoughts from history and, with `enable_thinking` false, closes an empty think block.
+pub fn to_jinja(t: &Template) -> String {
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'").replace('\n', "\\n");
+    let mut j = String::new();
+    j.push_str("{#- ferrotune: the `");
+    j.push_str(t.name);
+    j.push_str("` template (LLaMA-Factory semantics) as used in training -#}\n");
+    j.push_str(
+        "{%- macro render(content) -%}\
+         {%- if content is string -%}{{- content -}}\
+         {%- elif content is iterable -%}{%- for part in content -%}\
+         {%- if part.type == 'image' or part.type == 'image_url' or 'image' in part -%}\
+         {{- '<|vision_start|><|image_pad|><|vision_end|>' -}}\
+         {%- elif part.type == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}\
+         {%- elif 'text' in part -%}{{- part.text -}}{%- endif -%}\
+         {%- endfor -%}{%- endif -%}\
+         {%- endmacro -%}\n",
+    );
+    j.push_str("{%- if messages and messages[0].role == 'system' -%}\n");
+    j.push_str("{{- '<|im_start|>system\\n' + render(messages[0].content) + '<|im_end|>\\n' -}}\n");
+    if !t.default_system.is_empty() {
+        j.push_str("{%- else -%}\n{{- '<|im_start|>system\\n");
+        j.push_str(&esc(t.default_system));
+        j.push_str("<|im_end|>\\n' -}}\n");
+    }
+    j.push_str("{%- endif -%}\n");
+    j.push_str("{%- for message in messages -%}\n");
+    j.push_str(
+        "{%- if message.role == 'user' -%}{{- '<|im_start|>user\\n' + render(message.content) + '<|im_end|>\\n' -}}\n",
+    );
+    j.push_str("{%- elif message.role == 'assistant' -%}{%- set content = render(message.content) -%}\n");
+    if t.reasoning {
+        j.push_str("{%- if not loop.last and '</think>' in content -%}{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}{%- endif -%}\n");
+    }
+    j.push_str("{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' -}}\n");
+    j.push_str("{%- elif message.role == 'tool' -%}{{- '<|im_start|>user\\n<tool_response>\\n' + render(message.content) + '\\n</tool_response><|im_end|>\\n' -}}\n");
+    j.push_str("{%- endif -%}\n{%- endfor -%}\n");
+    j.push_str("{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}\n");
+    if t.reasoning {
+        j.push_str("{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}\n");
+    }
+    j.push_str("{%- endif -%}\n");
+    j
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,9 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
 
+/// (step, value) points of a logged metric.
+pub type Curve = Vec<(f64, f64)>;
+
 /// HF TrainerState, the subset that has meaning here; serialised with HF's key names.
 #[derive(Clone, Debug, Default)]
 pub struct TrainerState {
@@ -81,7 +84,7 @@ impl TrainerState {
     }
 
     /// `(step, loss)` of the training entries, and `(step, eval_loss)` of the evaluation entries.
-    pub fn curves(&self) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+    pub fn curves(&self) -> (Curve, Curve) {
         let pick = |key: &str| -> Vec<(f64, f64)> {
             self.log_history.iter().filter_map(|e| Some((e.get("step")?.as_f64()?, e.get(key)?.as_f64()?))).collect()
         };

@@ -10,3 +10,4 @@ mod loading;
 mod model;
 mod template;
 mod train;
+mod train_run;

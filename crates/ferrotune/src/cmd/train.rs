@@ -1,8 +1,12 @@
-//! `ferrotune train CONFIG.yaml [key=value ...]`: validates the config, checks every data row, prints the plan.
+//! `ferrotune train CONFIG.yaml [key=value ...]`: validates the config, checks every data row, then trains.
 
 use std::process::ExitCode;
 
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{bail, Result};
+use ferrotune_core::train::run::{self as trainer, RunOptions};
 
 use crate::cli::ConfigArgs;
 
@@ -23,9 +27,21 @@ pub fn run(args: ConfigArgs) -> Result<ExitCode> {
     if errors > 0 {
         println!("\nskipping the {errors} row(s) with errors listed above");
     }
-    bail!(
-        "training is not built yet: the config and the {} training samples are valid, but this build of ferrotune \
-         stops here",
-        prepared.train.len()
-    )
+    if prepared.train.is_empty() {
+        bail!("no training samples are left after the checks above");
+    }
+    // Ctrl-C finishes the current step, saves a checkpoint and exits; a second Ctrl-C aborts at once.
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: saving a checkpoint after the current step (press again to abort)");
+    });
+    let opts = RunOptions { stop: &STOP, progress: std::io::stderr().is_terminal(), halt_after_step: None };
+    let outcome = trainer::run(&plan, &prepared, &opts)?;
+    if outcome.interrupted {
+        return Ok(ExitCode::from(130));
+    }
+    Ok(ExitCode::SUCCESS)
 }
