@@ -315,8 +315,8 @@ pub fn infer_seqlen(source_len: usize, target_len: usize, cutoff: usize) -> (usi
 /// A Jinja chat template that renders prompts exactly as `t` encodes them for training, for serving and export
 /// (one renderer everywhere: a model trained with a `_nothink` template must not be served with a thinking
 /// prompt). Content may be a string or parts (`{"type": "image"}` / `{"type": "text"}`); a reasoning template
-/// drops earlier thoughts from history and, with `enable_thinking` false, closes an empty think block.
-pub fn to_jinja(t: &Template) -> String {
+/// drops earlier thoughts from history and, unless thinking is on, closes an empty think block in the prompt.
+pub fn to_jinja(t: &Template, options: &RenderOptions) -> String {
     let esc = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'").replace('\n', "\\n");
     let mut j = String::new();
     j.push_str("{#- ferrotune: the `");
@@ -335,9 +335,10 @@ pub fn to_jinja(t: &Template) -> String {
     );
     j.push_str("{%- if messages and messages[0].role == 'system' -%}\n");
     j.push_str("{{- '<|im_start|>system\\n' + render(messages[0].content) + '<|im_end|>\\n' -}}\n");
-    if !t.default_system.is_empty() {
+    let default_system = options.default_system.as_deref().unwrap_or(t.default_system);
+    if !default_system.is_empty() {
         j.push_str("{%- else -%}\n{{- '<|im_start|>system\\n");
-        j.push_str(&esc(t.default_system));
+        j.push_str(&esc(default_system));
         j.push_str("<|im_end|>\\n' -}}\n");
     }
     j.push_str("{%- endif -%}\n");
@@ -354,7 +355,17 @@ pub fn to_jinja(t: &Template) -> String {
     j.push_str("{%- endif -%}\n{%- endfor -%}\n");
     j.push_str("{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}\n");
     if t.reasoning {
-        j.push_str("{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}\n");
+        // As in training: the empty think block goes into the prompt unless thinking is on (a request's
+        // `enable_thinking` overrides the training setting).
+        let default = match options.enable_thinking {
+            Some(true) => "true",
+            Some(false) => "false",
+            None => "none",
+        };
+        j.push_str(&format!(
+            "{{%- set thinking = enable_thinking if enable_thinking is defined else {default} -%}}\n\
+             {{%- if thinking is not true -%}}{{{{- '<think>\\n\\n</think>\\n\\n' -}}}}{{%- endif -%}}\n"
+        ));
     }
     j.push_str("{%- endif -%}\n");
     j

@@ -127,3 +127,44 @@ fn generation_prompts() {
         assert!(ours == theirs, "{name} thinking={thinking}: {}", first_diff(&ours, &theirs));
     }
 }
+
+/// The Jinja template written next to a trained model renders generation prompts exactly as the training
+/// encoder does, for every template and thinking setting.
+#[test]
+fn written_chat_template_equals_the_training_encoder() {
+    use ferrotune_core::chat::{ChatTemplate, RenderOptions as JinjaOptions};
+    use ferrotune_core::template::{to_jinja, TEMPLATES};
+    let tok = Tokenizer::from_path(&tiny()).unwrap();
+    let history = [
+        Message::new(Role::User, "Describe it."),
+        Message::new(Role::Assistant, "<think>\nlooking\n</think>\n\nA red robot."),
+        Message::new(Role::User, "And the wheels?"),
+    ];
+    let json = serde_json::json!([
+        {"role": "user", "content": "Describe it."},
+        {"role": "assistant", "content": "<think>\nlooking\n</think>\n\nA red robot."},
+        {"role": "user", "content": "And the wheels?"}
+    ]);
+    for t in TEMPLATES {
+        for thinking in [Some(true), Some(false), None] {
+            for system in [None, Some("Be brief.")] {
+                let opts = RenderOptions {
+                    default_system: system.map(str::to_owned),
+                    enable_thinking: thinking,
+                    preserve_thinking: false,
+                };
+                let enc = ChatEncoder::new(t, &tok, &opts).unwrap();
+                let want = enc.encode_prompt(&history, None).unwrap();
+                let jinja = ChatTemplate::new(to_jinja(t, &opts), "chat_template.jinja".into()).unwrap();
+                let text =
+                    jinja.render(&json, &JinjaOptions { add_generation_prompt: true, ..Default::default() }).unwrap();
+                assert_eq!(
+                    tok.encode(&text).unwrap(),
+                    want,
+                    "{} thinking {thinking:?} system {system:?}: {text:?}",
+                    t.name
+                );
+            }
+        }
+    }
+}
