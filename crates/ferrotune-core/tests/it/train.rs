@@ -246,3 +246,36 @@ fn state_dict_round_trips_the_checkpoint() {
         crate::common::assert_close(got, &want, 0.0, n);
     }
 }
+
+/// PEFT loads an adapter written by `ferrotune train` without warnings (tools/golden/check_adapter.py records
+/// that), and its logits equal ferrotune's with the same adapter, merged or separate.
+#[test]
+fn peft_loads_our_adapter_and_agrees() {
+    let check: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("golden/ferrotune_adapter_check.json")).unwrap())
+            .unwrap();
+    assert_eq!(check["ok"], true, "{check}");
+    assert_eq!(check["warnings"].as_array().unwrap().len(), 0);
+    let want =
+        candle_core::safetensors::load(fixtures().join("golden/ferrotune_adapter_logits.safetensors"), &Device::Cpu)
+            .unwrap()
+            .remove("logits_tail")
+            .unwrap();
+    let case =
+        candle_core::safetensors::load(fixtures().join("golden/model/one_image.safetensors"), &Device::Cpu).unwrap();
+    let ids: Vec<u32> = case["input_ids"].to_vec1::<i64>().unwrap().iter().map(|&x| x as u32).collect();
+    let k = case["pixel_levels"].to_dtype(DType::F32).unwrap();
+    let pixel_values = ((k * (1.0f64 / 255.0)).unwrap() - 0.5).unwrap().affine(2.0, 0.0).unwrap();
+    let g: Vec<Vec<i64>> = case["image_grid_thw"].to_vec2().unwrap();
+    let images = VisionInput { pixel_values, grids: vec![[g[0][0] as usize, g[0][1] as usize, g[0][2] as usize]] };
+    let adapter = lora::Adapter::load(&fixtures().join("golden/ferrotune_adapter"), &Device::Cpu).unwrap();
+    for merge in [true, false] {
+        let mut model = Qwen3_5::load(&tiny_checkpoint(), DType::F32, &Device::Cpu).unwrap();
+        adapter.apply(model.linears_mut(), merge).unwrap();
+        let (h, _) = model.forward_sequence(&ids, Some(&images), false).unwrap();
+        let n = want.dim(0).unwrap();
+        let logits = model.logits(&h.squeeze(0).unwrap().narrow(0, ids.len() - n, n).unwrap()).unwrap();
+        let d = crate::common::assert_close(&logits, &want, 1e-4, "logits vs PEFT with our adapter");
+        eprintln!("our adapter (merged {merge}) vs PEFT: max logit diff {d:e}");
+    }
+}
