@@ -38,6 +38,8 @@ pub struct BenchReport {
     pub wall_per_sample: f64,
     pub cpu_per_sample: f64,
     pub peak_rss: Option<u64>,
+    /// Decode only: time to the first token (prefill), seconds.
+    pub ttft: Option<f64>,
 }
 
 impl BenchReport {
@@ -48,6 +50,11 @@ impl BenchReport {
     pub fn tokens_per_second(&self) -> f64 {
         self.tokens_per_sample as f64 / self.wall_per_sample
     }
+}
+
+/// All parameters of the model (vision tower included).
+pub fn count_params(model: &mut Qwen3_5) -> usize {
+    model.params_mut().iter().map(|(_, t, _)| t.elem_count()).sum()
 }
 
 /// Options of the training benchmark.
@@ -102,9 +109,7 @@ fn synthetic(model: &Qwen3_5, seq_len: usize, image_side: usize, seed: u64) -> R
 /// LoRA training steps (batch 1, one micro-batch per optimizer step) on `model_dir`.
 pub fn train(model_dir: &Path, opts: &TrainBench, device: &Device) -> Result<BenchReport> {
     let mut model = Qwen3_5::load(model_dir, DType::F32, device)?;
-    let params: usize = model.linears_mut().iter().map(|(_, l)| l.weight.elem_count()).sum::<usize>()
-        + model.embed_tokens.elem_count()
-        + model.visual.pos_embed.elem_count();
+    let params = count_params(&mut model);
     let spec = LoraSpec {
         r: opts.rank,
         alpha: 2.0 * opts.rank as f64,
@@ -147,6 +152,7 @@ pub fn train(model_dir: &Path, opts: &TrainBench, device: &Device) -> Result<Ben
         wall_per_sample: t0.elapsed().as_secs_f64() / n,
         cpu_per_sample: (cpu_seconds() - c0) / n,
         peak_rss: peak_rss_bytes(),
+        ttft: None,
     })
 }
 
@@ -158,7 +164,8 @@ pub fn forward(
     iters: usize,
     device: &Device,
 ) -> Result<BenchReport> {
-    let model = Qwen3_5::load(model_dir, DType::F32, device)?;
+    let mut model = Qwen3_5::load(model_dir, DType::F32, device)?;
+    let params = count_params(&mut model);
     let mb = synthetic(&model, seq_len, image_side, 2)?;
     let go = || -> Result<()> {
         let feats = mb.images.as_ref().map(|v| model.image_features(v)).transpose()?;
@@ -173,7 +180,6 @@ pub fn forward(
         go()?;
     }
     let n = iters.max(1) as f64;
-    let params = model.embed_tokens.elem_count();
     Ok(BenchReport {
         params,
         trainable: 0,
@@ -181,5 +187,52 @@ pub fn forward(
         wall_per_sample: t0.elapsed().as_secs_f64() / n,
         cpu_per_sample: (cpu_seconds() - c0) / n,
         peak_rss: peak_rss_bytes(),
+        ttft: None,
+    })
+}
+
+/// Greedy decoding after a prompt of `prompt_len` tokens: time to first token and per-token time with the
+/// per-layer cache (KV for attention layers, recurrent state for Gated-DeltaNet layers).
+pub fn decode(
+    model_dir: &Path,
+    prompt_len: usize,
+    new_tokens: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<BenchReport> {
+    use crate::models::qwen3_5::Cache;
+    let mut model = Qwen3_5::load(model_dir, dtype, device)?;
+    let params = count_params(&mut model);
+    let mb = synthetic(&model, prompt_len, 0, 3)?;
+    let run = || -> Result<(f64, f64)> {
+        let t0 = Instant::now();
+        let mut cache = Cache::new(model.layers.len());
+        let emb = model.embed(&mb.input_ids, None)?;
+        let (h, _) = model.decode(&emb, &mb.rope, Some(&mut cache), false)?;
+        let mut logits: Vec<f32> =
+            model.logits(&h.narrow(1, prompt_len - 1, 1)?)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let ttft = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        for _ in 0..new_tokens {
+            let tok = crate::infer::sample::argmax(&logits);
+            let rope = model.rope_continue(1, cache.seen, 1, 0)?;
+            let emb = model.embed(&Tensor::new(&[[tok]], device)?, None)?;
+            let (h, _) = model.decode(&emb, &rope, Some(&mut cache), false)?;
+            logits = model.logits(&h)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        }
+        Ok((ttft, t1.elapsed().as_secs_f64()))
+    };
+    run()?;
+    let c0 = cpu_seconds();
+    let (ttft, secs) = run()?;
+    let n = new_tokens.max(1) as f64;
+    Ok(BenchReport {
+        params,
+        trainable: 0,
+        tokens_per_sample: 1,
+        wall_per_sample: secs / n,
+        cpu_per_sample: (cpu_seconds() - c0) / n,
+        peak_rss: peak_rss_bytes(),
+        ttft: Some(ttft),
     })
 }

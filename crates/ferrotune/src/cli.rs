@@ -17,6 +17,53 @@ pub enum Command {
     /// Dataset tools
     #[command(subcommand)]
     Data(DataCommand),
+    /// Print the environment: version, build features, CPU, threads, GPU, dtypes
+    Env,
+    /// Measure speed and memory (forward, LoRA training, decoding) on a checkpoint or a generated one
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// What to measure: train, forward or decode
+    #[arg(value_parser = ["train", "forward", "decode"])]
+    pub what: String,
+    /// Checkpoint folder; without it a random-init checkpoint of --preset is generated (and cached)
+    #[arg(long)]
+    pub model: Option<std::path::PathBuf>,
+    /// Size of the generated checkpoint: tiny (the test fixture), 100m, 135m or 1b
+    #[arg(long, default_value = "135m")]
+    pub preset: String,
+    /// Where generated checkpoints are cached
+    #[arg(long, default_value = "target/bench-models")]
+    pub cache: std::path::PathBuf,
+    /// Tokens per sample (prompt + answer)
+    #[arg(long, default_value_t = 264)]
+    pub seq: usize,
+    /// Side of one square image per sample in pixels (0: text only)
+    #[arg(long, default_value_t = 0)]
+    pub image: usize,
+    /// Measured iterations (after one warm-up)
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Compute threads (also RAYON_NUM_THREADS)
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// LoRA rank (train)
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// Keep all activations instead of recomputing them per layer (train)
+    #[arg(long)]
+    pub no_checkpointing: bool,
+    /// Tokens to generate (decode)
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Decode with bf16 weights (half the memory traffic per token)
+    #[arg(long)]
+    pub bf16: bool,
+    /// Also run the PyTorch + PEFT / transformers anchor from this Python (e.g. tools/golden/.venv/bin/python)
+    #[arg(long)]
+    pub python: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]

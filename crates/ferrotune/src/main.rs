@@ -13,6 +13,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => cmd::train::run(args),
         Command::Data(DataCommand::Check(args)) => cmd::data::check(args),
+        Command::Env => cmd::env::run(),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,6 +1,8 @@
 //! One file per command, each a thin layer over ferrotune-core.
 
+pub mod bench;
 pub mod data;
+pub mod env;
 pub mod train;
 
 use anyhow::Result;
