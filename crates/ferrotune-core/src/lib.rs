@@ -6,13 +6,15 @@
 pub mod bench;
 pub mod chat;
 pub mod checkpoint;
+pub mod demo;
 pub mod env;
+pub mod eval;
 pub mod image;
 pub mod infer;
 pub mod lora;
 pub mod models;
-pub mod plot;
 pub mod nn;
+pub mod plot;
 pub mod tokenizer;
 pub mod train;
 

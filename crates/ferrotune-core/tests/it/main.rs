@@ -2,8 +2,11 @@
 
 mod chat;
 mod common;
+mod demo;
+mod eval;
 mod generate;
 mod image;
 mod loading;
+mod metrics;
 mod model;
 mod train;
