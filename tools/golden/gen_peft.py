@@ -6,6 +6,7 @@ Writes tests/fixtures/golden/peft/:
   init_<t>.safetensors fixed LoRA init (A and B both random, so every tensor gets a gradient), PEFT key names
   grads_<t>.safetensors gradients of every LoRA tensor for sample 0 (with an image), t in {qkvo, all}
   grads.json           the loss of that micro-batch per target set
+  full_grads.json      full fine-tuning on sample 0: the loss and every parameter's gradient norm
   train.json           20 optimizer steps of HF Trainer (batch 1, accumulation 4, cosine, warmup 0.1, clipping
                        1.0, lr 1e-3, fixed sample order, targets `all`): per-step loss, learning rate, grad norm
   train_final.safetensors  the adapter after those 20 steps (and adapter/, the same saved by PEFT)
@@ -142,6 +143,20 @@ def grad_fixtures(samples):
         json.dump({"loss": losses, "rank": RANK, "alpha": ALPHA, "targets": {"qkvo": QKVO, "all": ALL}}, f, indent=1)
 
 
+def full_grad_fixture(samples):
+    """Full fine-tuning: the L2 norm of every parameter's gradient on sample 0 (the vision tower included)."""
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    model = Qwen3_5ForConditionalGeneration.from_pretrained(CKPT, dtype=torch.float32)
+    model.train()
+    out = model(**batch_of(samples[0]))
+    out.loss.backward()
+    norms = {n: p.grad.norm().item() for n, p in model.named_parameters() if p.grad is not None}
+    with open(os.path.join(OUT, "full_grads.json"), "w") as f:
+        json.dump({"loss": out.loss.item(), "grad_norms": norms}, f, indent=1)
+    print("full fine-tuning: loss", out.loss.item(), "tensors with grads", len(norms))
+
+
 def train_fixture(samples):
     from torch.utils.data import Dataset, SequentialSampler
     from transformers import Trainer, TrainingArguments
@@ -211,6 +226,7 @@ def main():
     with open(os.path.join(OUT, "samples.json"), "w") as f:
         json.dump(meta, f, indent=1)
     grad_fixtures(samples)
+    full_grad_fixture(samples)
     train_fixture(samples)
 
 

@@ -32,6 +32,9 @@ pub struct ExportOptions {
     pub dtype: Option<DType>,
     /// Allow writing into a non-empty `export_dir` (only the files of a checkpoint are replaced).
     pub overwrite: bool,
+    /// A chat template to write when no adapter carries one (e.g. a built-in template named in the config), with
+    /// where it comes from.
+    pub chat_template: Option<(String, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -44,7 +47,7 @@ pub struct ExportReport {
     /// The other files written (config, tokenizer, processor, template).
     pub files: Vec<String>,
     /// Where the chat template came from.
-    pub template_from: Option<PathBuf>,
+    pub template_from: Option<String>,
     /// The dtype written into config.json.
     pub dtype: String,
 }
@@ -374,14 +377,20 @@ pub fn export(opts: &ExportOptions, mut log: impl FnMut(&str)) -> Result<ExportR
                 files.push(name.to_string());
             }
         }
-        // ...and the chat template used in training, which the training run writes next to the adapter.
-        let mut template_from = opts.model_dir.join("chat_template.jinja").is_file().then(|| opts.model_dir.clone());
-        if let Some(dir) = opts.adapters.iter().rev().find(|d| d.join("chat_template.jinja").is_file()) {
-            std::fs::copy(dir.join("chat_template.jinja"), staging.join("chat_template.jinja"))?;
+        // ...and the chat template used in training: the one training wrote next to the adapter, else the one
+        // the caller names. It replaces any template inside tokenizer_config.json or chat_template.json, which
+        // would compete with it.
+        let mut template_from =
+            opts.model_dir.join("chat_template.jinja").is_file().then(|| opts.model_dir.display().to_string());
+        let chosen = match opts.adapters.iter().rev().find(|d| d.join("chat_template.jinja").is_file()) {
+            Some(dir) => Some((std::fs::read_to_string(dir.join("chat_template.jinja"))?, dir.display().to_string())),
+            None => opts.chat_template.clone(),
+        };
+        if let Some((source, origin)) = chosen {
+            std::fs::write(staging.join("chat_template.jinja"), source)?;
             if !files.iter().any(|f| f == "chat_template.jinja") {
                 files.push("chat_template.jinja".to_string());
             }
-            // A template inside tokenizer_config.json or chat_template.json would compete with it.
             let tc = staging.join("tokenizer_config.json");
             if tc.is_file() {
                 let mut j: serde_json::Value =
@@ -398,7 +407,7 @@ pub fn export(opts: &ExportOptions, mut log: impl FnMut(&str)) -> Result<ExportR
                 std::fs::remove_file(staging.join("chat_template.json"))?;
                 files.retain(|f| f != "chat_template.json");
             }
-            template_from = Some(dir.clone());
+            template_from = Some(origin);
         }
 
         // The written checkpoint must hold every tensor with its planned shape and dtype.

@@ -3,14 +3,22 @@
 //! Everything but argv parsing and HTTP lives here. The data flow is
 //! config → data → template → image processor → model (+ LoRA) → train / infer.
 
+pub mod bench;
 pub mod chat;
 pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod demo;
+pub mod env;
+pub mod eval;
 pub mod export;
 pub mod image;
 pub mod infer;
 pub mod lora;
 pub mod models;
 pub mod nn;
+pub mod plot;
+pub mod template;
 pub mod tokenizer;
 pub mod train;
 

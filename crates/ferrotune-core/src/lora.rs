@@ -181,7 +181,8 @@ pub fn adapter_config_json(spec: &LoraSpec, modules: &[String], base_model: &str
         "layers_pattern": null,
         "layers_to_transform": null,
         "loftq_config": {},
-        "lora_alpha": spec.alpha,
+        // PEFT stores an integral alpha as an int.
+        "lora_alpha": if spec.alpha.fract() == 0.0 { serde_json::json!(spec.alpha as i64) } else { serde_json::json!(spec.alpha) },
         "lora_bias": false,
         "lora_dropout": spec.dropout,
         "megatron_config": null,

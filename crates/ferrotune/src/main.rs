@@ -1,40 +1,30 @@
-//! ferrotune: LoRA fine-tuning and serving of Qwen vision-language models. The whole command dispatch is here;
-//! each command is a thin file in `cmd/` over the library.
+//! ferrotune: LoRA fine-tuning and serving of Qwen vision-language models, compatible with LLaMA-Factory's
+//! configs and data. This file is the whole command dispatch; each command is a thin file in `cmd/`.
 
+mod cli;
 mod cmd;
 mod server;
 
-use clap::{Parser, Subcommand};
+use std::process::ExitCode;
 
-#[derive(Parser)]
-#[command(name = "ferrotune", version, about = "LoRA fine-tuning and serving of Qwen vision-language models")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
+use cli::{Command, DataCommand};
 
-#[derive(Subcommand)]
-enum Command {
-    /// Serve base + adapters behind an OpenAI-compatible HTTP API.
-    Api(cmd::api::Args),
-    /// Chat in the terminal, or answer one prompt (--prompt) for scripts.
-    Chat(cmd::chat::Args),
-    /// Merge adapters into the base and write a complete checkpoint.
-    Export(cmd::export::Args),
-}
-
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    let cli = cli::parse();
     let result = match cli.command {
+        Command::Train(args) => cmd::train::run(args),
+        Command::Data(DataCommand::Check(args)) => cmd::data::check(args),
+        Command::Env => cmd::env::run(),
+        Command::Bench(args) => cmd::bench::run(args),
         Command::Api(args) => cmd::api::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Export(args) => cmd::export::run(args),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }

@@ -143,7 +143,11 @@ impl Engine {
                 .with_context(|| format!("applying adapter {}", dir.display()))?;
         }
         let tokenizer = Tokenizer::from_path(model_dir)?;
-        let template = ChatTemplate::from_dir(model_dir)?;
+        // An adapter trained by ferrotune carries the chat template it was trained with; serve with that one.
+        let template = match adapters.iter().rev().find(|d| d.join("chat_template.jinja").exists()) {
+            Some(dir) => ChatTemplate::from_dir(dir)?,
+            None => ChatTemplate::from_dir(model_dir)?,
+        };
         let processor = ImageProcessorConfig::from_dir(model_dir)?;
         let generation = GenerationConfig::from_dir(model_dir)?;
         let image_pad = tokenizer

@@ -24,6 +24,7 @@ fn opts(out: &Path, dtype: Option<DType>, shard_bytes: u64) -> ExportOptions {
         shard_bytes,
         dtype,
         overwrite: false,
+        chat_template: None,
     }
 }
 
@@ -144,11 +145,25 @@ fn adapter_template_wins_and_existing_output_is_protected() {
     let mut o = opts(&out, None, 5_000_000_000);
     o.adapters = vec![ad.clone()];
     let report = export(&o, |_| {}).unwrap();
-    assert_eq!(report.template_from.as_deref(), Some(ad.as_path()));
+    assert_eq!(report.template_from, Some(ad.display().to_string()));
     assert_eq!(std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(), template);
     let tc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
     assert!(tc.get("chat_template").is_none());
+
+    // A template named by the caller is written when no adapter carries one, and loses to the adapter's.
+    let named = ("{{ messages[0].content }}NAMED".to_string(), "built-in template `x`".to_string());
+    let out2 = tmp.path().join("out2");
+    let mut o2 = opts(&out2, None, 5_000_000_000);
+    o2.chat_template = Some(named.clone());
+    assert_eq!(export(&o2, |_| {}).unwrap().template_from.as_deref(), Some(named.1.as_str()));
+    assert_eq!(std::fs::read_to_string(out2.join("chat_template.jinja")).unwrap(), named.0);
+    let out3 = tmp.path().join("out3");
+    let mut o3 = o.clone();
+    o3.export_dir = out3.clone();
+    o3.chat_template = Some(named);
+    export(&o3, |_| {}).unwrap();
+    assert_eq!(std::fs::read_to_string(out3.join("chat_template.jinja")).unwrap(), template);
 
     // A non-empty target is refused without overwrite...
     let err = export(&o, |_| {}).unwrap_err().to_string();

@@ -1,10 +1,17 @@
-//! The crate's one integration-test binary (one link of candle instead of one per file).
+//! The crate's one integration-test binary (each file under tests/ would link candle separately).
 
 mod chat;
 mod common;
+mod config;
+mod data;
+mod demo;
+mod eval;
 mod export;
 mod generate;
 mod image;
 mod loading;
+mod metrics;
 mod model;
+mod template;
 mod train;
+mod train_run;

@@ -198,3 +198,84 @@ fn twenty_steps_match_hf_trainer() {
         worst.0, worst.1
     );
 }
+
+#[test]
+fn full_fine_tuning_gradients_equal_transformers() {
+    let samples = Samples::load();
+    let want = json("full_grads.json");
+    let mut model = Qwen3_5::load(&tiny_checkpoint(), DType::F32, &Device::Cpu).unwrap();
+    let vars = model.make_trainable().unwrap();
+    let params: Vec<Var> = vars.iter().map(|(_, v, _)| v.clone()).collect();
+    let mb = samples.micro_batch(&model, 0);
+    for checkpointing in [false, true] {
+        let mut acc = GradAccum::default();
+        let opts = StepOptions { scale: 1.0, checkpointing, train_embeddings: true, dropout_seed: 0 };
+        let stats = forward_backward(&model, &mb, &params, &mut acc, opts).unwrap();
+        let wl = want["loss"].as_f64().unwrap();
+        assert!((stats.loss - wl).abs() / wl < 1e-5, "loss {} vs {wl}", stats.loss);
+        let grads = acc.take(&params);
+        let norms = want["grad_norms"].as_object().unwrap();
+        assert_eq!(norms.len(), vars.len(), "every parameter of the reference has a gradient and exists here");
+        let mut worst = 0f64;
+        for ((name, _, _), g) in vars.iter().zip(&grads) {
+            let g = g.as_ref().unwrap_or_else(|| panic!("{name}: no gradient"));
+            let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
+            let w = norms[name].as_f64().unwrap_or_else(|| panic!("{name} missing in the reference"));
+            let r = (n - w).abs() / w.max(1e-12);
+            assert!(r < 1e-4, "checkpointing {checkpointing}: {name} gradient norm {n} vs {w}");
+            worst = worst.max(r);
+        }
+        eprintln!(
+            "full fine-tuning (checkpointing {checkpointing}): {} tensors, worst gradient-norm rel err {worst:e}",
+            vars.len()
+        );
+    }
+}
+
+#[test]
+fn state_dict_round_trips_the_checkpoint() {
+    let mut model = Qwen3_5::load(&tiny_checkpoint(), DType::F32, &Device::Cpu).unwrap();
+    let sd = model.state_dict(DType::BF16).unwrap();
+    let ckpt = ferrotune_core::checkpoint::Checkpoint::open(&tiny_checkpoint()).unwrap();
+    let names: Vec<&str> = ckpt.names().into_iter().filter(|n| !n.starts_with("mtp.")).collect();
+    assert_eq!(sd.len(), names.len());
+    for n in names {
+        let want = ckpt.load(n, &Device::Cpu).unwrap();
+        let got = &sd[n];
+        assert_eq!(got.dtype(), want.dtype(), "{n}: dtype");
+        crate::common::assert_close(got, &want, 0.0, n);
+    }
+}
+
+/// PEFT loads an adapter written by `ferrotune train` without warnings (tools/golden/check_adapter.py records
+/// that), and its logits equal ferrotune's with the same adapter, merged or separate.
+#[test]
+fn peft_loads_our_adapter_and_agrees() {
+    let check: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("golden/ferrotune_adapter_check.json")).unwrap())
+            .unwrap();
+    assert_eq!(check["ok"], true, "{check}");
+    assert_eq!(check["warnings"].as_array().unwrap().len(), 0);
+    let want =
+        candle_core::safetensors::load(fixtures().join("golden/ferrotune_adapter_logits.safetensors"), &Device::Cpu)
+            .unwrap()
+            .remove("logits_tail")
+            .unwrap();
+    let case =
+        candle_core::safetensors::load(fixtures().join("golden/model/one_image.safetensors"), &Device::Cpu).unwrap();
+    let ids: Vec<u32> = case["input_ids"].to_vec1::<i64>().unwrap().iter().map(|&x| x as u32).collect();
+    let k = case["pixel_levels"].to_dtype(DType::F32).unwrap();
+    let pixel_values = ((k * (1.0f64 / 255.0)).unwrap() - 0.5).unwrap().affine(2.0, 0.0).unwrap();
+    let g: Vec<Vec<i64>> = case["image_grid_thw"].to_vec2().unwrap();
+    let images = VisionInput { pixel_values, grids: vec![[g[0][0] as usize, g[0][1] as usize, g[0][2] as usize]] };
+    let adapter = lora::Adapter::load(&fixtures().join("golden/ferrotune_adapter"), &Device::Cpu).unwrap();
+    for merge in [true, false] {
+        let mut model = Qwen3_5::load(&tiny_checkpoint(), DType::F32, &Device::Cpu).unwrap();
+        adapter.apply(model.linears_mut(), merge).unwrap();
+        let (h, _) = model.forward_sequence(&ids, Some(&images), false).unwrap();
+        let n = want.dim(0).unwrap();
+        let logits = model.logits(&h.squeeze(0).unwrap().narrow(0, ids.len() - n, n).unwrap()).unwrap();
+        let d = crate::common::assert_close(&logits, &want, 1e-4, "logits vs PEFT with our adapter");
+        eprintln!("our adapter (merged {merge}) vs PEFT: max logit diff {d:e}");
+    }
+}

@@ -1,11 +1,12 @@
 //! `ferrotune api`: base + adapters behind an OpenAI-compatible HTTP API (see `server/`).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use super::{layered, load_engine, ModelArgs, SamplingArgs};
+use super::serving::{layered, load_engine, ModelArgs, SamplingArgs};
 use crate::server::{self, media::MediaPolicy, AppState, ServerOptions};
 
 /// Flags as LLaMA-Factory's `api` names them; a YAML file with the same keys (and `key=value` items) may come
@@ -49,7 +50,7 @@ pub struct Args {
 const ENV: &[(&str, &str)] =
     &[("API_HOST", "host"), ("API_PORT", "port"), ("API_KEY", "api_key"), ("API_MODEL_NAME", "served_model_name")];
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(args: Args) -> Result<ExitCode> {
     let args = layered::<Args>("api", &args.config, ENV)?.unwrap_or(args);
     let loaded = load_engine(&args.model, &args.sampling)?;
     let media_dir = match &args.media_dir {
@@ -103,6 +104,7 @@ pub fn run(args: Args) -> Result<()> {
             let _ = tokio::signal::ctrl_c().await;
             eprintln!("shutting down");
         };
-        server::serve(listener, state, shutdown).await.context("HTTP server")
+        server::serve(listener, state, shutdown).await.context("HTTP server")?;
+        Ok(ExitCode::SUCCESS)
     })
 }

@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Parser;
@@ -11,7 +12,7 @@ use ferrotune_core::infer::{Engine, GenerateRequest, Generation};
 use image::RgbImage;
 use serde_json::{json, Value};
 
-use super::{layered, load_engine, Loaded, ModelArgs, SamplingArgs};
+use super::serving::{layered, load_engine, Loaded, ModelArgs, SamplingArgs};
 use crate::server::reasoning::{Part, ThinkSplitter};
 
 #[derive(Parser, Clone, Debug, Default)]
@@ -43,7 +44,7 @@ const HELP: &str = "/image PATH  attach an image to your next message (repeat fo
 /exit        quit (also Ctrl-D)
 /help        this text";
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(args: Args) -> Result<ExitCode> {
     let args = layered::<Args>("chat", &args.config, &[])?.unwrap_or(args);
     let loaded = load_engine(&args.model, &args.sampling)?;
     let show_reasoning = args.show_reasoning.unwrap_or(false);
@@ -58,10 +59,10 @@ pub fn run(args: Args) -> Result<()> {
             if g.finish_reason.as_openai() == "length" {
                 eprintln!("(stopped at the token limit: {} tokens)", g.token_ids.len());
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         None if !args.images.is_empty() => bail!("--image goes with --prompt; in the chat, use /image PATH"),
-        None => interactive(&loaded, chat, show_reasoning),
+        None => interactive(&loaded, chat, show_reasoning).map(|()| ExitCode::SUCCESS),
     }
 }
 

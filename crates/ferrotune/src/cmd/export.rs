@@ -2,12 +2,13 @@
 //! `ferrotune_core::export`). Takes LLaMA-Factory's `examples/merge_lora/*.yaml` as they are.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Parser;
 use ferrotune_core::export::{export, parse_dtype, ExportOptions};
 
-use super::{adapter_dirs, layered};
+use super::serving::{adapter_dirs, layered, named_template, template_of_adapters};
 
 #[derive(Parser, Clone, Debug, Default)]
 #[command(args_override_self = true)]
@@ -21,8 +22,8 @@ pub struct Args {
     /// Adapter folder(s) to merge, comma-separated.
     #[arg(long = "adapter_name_or_path", alias = "adapter-name-or-path", value_name = "DIR[,DIR..]")]
     pub adapter_name_or_path: Option<String>,
-    /// Accepted for compatibility: the exported template is the one used in training (the adapter's
-    /// chat_template.jinja), else the base's.
+    /// LLaMA-Factory template to write as the export's chat template when the adapter does not carry the one it
+    /// was trained with (its chat_template.jinja always wins). Unset: the base's.
     #[arg(long)]
     pub template: Option<String>,
     /// Where to write the merged checkpoint (a new or empty folder).
@@ -52,7 +53,7 @@ pub struct Args {
     pub trust_remote_code: Option<bool>,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(args: Args) -> Result<ExitCode> {
     let args = layered::<Args>("export", &args.config, &[])?.unwrap_or(args);
     if args.export_legacy_format == Some(true) {
         bail!("export_legacy_format: true asks for .bin weights; ferrotune writes safetensors only (remove the key)");
@@ -78,6 +79,17 @@ pub fn run(args: Args) -> Result<()> {
     if !(gb > 0.0 && gb.is_finite()) {
         bail!("export_size must be a positive number of GB, got {gb}");
     }
+    let chat_template = match (args.template.as_deref(), template_of_adapters(&adapters)) {
+        (Some(name), Some(dir)) => {
+            eprintln!(
+                "note: template {name} is not used: {} holds the chat template the adapter was trained with",
+                dir.display()
+            );
+            None
+        }
+        (Some(name), None) => Some(named_template(name)?),
+        (None, _) => None,
+    };
     let opts = ExportOptions {
         model_dir,
         adapters,
@@ -85,6 +97,7 @@ pub fn run(args: Args) -> Result<()> {
         shard_bytes: ((gb * 1e9) as u64).max(1),
         dtype: parse_dtype(args.infer_dtype.as_deref().unwrap_or("auto"))?,
         overwrite: args.overwrite.unwrap_or(false),
+        chat_template,
     };
     let t = std::time::Instant::now();
     let report = export(&opts, |line| eprintln!("{line}"))?;
@@ -102,7 +115,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     eprintln!("files: {}", report.files.join(", "));
     if let Some(from) = &report.template_from {
-        eprintln!("chat template from {}", from.display());
+        eprintln!("chat template from {from}");
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -28,9 +28,14 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_string()
 }
 
-/// What the engine answers in-process, greedy, thinking off.
-fn expected_answer(question: &str, image: &str, max_tokens: usize) -> String {
-    let e = Engine::load(&tiny(), &[adapter().as_path()], AdapterMode::Merge, DType::F32, &Device::Cpu).unwrap();
+/// What the engine answers in-process, greedy, thinking off, with the checkpoint's chat template or a built-in one.
+fn expected_answer(question: &str, image: &str, max_tokens: usize, template: Option<&str>) -> String {
+    let mut e = Engine::load(&tiny(), &[adapter().as_path()], AdapterMode::Merge, DType::F32, &Device::Cpu).unwrap();
+    if let Some(name) = template {
+        let t = ferrotune_core::template::by_name(name).unwrap();
+        let source = ferrotune_core::template::to_jinja(t, &Default::default());
+        e.template = ferrotune_core::chat::ChatTemplate::new(source, name.into()).unwrap();
+    }
     let messages =
         serde_json::json!([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]);
     let opts = RenderOptions { add_generation_prompt: true, enable_thinking: Some(false), ..Default::default() };
@@ -60,11 +65,12 @@ fn chat_one_shot_prints_just_the_answer() {
         "--enable_thinking=false",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let want = expected_answer("Describe the robot.", "img_a.png", 12);
+    let want = expected_answer("Describe the robot.", "img_a.png", 12, None);
     assert!(!want.is_empty());
     assert_eq!(text(&out.stdout), format!("{want}\n"), "stdout holds the answer and nothing else");
 
-    // The same from a YAML file (LLaMA-Factory keys) plus key=value, with a typed flag overriding the file.
+    // A YAML file (LLaMA-Factory keys) plus key=value, with a typed flag overriding the file; the named template
+    // renders the prompt (this adapter folder carries none of its own).
     let dir = tempfile::tempdir().unwrap();
     let yaml = dir.path().join("infer.yaml");
     std::fs::write(
@@ -89,7 +95,9 @@ fn chat_one_shot_prints_just_the_answer() {
         img.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let want = expected_answer("Describe the robot.", "img_a.png", 12, Some("qwen3_5_nothink"));
     assert_eq!(text(&out.stdout), format!("{want}\n"), "YAML + key=value + flags");
+    assert!(text(&out.stderr).contains("built-in template `qwen3_5_nothink`"), "{}", text(&out.stderr));
 
     // A misspelt key is an error that suggests the right one.
     std::fs::write(&yaml, format!("model_name_or_pth: {}\n", tiny().display())).unwrap();

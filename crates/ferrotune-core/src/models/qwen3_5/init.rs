@@ -271,8 +271,31 @@ impl Sizes {
         }
     }
 
+    /// The demo's small base model: big enough to learn to see colours, shapes and positions in 128x128
+    /// images and to describe them, small enough to train in minutes on a laptop CPU (about 3.6M parameters).
+    pub fn demo() -> Self {
+        Self {
+            vocab_size: 2048,
+            hidden_size: 192,
+            intermediate_size: 512,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 48,
+            linear_num_key_heads: 2,
+            linear_num_value_heads: 4,
+            linear_head_dim: 48,
+            vision_depth: 2,
+            vision_hidden_size: 128,
+            vision_intermediate_size: 256,
+            vision_heads: 4,
+            vision_position_side: 8,
+        }
+    }
+
     pub fn preset(name: &str) -> Option<Self> {
         match name {
+            "demo" => Some(Self::demo()),
             "100m" => Some(Self::m100()),
             "135m" => Some(Self::m135()),
             "1b" => Some(Self::b1()),

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 pub use config::{Config, LayerType};
-pub use text::{DecoderLayer, LayerCache};
+pub use text::{DecoderLayer, LayerCache, Stored};
 pub use vision::VisionModel;
 
 use crate::checkpoint::{read_config_json, Checkpoint, Weights};
@@ -141,6 +141,86 @@ impl Qwen3_5 {
             out.push(("lm_head".into(), h));
         }
         out
+    }
+
+    /// Every parameter of the model with its checkpoint name and storage form, in checkpoint order.
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor, Stored)> {
+        let mut out: Vec<(String, &mut Tensor, Stored)> = Vec::new();
+        out.push(("model.language_model.embed_tokens.weight".into(), &mut self.embed_tokens, Stored::Plain));
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (n, t, k) in layer.params_mut() {
+                out.push((format!("model.language_model.layers.{i}.{n}"), t, k));
+            }
+        }
+        out.push(("model.language_model.norm.weight".into(), &mut self.norm.one_plus_w, Stored::OnePlus));
+        let v = &mut self.visual;
+        let cfg = v.config().clone();
+        let kernel = vec![cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size];
+        out.push(("model.visual.patch_embed.proj.weight".into(), &mut v.patch_embed.weight, Stored::Reshaped(kernel)));
+        if let Some(b) = v.patch_embed.bias.as_mut() {
+            out.push(("model.visual.patch_embed.proj.bias".into(), b, Stored::Plain));
+        }
+        out.push(("model.visual.pos_embed.weight".into(), &mut v.pos_embed, Stored::Plain));
+        for (i, blk) in v.blocks.iter_mut().enumerate() {
+            let p = format!("model.visual.blocks.{i}");
+            out.push((format!("{p}.norm1.weight"), &mut blk.norm1.weight, Stored::Plain));
+            out.push((format!("{p}.norm1.bias"), &mut blk.norm1.bias, Stored::Plain));
+            out.push((format!("{p}.norm2.weight"), &mut blk.norm2.weight, Stored::Plain));
+            out.push((format!("{p}.norm2.bias"), &mut blk.norm2.bias, Stored::Plain));
+            for (n, lin) in [
+                ("attn.qkv", &mut blk.qkv),
+                ("attn.proj", &mut blk.proj),
+                ("mlp.linear_fc1", &mut blk.fc1),
+                ("mlp.linear_fc2", &mut blk.fc2),
+            ] {
+                out.push((format!("{p}.{n}.weight"), &mut lin.weight, Stored::Plain));
+                if let Some(b) = lin.bias.as_mut() {
+                    out.push((format!("{p}.{n}.bias"), b, Stored::Plain));
+                }
+            }
+        }
+        out.push(("model.visual.merger.norm.weight".into(), &mut v.merger_norm.weight, Stored::Plain));
+        out.push(("model.visual.merger.norm.bias".into(), &mut v.merger_norm.bias, Stored::Plain));
+        for (n, lin) in [("linear_fc1", &mut v.merger_fc1), ("linear_fc2", &mut v.merger_fc2)] {
+            out.push((format!("model.visual.merger.{n}.weight"), &mut lin.weight, Stored::Plain));
+            if let Some(b) = lin.bias.as_mut() {
+                out.push((format!("model.visual.merger.{n}.bias"), b, Stored::Plain));
+            }
+        }
+        if let Some(h) = self.lm_head.as_mut() {
+            out.push(("lm_head.weight".into(), &mut h.weight, Stored::Plain));
+        }
+        out
+    }
+
+    /// The checkpoint tensors of the current weights (LoRA branches not included), in `dtype`, on the CPU
+    /// (A_log stays f32 as reference checkpoints keep it).
+    pub fn state_dict(&mut self, dtype: DType) -> Result<std::collections::HashMap<String, Tensor>> {
+        let mut out = std::collections::HashMap::new();
+        for (name, t, kind) in self.params_mut() {
+            let t = t.detach().to_device(&Device::Cpu)?;
+            let t = match kind {
+                Stored::Plain => t,
+                Stored::OnePlus => (t.to_dtype(DType::F32)? - 1.0)?,
+                Stored::Reshaped(shape) => t.reshape(shape)?,
+            };
+            let dt = if name.ends_with("A_log") { DType::F32 } else { dtype };
+            out.insert(name, t.to_dtype(dt)?.contiguous()?);
+        }
+        Ok(out)
+    }
+
+    /// Turns every parameter into a trainable f32 `Var` (full fine-tuning); returns them with their names and
+    /// whether weight decay applies (not to biases and norm weights, as HF groups them).
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, candle_core::Var, bool)>> {
+        let mut vars = Vec::new();
+        for (name, t, kind) in self.params_mut() {
+            let var = candle_core::Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            *t = var.as_tensor().clone();
+            let decay = !(name.ends_with(".bias") || kind == Stored::OnePlus || name.contains("norm"));
+            vars.push((name, var, decay));
+        }
+        Ok(vars)
     }
 
     /// The linears LoRA may target: the decoder's, plus the vision tower's / merger's when they are not

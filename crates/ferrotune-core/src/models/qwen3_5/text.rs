@@ -58,6 +58,17 @@ impl Mlp {
     }
 }
 
+/// How a parameter is held in memory relative to its checkpoint tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stored {
+    /// As in the checkpoint.
+    Plain,
+    /// `1 + w` (zero-centred RMSNorm weights); the checkpoint holds `w`.
+    OnePlus,
+    /// Reshaped; the checkpoint shape is given.
+    Reshaped(Vec<usize>),
+}
+
 /// Per-layer decoding state, owned by the caller.
 #[derive(Clone, Default)]
 pub enum LayerCache {
@@ -169,8 +180,8 @@ pub struct GatedDeltaNet {
     pub out_proj: Linear,
     /// Depthwise conv weight (conv_dim, K).
     pub conv1d: Tensor,
-    /// −exp(A_log) in f32.
-    pub neg_a: Tensor,
+    /// A_log in f32 (the decay rate is −exp(A_log)).
+    pub a_log: Tensor,
     pub dt_bias: Tensor,
     /// Plain (not 1+w) weight of the gated RMSNorm, per value-head channel.
     pub norm: Tensor,
@@ -199,7 +210,7 @@ impl GatedDeltaNet {
             in_proj_a: Linear::load(&w.pp("in_proj_a"), d, hv, false, "hidden_size × linear_num_value_heads")?,
             out_proj: Linear::load(&w.pp("out_proj"), hv * dv, d, false, "value heads·dim × hidden_size")?,
             conv1d: conv.squeeze(1)?,
-            neg_a: a_log.exp()?.neg()?,
+            a_log,
             dt_bias: w.get_as("dt_bias", &[hv], "linear_num_value_heads", DType::F32)?,
             norm: w.get("norm.weight", &[dv], "linear_value_head_dim")?,
             eps: cfg.rms_norm_eps,
@@ -231,7 +242,8 @@ impl GatedDeltaNet {
         let v = mixed.narrow(2, 2 * hk * dk, hv * dv)?.reshape((b, s, hv, dv))?;
         // 2. beta = sigmoid(b); g = −exp(A_log)·softplus(a + dt_bias), in f32.
         let beta = ops::sigmoid(&bb)?.to_dtype(DType::F32)?;
-        let g = ops::softplus(&a.to_dtype(DType::F32)?.broadcast_add(&self.dt_bias)?)?.broadcast_mul(&self.neg_a)?;
+        let g = ops::softplus(&a.to_dtype(DType::F32)?.broadcast_add(&self.dt_bias)?)?
+            .broadcast_mul(&self.a_log.exp()?.neg()?)?;
         // 3. Value head j reads key head j / (Hv/Hk) (repeat_interleave on the head dim).
         let rep = hv / hk;
         let spread = |x: &Tensor| -> candle_core::Result<Tensor> {
@@ -317,6 +329,53 @@ impl DecoderLayer {
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, train)?;
         x + h
+    }
+
+    /// Every parameter tensor of this layer: (checkpoint name relative to the layer, tensor, how it is stored).
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor, Stored)> {
+        let Self { mixer, mlp, input_layernorm, post_attention_layernorm } = self;
+        let mut v: Vec<(String, &mut Tensor, Stored)> = Vec::new();
+        v.push(("input_layernorm.weight".into(), &mut input_layernorm.one_plus_w, Stored::OnePlus));
+        v.push(("post_attention_layernorm.weight".into(), &mut post_attention_layernorm.one_plus_w, Stored::OnePlus));
+        let mut lins: Vec<(&str, &mut Linear)> = Vec::new();
+        match mixer {
+            Mixer::Full(a) => {
+                v.push(("self_attn.q_norm.weight".into(), &mut a.q_norm.one_plus_w, Stored::OnePlus));
+                v.push(("self_attn.k_norm.weight".into(), &mut a.k_norm.one_plus_w, Stored::OnePlus));
+                lins.extend([
+                    ("self_attn.q_proj", &mut a.q_proj),
+                    ("self_attn.k_proj", &mut a.k_proj),
+                    ("self_attn.v_proj", &mut a.v_proj),
+                    ("self_attn.o_proj", &mut a.o_proj),
+                ]);
+            }
+            Mixer::Linear(g) => {
+                let k = g.conv1d.dims().to_vec();
+                v.push(("linear_attn.conv1d.weight".into(), &mut g.conv1d, Stored::Reshaped(vec![k[0], 1, k[1]])));
+                v.push(("linear_attn.A_log".into(), &mut g.a_log, Stored::Plain));
+                v.push(("linear_attn.dt_bias".into(), &mut g.dt_bias, Stored::Plain));
+                v.push(("linear_attn.norm.weight".into(), &mut g.norm, Stored::Plain));
+                lins.extend([
+                    ("linear_attn.in_proj_qkv", &mut g.in_proj_qkv),
+                    ("linear_attn.in_proj_z", &mut g.in_proj_z),
+                    ("linear_attn.in_proj_b", &mut g.in_proj_b),
+                    ("linear_attn.in_proj_a", &mut g.in_proj_a),
+                    ("linear_attn.out_proj", &mut g.out_proj),
+                ]);
+            }
+        }
+        lins.extend([
+            ("mlp.gate_proj", &mut mlp.gate_proj),
+            ("mlp.up_proj", &mut mlp.up_proj),
+            ("mlp.down_proj", &mut mlp.down_proj),
+        ]);
+        for (name, lin) in lins {
+            v.push((format!("{name}.weight"), &mut lin.weight, Stored::Plain));
+            if let Some(b) = lin.bias.as_mut() {
+                v.push((format!("{name}.bias"), b, Stored::Plain));
+            }
+        }
+        v
     }
 
     /// The linears of this layer with their module paths relative to the layer.

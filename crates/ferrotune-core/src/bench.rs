@@ -1,0 +1,238 @@
+//! Benchmarks behind `ferrotune bench`: forward, LoRA training steps and decoding on a checkpoint, reporting
+//! time, throughput and peak memory (RSS). Timings are measured, never asserted by tests.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+use crate::lora::{self, Init, LoraSpec, Targets};
+use crate::models::qwen3_5::{Qwen3_5, VisionInput};
+use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::step::{forward_backward, GradAccum, MicroBatch, StepOptions};
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Process CPU time (user + system) in seconds.
+pub fn cpu_seconds() -> f64 {
+    // /proc/self/stat fields 14 and 15 are utime and stime in clock ticks (100 Hz on Linux).
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+pub struct BenchReport {
+    pub params: usize,
+    pub trainable: usize,
+    pub tokens_per_sample: usize,
+    pub wall_per_sample: f64,
+    pub cpu_per_sample: f64,
+    pub peak_rss: Option<u64>,
+    /// Decode only: time to the first token (prefill), seconds.
+    pub ttft: Option<f64>,
+}
+
+impl BenchReport {
+    pub fn samples_per_second(&self) -> f64 {
+        1.0 / self.wall_per_sample
+    }
+
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens_per_sample as f64 / self.wall_per_sample
+    }
+}
+
+/// All parameters of the model (vision tower included).
+pub fn count_params(model: &mut Qwen3_5) -> usize {
+    model.params_mut().iter().map(|(_, t, _)| t.elem_count()).sum()
+}
+
+/// Options of the training benchmark.
+pub struct TrainBench {
+    pub seq_len: usize,
+    /// Optional square image side in pixels (0: text only).
+    pub image_side: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub rank: usize,
+    pub targets: Vec<String>,
+    pub checkpointing: bool,
+}
+
+/// A synthetic SFT sample: `seq_len` tokens (half prompt, half labelled), optionally one image.
+fn synthetic(model: &Qwen3_5, seq_len: usize, image_side: usize, seed: u64) -> Result<MicroBatch> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let vocab = model.cfg.text.vocab_size.min(model.cfg.image_token_id as usize) as u32;
+    let mut ids: Vec<u32> = (0..seq_len).map(|_| rng.random_range(0..vocab.max(2))).collect();
+    let mut images = None;
+    if image_side > 0 {
+        let v = &model.cfg.vision;
+        let g = image_side / v.patch_size;
+        let g = g - g % v.spatial_merge_size;
+        let n_tok = g * g / (v.spatial_merge_size * v.spatial_merge_size);
+        for id in ids.iter_mut().skip(2).take(n_tok) {
+            *id = model.cfg.image_token_id;
+        }
+        let feat = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size;
+        let px: Vec<f32> = (0..g * g * feat).map(|_| rng.random_range(-1.0..1.0)).collect();
+        images = Some(VisionInput {
+            pixel_values: Tensor::from_vec(px, (g * g, feat), &model.device)?,
+            grids: vec![[1, g, g]],
+        });
+    }
+    let labels: Vec<i64> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| if i < seq_len / 2 || t == model.cfg.image_token_id { -100 } else { t as i64 })
+        .collect();
+    let grids = images.as_ref().map_or(vec![], |v| v.grids.clone());
+    let pos = model.rope_index(&ids, &grids)?;
+    let rope = model.rope(&[&pos])?;
+    Ok(MicroBatch {
+        input_ids: Tensor::from_vec(ids, (1, seq_len), &model.device)?,
+        labels: vec![labels],
+        rope,
+        images,
+    })
+}
+
+/// LoRA training steps (batch 1, one micro-batch per optimizer step) on `model_dir`.
+pub fn train(model_dir: &Path, opts: &TrainBench, device: &Device) -> Result<BenchReport> {
+    let mut model = Qwen3_5::load(model_dir, DType::F32, device)?;
+    let params = count_params(&mut model);
+    let spec = LoraSpec {
+        r: opts.rank,
+        alpha: 2.0 * opts.rank as f64,
+        dropout: 0.0,
+        use_rslora: false,
+        targets: Targets::Modules(opts.targets.clone()),
+    };
+    lora::attach(model.lora_candidates(false, false), &spec, &Init::Default { seed: 0 }, device)?;
+    let mut vars: Vec<(String, Var, bool)> = Vec::new();
+    for (path, lin) in model.linears_mut() {
+        if let Some(l) = &lin.lora {
+            vars.push((lora::peft_key(&path, "A"), l.a.clone(), true));
+            vars.push((lora::peft_key(&path, "B"), l.b.clone(), true));
+        }
+    }
+    let trainable = vars.iter().map(|(_, v, _)| v.elem_count()).sum();
+    let plist: Vec<Var> = vars.iter().map(|(_, v, _)| v.clone()).collect();
+    let mut opt = AdamW::new(AdamWConfig::default(), vars)?;
+    let mb = synthetic(&model, opts.seq_len, opts.image_side, 1)?;
+    let mut acc = GradAccum::default();
+    let run = |n: usize, acc: &mut GradAccum, opt: &mut AdamW| -> Result<()> {
+        for _ in 0..n {
+            let so =
+                StepOptions { scale: 1.0, checkpointing: opts.checkpointing, train_embeddings: false, dropout_seed: 0 };
+            forward_backward(&model, &mb, &plist, acc, so)?;
+            let mut g = acc.take(&plist);
+            clip_grad_norm(&mut g, 1.0)?;
+            opt.step(&g, 1e-4)?;
+        }
+        Ok(())
+    };
+    run(opts.warmup, &mut acc, &mut opt)?;
+    let (t0, c0) = (Instant::now(), cpu_seconds());
+    run(opts.steps, &mut acc, &mut opt)?;
+    let n = opts.steps.max(1) as f64;
+    Ok(BenchReport {
+        params,
+        trainable,
+        tokens_per_sample: opts.seq_len,
+        wall_per_sample: t0.elapsed().as_secs_f64() / n,
+        cpu_per_sample: (cpu_seconds() - c0) / n,
+        peak_rss: peak_rss_bytes(),
+        ttft: None,
+    })
+}
+
+/// Forward passes of one sequence (no gradients).
+pub fn forward(
+    model_dir: &Path,
+    seq_len: usize,
+    image_side: usize,
+    iters: usize,
+    device: &Device,
+) -> Result<BenchReport> {
+    let mut model = Qwen3_5::load(model_dir, DType::F32, device)?;
+    let params = count_params(&mut model);
+    let mb = synthetic(&model, seq_len, image_side, 2)?;
+    let go = || -> Result<()> {
+        let feats = mb.images.as_ref().map(|v| model.image_features(v)).transpose()?;
+        let emb = model.embed(&mb.input_ids, feats.as_ref())?;
+        let (h, _) = model.decode(&emb, &mb.rope, None, false)?;
+        model.logits(&h.narrow(1, seq_len - 1, 1)?)?;
+        Ok(())
+    };
+    go()?;
+    let (t0, c0) = (Instant::now(), cpu_seconds());
+    for _ in 0..iters {
+        go()?;
+    }
+    let n = iters.max(1) as f64;
+    Ok(BenchReport {
+        params,
+        trainable: 0,
+        tokens_per_sample: seq_len,
+        wall_per_sample: t0.elapsed().as_secs_f64() / n,
+        cpu_per_sample: (cpu_seconds() - c0) / n,
+        peak_rss: peak_rss_bytes(),
+        ttft: None,
+    })
+}
+
+/// Greedy decoding after a prompt of `prompt_len` tokens: time to first token and per-token time with the
+/// per-layer cache (KV for attention layers, recurrent state for Gated-DeltaNet layers).
+pub fn decode(
+    model_dir: &Path,
+    prompt_len: usize,
+    new_tokens: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<BenchReport> {
+    use crate::models::qwen3_5::Cache;
+    let mut model = Qwen3_5::load(model_dir, dtype, device)?;
+    let params = count_params(&mut model);
+    let mb = synthetic(&model, prompt_len, 0, 3)?;
+    let run = || -> Result<(f64, f64)> {
+        let t0 = Instant::now();
+        let mut cache = Cache::new(model.layers.len());
+        let emb = model.embed(&mb.input_ids, None)?;
+        let (h, _) = model.decode(&emb, &mb.rope, Some(&mut cache), false)?;
+        let mut logits: Vec<f32> =
+            model.logits(&h.narrow(1, prompt_len - 1, 1)?)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let ttft = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        for _ in 0..new_tokens {
+            let tok = crate::infer::sample::argmax(&logits);
+            let rope = model.rope_continue(1, cache.seen, 1, 0)?;
+            let emb = model.embed(&Tensor::new(&[[tok]], device)?, None)?;
+            let (h, _) = model.decode(&emb, &rope, Some(&mut cache), false)?;
+            logits = model.logits(&h)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        }
+        Ok((ttft, t1.elapsed().as_secs_f64()))
+    };
+    run()?;
+    let c0 = cpu_seconds();
+    let (ttft, secs) = run()?;
+    let n = new_tokens.max(1) as f64;
+    Ok(BenchReport {
+        params,
+        trainable: 0,
+        tokens_per_sample: 1,
+        wall_per_sample: secs / n,
+        cpu_per_sample: (cpu_seconds() - c0) / n,
+        peak_rss: peak_rss_bytes(),
+        ttft: Some(ttft),
+    })
+}

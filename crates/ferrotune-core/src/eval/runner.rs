@@ -1,0 +1,132 @@
+//! Running models over a held-out split: eval loss / perplexity on the reference answers, and greedy answers
+//! generated with the same settings for every model, from exactly the prompts training used.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::data::Sample;
+use crate::image::{load_image, resize_bicubic_pil};
+use crate::infer::{AdapterMode, Engine, GenerateRequest, Prompt, SamplingParams};
+use crate::models::qwen3_5::VisionInput;
+
+/// One model to evaluate: a checkpoint plus adapters (none for the base).
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub name: String,
+    pub model_dir: PathBuf,
+    pub adapters: Vec<PathBuf>,
+}
+
+/// One held-out example: the prompt as training encoded it, the reference answer and the row's labels.
+#[derive(Clone, Debug)]
+pub struct Item {
+    pub sample: Sample,
+    pub prompt_ids: Vec<u32>,
+    pub prompt_text: String,
+    pub reference: String,
+    /// The row's optional `attributes` object (structured labels for attribute accuracy).
+    pub attributes: Option<serde_json::Value>,
+}
+
+/// Builds eval items from encoded samples: the prompt is everything before the last trained answer, the
+/// reference is that answer (without the end-of-turn tokens).
+pub fn items(samples: &[Sample], engine: &Engine) -> Result<Vec<Item>> {
+    let mut rows_cache: std::collections::HashMap<PathBuf, Vec<serde_json::Value>> = Default::default();
+    let mut out = Vec::with_capacity(samples.len());
+    for s in samples {
+        let labelled: Vec<usize> = (0..s.labels.len()).filter(|&i| s.labels[i] != -100).collect();
+        let Some(&last) = labelled.last() else { continue };
+        let mut start = last;
+        while start > 0 && s.labels[start - 1] != -100 {
+            start -= 1;
+        }
+        let prompt_ids = s.input_ids[..start].to_vec();
+        let answer: Vec<u32> = s.input_ids[start..=last].to_vec();
+        let reference = engine.tokenizer.decode(&answer, true)?.trim_end().to_string();
+        let prompt_text = engine.tokenizer.decode(&prompt_ids, false)?;
+        // The optional per-row `attributes` object, read back from the source file.
+        let rows = match rows_cache.get(&s.source.file) {
+            Some(r) => r,
+            None => {
+                let rows = crate::data::read::read_rows(&s.source.file)?.into_iter().map(|r| r.value).collect();
+                rows_cache.entry(s.source.file.clone()).or_insert(rows)
+            }
+        };
+        let attributes = rows.get(s.source.row).and_then(|r| r.get("attributes")).cloned();
+        out.push(Item { sample: s.clone(), prompt_ids, prompt_text, reference, attributes });
+    }
+    Ok(out)
+}
+
+/// What one model did on the split.
+#[derive(Clone, Debug)]
+pub struct ModelRun {
+    pub name: String,
+    pub eval_loss: f64,
+    pub perplexity: f64,
+    pub predictions: Vec<String>,
+    pub generate_seconds: f64,
+    pub generated_tokens: usize,
+}
+
+/// Images of a sample, decoded and pre-resized exactly as for training.
+fn vision(engine: &Engine, s: &Sample) -> Result<Option<VisionInput>> {
+    if s.images.is_empty() {
+        return Ok(None);
+    }
+    let mut imgs = Vec::new();
+    for (i, p) in s.images.iter().enumerate() {
+        let img = load_image(p)?;
+        let (w, h) = s.image_sizes.get(i).copied().unwrap_or((img.width(), img.height()));
+        imgs.push(if (w, h) == (img.width(), img.height()) {
+            img
+        } else {
+            resize_bicubic_pil(&img, h as usize, w as usize)
+        });
+    }
+    let processed = engine.processor.preprocess(&imgs)?;
+    let n = processed.num_patches();
+    let pixel_values = Tensor::from_vec(processed.pixel_values, (n, processed.feature_dim), &engine.model.device)?;
+    Ok(Some(VisionInput { pixel_values, grids: processed.image_grid_thw }))
+}
+
+/// Evaluates one candidate: loss on the references, then a greedy answer per item (`max_new_tokens`).
+pub fn run_model(candidate: &Candidate, items: &[Item], max_new_tokens: usize, progress: bool) -> Result<ModelRun> {
+    let adapters: Vec<&Path> = candidate.adapters.iter().map(PathBuf::as_path).collect();
+    let engine = Engine::load(&candidate.model_dir, &adapters, AdapterMode::Merge, DType::F32, &Device::Cpu)
+        .with_context(|| format!("loading {}", candidate.name))?;
+    let pad = engine.tokenizer.token_id("<|endoftext|>").unwrap_or(0);
+    let samples: Vec<Sample> = items.iter().map(|i| i.sample.clone()).collect();
+    let (eval_loss, _) = crate::train::run::evaluate(&engine.model, &engine.processor, &samples, 1, pad)?;
+    let bar = ProgressBar::new(items.len() as u64);
+    bar.set_draw_target(if progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    bar.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("generating ({})", candidate.name));
+    let req = GenerateRequest { sampling: SamplingParams::default(), max_tokens: max_new_tokens, stop: vec![] };
+    let t0 = Instant::now();
+    let mut predictions = Vec::with_capacity(items.len());
+    let mut generated_tokens = 0;
+    for item in items {
+        let prompt = Prompt { ids: item.prompt_ids.clone(), images: vision(&engine, &item.sample)? };
+        let g = engine.generate(&prompt, &req, |_| true)?;
+        generated_tokens += g.token_ids.len();
+        predictions.push(g.text.trim().to_string());
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(ModelRun {
+        name: candidate.name.clone(),
+        eval_loss,
+        perplexity: eval_loss.exp(),
+        predictions,
+        generate_seconds: t0.elapsed().as_secs_f64(),
+        generated_tokens,
+    })
+}

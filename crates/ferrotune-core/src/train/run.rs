@@ -1,0 +1,636 @@
+//! The training loop: one function, readable top to bottom (set up, then epochs → accumulation windows →
+//! micro-batches → clip → AdamW → schedule → log / evaluate / save, then the final files).
+//!
+//! Semantics follow HF Trainer as LLaMA-Factory runs it for Qwen VLMs: each micro-batch's loss is the mean
+//! token cross-entropy of that micro-batch, divided by the number of micro-batches in its accumulation window
+//! (the last window of an epoch may be shorter); the logged loss is the mean over the steps since the last log;
+//! the learning rate is stepped once per optimizer step.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Var};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{json, Map, Value};
+
+use super::batch::{epoch_order, micro_batch};
+use super::checkpoint::{self, ResumeState, WeightsFiles};
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::schedule::{Kind, Schedule};
+use super::state::{append_trainer_log, console_line, round, write_json_atomic, TrainerState};
+use super::step::{forward_backward, GradAccum, MicroBatch, StepOptions};
+use crate::config::{FinetuningType, LoraTarget, Plan, Resume, Scheduler};
+use crate::data::{Prepared, Sample};
+use crate::image::ImageProcessorConfig;
+use crate::lora::{self, Init, LoraSpec, Targets};
+use crate::models::qwen3_5::Qwen3_5;
+
+/// Knobs of a run that are not LLaMA-Factory keys.
+pub struct RunOptions<'a> {
+    /// Set by a Ctrl-C handler: the loop saves a checkpoint and returns.
+    pub stop: &'a AtomicBool,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+    /// Stop after this optimizer step (tests simulate a killed run with it).
+    pub halt_after_step: Option<usize>,
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug)]
+pub struct Outcome {
+    pub global_step: usize,
+    pub total_steps: usize,
+    pub train_loss: f64,
+    pub output_dir: PathBuf,
+    /// True when the run ended early (Ctrl-C or `halt_after_step`) after saving a checkpoint.
+    pub interrupted: bool,
+    /// (step, loss) of every optimizer step, for tests and reports.
+    pub step_losses: Vec<(usize, f64)>,
+}
+
+pub fn device_for(plan: &Plan) -> Result<(Device, DType, String)> {
+    #[cfg(feature = "cuda")]
+    if !plan.train.use_cpu {
+        if let Ok(d) = Device::new_cuda(0) {
+            let dt = if plan.train.bf16 { DType::BF16 } else { DType::F32 };
+            return Ok((d, dt, format!("CUDA device 0, base weights in {dt:?}, LoRA and optimizer state in f32")));
+        }
+    }
+    let note = if plan.train.bf16 {
+        "CPU: computing in f32 (bf16: true is honoured on GPUs; bf16 arithmetic is ~2.5x slower than f32 on CPUs)"
+    } else {
+        "CPU: computing in f32"
+    };
+    Ok((Device::Cpu, DType::F32, note.to_string()))
+}
+
+/// The LoRA target list of the plan as PEFT target names.
+pub fn lora_spec(plan: &Plan) -> LoraSpec {
+    let names: Vec<String> = match &plan.lora.target {
+        LoraTarget::All => lora::ALL_DECODER_LINEARS.iter().map(|s| s.to_string()).collect(),
+        LoraTarget::Names(v) => v.clone(),
+    };
+    LoraSpec {
+        r: plan.lora.rank,
+        alpha: plan.lora.alpha,
+        dropout: plan.lora.dropout as f32,
+        use_rslora: plan.lora.use_rslora,
+        targets: Targets::Modules(names),
+    }
+}
+
+/// One line per target family: how many layers it matched, and what `all` would add.
+fn describe_targets(adapted: &[String], n_layers: usize) -> String {
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for p in adapted {
+        let leaf = p.rsplit('.').next().unwrap_or(p).to_string();
+        *counts.entry(leaf).or_default() += 1;
+    }
+    let list: Vec<String> = counts.iter().map(|(k, v)| format!("{k} ({v}/{n_layers} layers)")).collect();
+    let missing: Vec<&str> = lora::ALL_DECODER_LINEARS.iter().copied().filter(|m| !counts.contains_key(*m)).collect();
+    let mut s = format!("LoRA on {} modules: {}", adapted.len(), list.join(", "));
+    if !missing.is_empty() {
+        s.push_str(&format!("\n  not adapted: {} (`lora_target: all` adds them)", missing.join(", ")));
+    }
+    s
+}
+
+/// Trains according to `plan` on `data`. Returns after the last step, or early (with a checkpoint saved) when
+/// `opts.stop` is set.
+pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
+    let t = &plan.train;
+    let out_dir = &t.output_dir;
+    // ---- 1. Output folder and what to resume from (the Plan applied LLaMA-Factory's rule). ----
+    std::fs::create_dir_all(out_dir).with_context(|| format!("{}: cannot create output_dir", out_dir.display()))?;
+    if t.overwrite_output_dir {
+        let _ = std::fs::remove_file(out_dir.join("trainer_log.jsonl"));
+    }
+    let resume_from = match &t.resume {
+        Resume::Fresh => None,
+        Resume::Given(p) | Resume::Auto(p) => Some(p.clone()),
+    };
+
+    // ---- 2. Model and trainable parameters. ----
+    let (device, dtype, device_note) = device_for(plan)?;
+    println!("{device_note}");
+    let mut model = Qwen3_5::load(&plan.model_name_or_path, dtype, &device)?;
+    let adapters = &plan.adapter_name_or_path;
+    let (merge, resume_adapter) = match adapters.split_last() {
+        Some((last, rest)) => (rest.to_vec(), Some(last.clone())),
+        None => (vec![], None),
+    };
+    for dir in &merge {
+        lora::Adapter::load(dir, &device)?.apply(model.linears_mut(), true)?;
+        println!("merged adapter {} into the base", dir.display());
+    }
+    let total_params: usize = model.params_mut().iter().map(|(_, t, _)| t.elem_count()).sum();
+    let spec = lora_spec(plan);
+    let mut lora_modules = Vec::new();
+    let vars: Vec<(String, Var, bool)> = match plan.finetuning_type {
+        FinetuningType::Lora => {
+            let init_map = match &resume_adapter {
+                Some(dir) => {
+                    let a = lora::Adapter::load(dir, &device)?;
+                    println!("continuing training of adapter {}", dir.display());
+                    a.weights
+                        .iter()
+                        .flat_map(|(m, (wa, wb))| {
+                            [(lora::peft_key(m, "A"), wa.clone()), (lora::peft_key(m, "B"), wb.clone())]
+                        })
+                        .collect()
+                }
+                None => std::collections::HashMap::new(),
+            };
+            let init = if init_map.is_empty() { Init::Default { seed: t.seed } } else { Init::From(&init_map) };
+            let (vt, proj) = (!plan.lora.freeze_vision_tower, !plan.lora.freeze_multi_modal_projector);
+            lora_modules = lora::attach(model.lora_candidates(vt, proj), &spec, &init, &device)?;
+            if lora_modules.is_empty() {
+                bail!("lora_target {:?} matches no module of this model; try `lora_target: all`", plan.lora.target);
+            }
+            println!("{}", describe_targets(&lora_modules, model.layers.len()));
+            let mut v = Vec::new();
+            for (path, lin) in model.linears_mut() {
+                if let Some(l) = &lin.lora {
+                    v.push((lora::peft_key(&path, "A"), l.a.clone(), true));
+                    v.push((lora::peft_key(&path, "B"), l.b.clone(), true));
+                }
+            }
+            v
+        }
+        FinetuningType::Full => {
+            let all = model.make_trainable()?;
+            let frozen = |n: &str| {
+                (plan.lora.freeze_vision_tower
+                    && n.starts_with("model.visual.")
+                    && !n.starts_with("model.visual.merger"))
+                    || (plan.lora.freeze_multi_modal_projector && n.starts_with("model.visual.merger"))
+            };
+            all.into_iter().filter(|(n, _, _)| !frozen(n)).collect()
+        }
+    };
+    let train_embeddings = vars.iter().any(|(n, _, _)| n.contains("embed_tokens") || n.starts_with("model.visual."));
+    let params: Vec<Var> = vars.iter().map(|(_, v, _)| v.clone()).collect();
+    let trainable: usize = params.iter().map(|v| v.elem_count()).sum();
+    let mut opt = AdamW::new(
+        AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_epsilon, weight_decay: t.weight_decay },
+        vars.clone(),
+    )?;
+
+    // ---- 3. Steps, schedule, the plan summary. ----
+    let train: &[Sample] = &data.train;
+    let steps = t.steps(train.len())?;
+    let total = steps.total_steps;
+    let bs = t.per_device_train_batch_size;
+    let accum = t.gradient_accumulation_steps;
+    let kind = match t.lr_scheduler {
+        Scheduler::Linear => Kind::Linear,
+        Scheduler::Cosine => Kind::Cosine,
+        Scheduler::Constant => Kind::Constant,
+        Scheduler::ConstantWithWarmup => Kind::ConstantWithWarmup,
+    };
+    let sched = Schedule { kind, peak: t.learning_rate, warmup: steps.warmup_steps, total };
+    println!("***** Running training *****");
+    println!("  Num examples = {}", train.len());
+    println!("  Num Epochs = {}", t.num_train_epochs);
+    println!("  Instantaneous batch size per device = {bs}");
+    println!("  Total train batch size (w. parallel, distributed & accumulation) = {}", bs * accum);
+    println!("  Gradient Accumulation steps = {accum}");
+    println!("  Total optimization steps = {total}");
+    println!(
+        "  Number of trainable parameters = {trainable} ({:.4}% of {total_params})",
+        100.0 * trainable as f64 / total_params.max(1) as f64
+    );
+    let checkpointing = t.gradient_checkpointing;
+    println!("  Gradient checkpointing = {}", if checkpointing { "on" } else { "off" });
+
+    // Checkpoints must fit on disk: refuse now rather than after hours of training.
+    let ckpt_bytes =
+        (trainable * 4 * 3 + if plan.finetuning_type == FinetuningType::Full { trainable * 2 } else { 0 }) as u64;
+    if let Some(free) = checkpoint::free_bytes(out_dir) {
+        let n_ckpt = (total / steps.save_steps.max(1)).min(t.save_total_limit.unwrap_or(usize::MAX)).max(1) as u64;
+        if free < ckpt_bytes * (n_ckpt + 1) {
+            bail!(
+                "{}: {:.1} MB free, but {} checkpoint(s) of {:.1} MB each plus the final weights are planned; free \
+                 space, lower save_total_limit, or raise save_steps",
+                out_dir.display(),
+                free as f64 / 1e6,
+                n_ckpt,
+                ckpt_bytes as f64 / 1e6
+            );
+        }
+    }
+
+    // ---- 4. Resume. ----
+    let weights_file =
+        if plan.finetuning_type == FinetuningType::Lora { "adapter_model.safetensors" } else { "model.safetensors" };
+    let mut state = TrainerState {
+        max_steps: total,
+        num_train_epochs: t.num_train_epochs,
+        logging_steps: t.logging_steps,
+        save_steps: t.save_steps,
+        eval_steps: t.eval_steps,
+        train_batch_size: bs,
+        ..Default::default()
+    };
+    let mut rs = ResumeState {
+        global_step: 0,
+        total_steps: total,
+        seed: t.seed,
+        pending_loss: 0.0,
+        last_logged_step: 0,
+        train_loss_sum: 0.0,
+        tokens_seen: 0,
+    };
+    if let Some(dir) = &resume_from {
+        let loaded = checkpoint::load(dir, weights_file, &device)?;
+        if loaded.resume.seed != t.seed {
+            println!(
+                "note: the checkpoint was trained with seed {}, continuing with its data order",
+                loaded.resume.seed
+            );
+        }
+        for (name, var, _) in &vars {
+            let w = loaded.weights.get(name).with_context(|| format!("{}: checkpoint has no {name}", dir.display()))?;
+            var.set(&w.to_dtype(var.dtype())?)?;
+        }
+        match &loaded.optimizer {
+            Some(o) => opt.load_state(o)?,
+            None => bail!(
+                "{}: no optimizer.safetensors (saved with save_only_model?); cannot resume exactly",
+                dir.display()
+            ),
+        }
+        state = loaded.trainer_state;
+        rs = loaded.resume;
+        println!("resuming from {} at step {}/{}", dir.display(), rs.global_step, total);
+    }
+
+    // ---- 5. The loop. ----
+    let processor = ImageProcessorConfig::from_dir(&plan.model_name_or_path)?;
+    let tok = crate::tokenizer::Tokenizer::from_path(&plan.model_name_or_path)?;
+    let pad_id = tok.token_id("<|endoftext|>").or(model.cfg.text.pad_token_id).unwrap_or(0);
+    let bar = ProgressBar::new(total as u64);
+    bar.set_draw_target(if opts.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(rs.global_step as u64);
+    let say = |line: String| if opts.progress { bar.println(line) } else { println!("{line}") };
+    let log_path = out_dir.join("trainer_log.jsonl");
+    let start = Instant::now();
+    let mut acc = GradAccum::default();
+    let mut step_losses = Vec::new();
+    let mut interrupted = false;
+    let batches_per_epoch = steps.batches_per_epoch;
+    let (mut window_samples, mut window_tokens, mut window_start) = (0usize, 0usize, Instant::now());
+    'epochs: for epoch in 0..steps.epochs {
+        let order = epoch_order(train.len(), rs.seed, epoch, !t.disable_shuffling);
+        let batches: Vec<&[usize]> = order.chunks(bs).take(batches_per_epoch).collect();
+        let windows: Vec<&[&[usize]]> = batches.chunks(accum).collect();
+        for (w, window) in windows.iter().enumerate() {
+            let step_index = epoch * steps.steps_per_epoch + w; // optimizer step this window makes
+            if step_index < rs.global_step {
+                continue; // already trained before the resume point
+            }
+            if rs.global_step >= total {
+                break 'epochs;
+            }
+            // Micro-batches of the window: forward + backward, gradients accumulate.
+            let mut window_loss = 0.0;
+            for (j, batch) in window.iter().enumerate() {
+                let samples: Vec<&Sample> = batch.iter().map(|&i| &train[i]).collect();
+                let mb: MicroBatch = micro_batch(&model, &processor, &samples, pad_id)?;
+                let so = StepOptions {
+                    scale: 1.0 / window.len() as f64,
+                    checkpointing,
+                    train_embeddings,
+                    dropout_seed: (step_index as u64) << 16 | j as u64,
+                };
+                let st = forward_backward(&model, &mb, &params, &mut acc, so)?;
+                if !st.loss.is_finite() {
+                    let rows: Vec<String> = samples.iter().map(|s| s.source.to_string()).collect();
+                    bail!(
+                        "the loss became {} at step {} on {}; stopped without saving this step (the last checkpoint \
+                         in {} is intact). Lower learning_rate or check those rows.",
+                        st.loss,
+                        step_index + 1,
+                        rows.join(", "),
+                        out_dir.display()
+                    );
+                }
+                window_loss += st.loss / window.len() as f64;
+                window_samples += samples.len();
+                window_tokens += samples.iter().map(|s| s.input_ids.len()).sum::<usize>();
+                rs.tokens_seen += samples.iter().map(|s| s.input_ids.len() as u64).sum::<u64>();
+                if opts.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            if opts.stop.load(Ordering::Relaxed) {
+                // The partial window is dropped: the checkpoint is at the last completed step.
+                acc.take(&params);
+                interrupted = true;
+                break 'epochs;
+            }
+            // Optimizer step: clip, AdamW at this step's rate, schedule advances.
+            let mut grads = acc.take(&params);
+            let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+            let lr = sched.lr(step_index);
+            opt.step(&grads, lr)?;
+            rs.global_step = step_index + 1;
+            rs.pending_loss += window_loss;
+            rs.train_loss_sum += window_loss;
+            step_losses.push((rs.global_step, window_loss));
+            let last_batch = (w + 1) * accum - 1;
+            state.global_step = rs.global_step;
+            state.epoch = epoch as f64 + ((last_batch.min(batches.len() - 1)) + 1) as f64 / batches_per_epoch as f64;
+            state.num_input_tokens_seen = rs.tokens_seen;
+
+            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+            bar.set_position(rs.global_step as u64);
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e} {:.2} samples/s {:.0} tok/s",
+                window_loss,
+                lr,
+                window_samples as f64 / secs,
+                window_tokens as f64 / secs
+            ));
+            (window_samples, window_tokens, window_start) = (0, 0, Instant::now());
+
+            let done = rs.global_step >= total;
+            let log_now = (steps.logging_steps > 0 && rs.global_step % steps.logging_steps == 0)
+                || (t.logging_first_step && rs.global_step == 1)
+                || done;
+            if log_now && rs.global_step > rs.last_logged_step {
+                let mut m = Map::new();
+                m.insert(
+                    "loss".into(),
+                    json!(round(rs.pending_loss / (rs.global_step - rs.last_logged_step) as f64, 4)),
+                );
+                m.insert("grad_norm".into(), json!(grad_norm));
+                m.insert("learning_rate".into(), json!(lr));
+                m.insert("epoch".into(), json!(round(state.epoch, 4)));
+                say(console_line(&m));
+                let mut entry = m.clone();
+                entry.insert("step".into(), json!(rs.global_step));
+                state.log_history.push(Value::Object(entry));
+                let tokens = t.include_num_input_tokens_seen.then_some(rs.tokens_seen);
+                append_trainer_log(
+                    &log_path,
+                    rs.global_step,
+                    total,
+                    &m,
+                    state.epoch,
+                    start.elapsed().as_secs_f64(),
+                    tokens,
+                )?;
+                rs.pending_loss = 0.0;
+                rs.last_logged_step = rs.global_step;
+            }
+            if let Some(every) = steps.eval_steps {
+                if !data.eval.is_empty() && (rs.global_step % every == 0 || done) {
+                    let (eval_loss, secs) =
+                        evaluate(&model, &processor, &data.eval, t.per_device_eval_batch_size, pad_id)?;
+                    let mut m = Map::new();
+                    m.insert("eval_loss".into(), json!(eval_loss));
+                    m.insert("eval_runtime".into(), json!(round(secs, 4)));
+                    m.insert("eval_samples_per_second".into(), json!(round(data.eval.len() as f64 / secs, 3)));
+                    m.insert(
+                        "eval_steps_per_second".into(),
+                        json!(round(data.eval.len().div_ceil(t.per_device_eval_batch_size) as f64 / secs, 3)),
+                    );
+                    m.insert("epoch".into(), json!(round(state.epoch, 4)));
+                    say(console_line(&m));
+                    let mut entry = m.clone();
+                    entry.insert("step".into(), json!(rs.global_step));
+                    state.log_history.push(Value::Object(entry));
+                    append_trainer_log(
+                        &log_path,
+                        rs.global_step,
+                        total,
+                        &m,
+                        state.epoch,
+                        start.elapsed().as_secs_f64(),
+                        None,
+                    )?;
+                }
+            }
+            let halt = opts.halt_after_step == Some(rs.global_step);
+            if (steps.save_steps > 0 && rs.global_step % steps.save_steps == 0 && !done) || halt {
+                let files = weights_files(&mut model, plan, &spec, &lora_modules)?;
+                let p = checkpoint::save(out_dir, &files, Some(&opt), &state, &rs)?;
+                say(format!("saved {}", p.display()));
+                if let Some(limit) = t.save_total_limit {
+                    checkpoint::rotate(out_dir, limit)?;
+                }
+            }
+            if halt {
+                interrupted = true;
+                break 'epochs;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    if interrupted && opts.halt_after_step.is_none() {
+        let files = weights_files(&mut model, plan, &spec, &lora_modules)?;
+        let p = checkpoint::save(out_dir, &files, Some(&opt), &state, &rs)?;
+        println!("stopped: saved {} (resume by running the same command again)", p.display());
+    }
+    let train_loss = rs.train_loss_sum / rs.global_step.max(1) as f64;
+    if !interrupted {
+        finish(
+            &mut model,
+            plan,
+            data,
+            &spec,
+            &lora_modules,
+            &mut state,
+            &rs,
+            start.elapsed().as_secs_f64(),
+            train_loss,
+        )?;
+    }
+    Ok(Outcome {
+        global_step: rs.global_step,
+        total_steps: total,
+        train_loss,
+        output_dir: out_dir.clone(),
+        interrupted,
+        step_losses,
+    })
+}
+
+/// Mean eval loss as HF computes it: each batch's mean token loss, weighted by its number of samples.
+pub fn evaluate(
+    model: &Qwen3_5,
+    processor: &ImageProcessorConfig,
+    samples: &[Sample],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<(f64, f64)> {
+    let t0 = Instant::now();
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in samples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Sample> = chunk.iter().collect();
+        let mb = micro_batch(model, processor, &refs, pad_id)?;
+        let feats = mb.images.as_ref().map(|v| model.image_features(v)).transpose()?;
+        let emb = model.embed(&mb.input_ids, feats.as_ref())?;
+        let mut x = emb;
+        for layer in &model.layers {
+            x = layer.forward(&x, &mb.rope, None, false)?;
+        }
+        let (loss, tokens) = super::step::head_loss(model, &x, &mb.labels)?;
+        if tokens > 0 {
+            sum += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+            n += chunk.len();
+        }
+    }
+    Ok((if n > 0 { sum / n as f64 } else { f64::NAN }, t0.elapsed().as_secs_f64()))
+}
+
+/// The weights part of a checkpoint or of the final output.
+fn weights_files(model: &mut Qwen3_5, plan: &Plan, spec: &LoraSpec, modules: &[String]) -> Result<WeightsFiles> {
+    let base = plan.model_name_or_path.display().to_string();
+    Ok(match plan.finetuning_type {
+        FinetuningType::Lora => WeightsFiles {
+            tensors: lora::adapter_tensors(model.linears_mut())?,
+            file_name: "adapter_model.safetensors",
+            json: vec![("adapter_config.json", lora::adapter_config_json(spec, modules, &base))],
+            copy_from: None,
+        },
+        FinetuningType::Full => {
+            let dtype = match crate::checkpoint::Checkpoint::open(&plan.model_name_or_path)?
+                .info("model.language_model.embed_tokens.weight")
+            {
+                Some((_, dt)) => dt,
+                None => DType::BF16,
+            };
+            let mut cfg = crate::checkpoint::read_config_json(&plan.model_name_or_path)?;
+            cfg["dtype"] = json!(dtype_name(dtype));
+            WeightsFiles {
+                tensors: model.state_dict(dtype)?,
+                file_name: "model.safetensors",
+                json: vec![("config.json", cfg)],
+                copy_from: Some(plan.model_name_or_path.clone()),
+            }
+        }
+    })
+}
+
+pub fn dtype_name(dt: DType) -> &'static str {
+    match dt {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+/// Final files: weights, tokenizer and chat template, results JSON, trainer_state, loss plots.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    model: &mut Qwen3_5,
+    plan: &Plan,
+    data: &Prepared,
+    spec: &LoraSpec,
+    modules: &[String],
+    state: &mut TrainerState,
+    rs: &ResumeState,
+    runtime: f64,
+    train_loss: f64,
+) -> Result<()> {
+    let out = &plan.train.output_dir;
+    let files = weights_files(model, plan, spec, modules)?;
+    crate::checkpoint::save_safetensors(&files.tensors, &out.join(files.file_name))?;
+    for (name, v) in &files.json {
+        write_json_atomic(&out.join(name), v)?;
+    }
+    crate::checkpoint::copy_tokenizer_files(&plan.model_name_or_path, out)?;
+    // The template the model was trained with, as a Jinja chat template, so serving and export render prompts
+    // exactly as training did.
+    let render = crate::template::RenderOptions {
+        default_system: plan.data.default_system.clone(),
+        enable_thinking: plan.data.enable_thinking,
+        preserve_thinking: plan.data.preserve_thinking,
+    };
+    std::fs::write(out.join("chat_template.jinja"), crate::template::to_jinja(data.template.template, &render))
+        .with_context(|| format!("{}: cannot write chat_template.jinja", out.display()))?;
+    let steps_per_s = rs.global_step as f64 / runtime.max(1e-9);
+    let samples_per_s =
+        (rs.global_step * plan.train.per_device_train_batch_size * plan.train.gradient_accumulation_steps) as f64
+            / runtime.max(1e-9);
+    let mut results = Map::new();
+    results.insert("epoch".into(), json!(round(state.epoch, 4)));
+    results.insert("total_flos".into(), json!(0.0));
+    results.insert("train_loss".into(), json!(train_loss));
+    results.insert("train_runtime".into(), json!(round(runtime, 4)));
+    results.insert("train_samples_per_second".into(), json!(round(samples_per_s, 3)));
+    results.insert("train_steps_per_second".into(), json!(round(steps_per_s, 3)));
+    if let Some(rss) = crate::bench::peak_rss_bytes() {
+        results.insert("train_peak_rss_gb".into(), json!(round(rss as f64 / 1e9, 3)));
+    }
+    let mut final_entry = results.clone();
+    final_entry.insert("step".into(), json!(rs.global_step));
+    state.log_history.push(Value::Object(final_entry));
+    state.save(&out.join("trainer_state.json"))?;
+    write_json_atomic(&out.join("train_results.json"), &Value::Object(results.clone()))?;
+    let mut all = results;
+    if let Some(last_eval) = state.log_history.iter().rev().find(|e| e.get("eval_loss").is_some()) {
+        for k in ["eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"] {
+            if let Some(v) = last_eval.get(k) {
+                all.insert(k.into(), v.clone());
+            }
+        }
+    }
+    write_json_atomic(&out.join("all_results.json"), &Value::Object(all))?;
+    write_model_card(out, plan)?;
+    if plan.train.plot_loss {
+        let (loss, eval) = state.curves();
+        let name = out.display().to_string();
+        if !loss.is_empty() {
+            crate::plot::line_chart(
+                &out.join("training_loss.png"),
+                &format!("training loss of {name}"),
+                "loss",
+                &loss,
+            )?;
+        }
+        if !eval.is_empty() {
+            crate::plot::line_chart(
+                &out.join("training_eval_loss.png"),
+                &format!("training eval_loss of {name}"),
+                "eval_loss",
+                &eval,
+            )?;
+        }
+    }
+    println!("***** train metrics *****");
+    println!("  train_loss = {train_loss:.4}");
+    println!("  train_runtime = {}", super::state::hms(runtime));
+    println!("  train_samples_per_second = {samples_per_s:.3}");
+    println!(
+        "saved the {} to {}",
+        if plan.finetuning_type == FinetuningType::Lora { "adapter" } else { "model" },
+        out.display()
+    );
+    Ok(())
+}
+
+fn write_model_card(out: &Path, plan: &Plan) -> Result<()> {
+    let base = plan.model_name_or_path.display();
+    let kind = match plan.finetuning_type {
+        FinetuningType::Lora => "lora",
+        FinetuningType::Full => "full",
+    };
+    let datasets = plan.data.datasets.join(", ");
+    let text = format!(
+        "---\nbase_model: {base}\nlibrary_name: peft\ntags:\n- ferrotune\n- {kind}\n---\n\n# {}\n\nFine-tuned from \
+         `{base}` with ferrotune ({kind}) on {datasets}.\n\nServe it with:\n\n```sh\nferrotune api \
+         --model_name_or_path {base} --adapter_name_or_path {}\n```\n",
+        out.file_name().and_then(|n| n.to_str()).unwrap_or("model"),
+        out.display()
+    );
+    std::fs::write(out.join("README.md"), text).with_context(|| format!("{}: cannot write README.md", out.display()))
+}

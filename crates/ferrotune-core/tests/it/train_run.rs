@@ -1,0 +1,177 @@
+//! The training loop end to end on the tiny checkpoint: files in LLaMA-Factory's formats, exact resume,
+//! evaluation during training, full fine-tuning, and the NaN guard.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use ferrotune_core::config::Plan;
+use ferrotune_core::data::prepare;
+use ferrotune_core::train::run::{run, Outcome, RunOptions};
+
+use crate::common::{fixtures, scratch, tiny_checkpoint};
+
+/// A dataset of 12 rows (8 with images, 4 text only) and a config for it; returns the config path.
+fn setup(dir: &Path, model: &Path, extra: &str) -> PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let imgs = ["img_a.png", "img_b.png", "img_c.png"];
+    let mut rows = Vec::new();
+    for i in 0..12 {
+        let answer =
+            format!("这是第{i}个样本。It has {} wheels and a {} head.", i % 4 + 1, ["round", "square", "dome"][i % 3]);
+        let (content, images) = if i % 3 == 2 {
+            (format!("Tell me something about number {i}."), vec![])
+        } else {
+            let p = fixtures().join("golden/model").join(imgs[i % 3]);
+            ("<image>请识别并描述图片中的机器人及其特征".to_string(), vec![p.display().to_string()])
+        };
+        rows.push(serde_json::json!({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}], "images": images}));
+    }
+    std::fs::write(data.join("rows.json"), serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+    std::fs::write(
+        data.join("dataset_info.json"),
+        r#"{"rows": {"file_name": "rows.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"}, "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}"#,
+    )
+    .unwrap();
+    let cfg = format!(
+        "model_name_or_path: {}\ntemplate: qwen3_5_nothink\nstage: sft\ndo_train: true\nfinetuning_type: lora\n\
+         lora_target: all\nlora_rank: 4\ndataset: rows\ndataset_dir: {}\nlearning_rate: 5.0e-3\nnum_train_epochs: 2\n\
+         per_device_train_batch_size: 1\ngradient_accumulation_steps: 2\nlr_scheduler_type: cosine\nwarmup_ratio: 0.1\n\
+         logging_steps: 1\nsave_steps: 4\noutput_dir: {}\nplot_loss: true\nreport_to: none\n{extra}",
+        model.display(),
+        data.display(),
+        dir.join("out").display()
+    );
+    let path = dir.join("train.yaml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+fn train(cfg: &Path, overrides: &[&str], halt: Option<usize>) -> anyhow::Result<Outcome> {
+    let args: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    let plan = Plan::load(Some(cfg), &args)?;
+    let data = prepare(&plan, &|_, _| {})?;
+    let stop = AtomicBool::new(false);
+    run(&plan, &data, &RunOptions { stop: &stop, progress: false, halt_after_step: halt })
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn writes_llamafactory_files_and_resumes_exactly() {
+    let a = scratch("resume-a");
+    let cfg_a = setup(&a, &tiny_checkpoint(), "overwrite_output_dir: true\n");
+    let full = train(&cfg_a, &[], None).unwrap();
+    assert_eq!(full.total_steps, 12, "12 samples, accumulation 2, 2 epochs");
+    assert_eq!(full.global_step, 12);
+    let out = a.join("out");
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "trainer_log.jsonl",
+        "trainer_state.json",
+        "train_results.json",
+        "all_results.json",
+        "training_loss.png",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "checkpoint-4/adapter_model.safetensors",
+        "checkpoint-8/optimizer.safetensors",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let state: serde_json::Value = serde_json::from_slice(&read(&out.join("trainer_state.json"))).unwrap();
+    let logs: Vec<&serde_json::Value> =
+        state["log_history"].as_array().unwrap().iter().filter(|e| e.get("loss").is_some()).collect();
+    assert_eq!(logs.len(), 12);
+    for e in &logs {
+        for k in ["loss", "grad_norm", "learning_rate", "epoch", "step"] {
+            assert!(e.get(k).is_some(), "log_history entry lacks {k}: {e}");
+        }
+    }
+    let first = full.step_losses[0].1;
+    let last = full.step_losses.last().unwrap().1;
+    assert!(last < first, "training must lower the loss: {first} -> {last}");
+    let cfg_json: serde_json::Value = serde_json::from_slice(&read(&out.join("adapter_config.json"))).unwrap();
+    assert_eq!(cfg_json["peft_type"], "LORA");
+    assert_eq!(cfg_json["r"], 4);
+    assert_eq!(cfg_json["lora_alpha"], 8);
+    let st = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert!(st.keys().all(|k| k.starts_with("base_model.model.model.language_model.layers.")), "PEFT key names");
+    assert_eq!(
+        st.len(),
+        2 * (3 * 8 + 7),
+        "every decoder linear of both layer kinds (3 GDN layers x 8 + 1 attention layer x 7)"
+    );
+
+    // Killed after step 6 (checkpoint-6 written by the halt), then resumed by running again.
+    let b = scratch("resume-b");
+    let cfg_b = setup(&b, &tiny_checkpoint(), "overwrite_output_dir: false\n");
+    let part = train(&cfg_b, &[], Some(6)).unwrap();
+    assert!(part.interrupted && part.global_step == 6);
+    assert!(!b.join("out/adapter_model.safetensors").exists(), "no final weights after an interrupted run");
+    let rest = train(&cfg_b, &[], None).unwrap();
+    assert_eq!(rest.global_step, 12);
+    assert_eq!(rest.step_losses.first().map(|s| s.0), Some(7), "resumed at step 7");
+    for ((sa, la), (sb, lb)) in full.step_losses[6..].iter().zip(&rest.step_losses) {
+        assert_eq!(sa, sb);
+        assert_eq!(la.to_bits(), lb.to_bits(), "step {sa}: loss {la} vs resumed {lb}");
+    }
+    assert_eq!(
+        read(&out.join("adapter_model.safetensors")),
+        read(&b.join("out/adapter_model.safetensors")),
+        "the resumed run's final adapter must be byte-identical"
+    );
+    let log_b = String::from_utf8(read(&b.join("out/trainer_log.jsonl"))).unwrap();
+    let log_a = String::from_utf8(read(&out.join("trainer_log.jsonl"))).unwrap();
+    let losses = |s: &str| -> Vec<f64> {
+        s.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap_or(f64::NAN))
+            .collect()
+    };
+    assert_eq!(losses(&log_a), losses(&log_b), "trainer_log.jsonl losses of the resumed run");
+}
+
+#[test]
+fn evaluates_during_training_and_full_fine_tuning_saves_a_loadable_model() {
+    let d = scratch("eval-full");
+    let cfg = setup(
+        &d,
+        &tiny_checkpoint(),
+        "overwrite_output_dir: true\nval_size: 0.25\neval_strategy: steps\neval_steps: 3\n",
+    );
+    let o = train(&cfg, &["finetuning_type=full", "learning_rate=1e-4"], None).unwrap();
+    let out = d.join("out");
+    let state: serde_json::Value = serde_json::from_slice(&read(&out.join("trainer_state.json"))).unwrap();
+    let evals = state["log_history"].as_array().unwrap().iter().filter(|e| e.get("eval_loss").is_some()).count();
+    assert!(evals >= 2, "eval_loss logged every 3 steps ({} steps)", o.total_steps);
+    assert!(out.join("training_eval_loss.png").exists());
+    let all: serde_json::Value = serde_json::from_slice(&read(&out.join("all_results.json"))).unwrap();
+    assert!(all["eval_loss"].as_f64().is_some());
+    let m = ferrotune_core::models::qwen3_5::Qwen3_5::load(&out, candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
+    assert_eq!(m.layers.len(), 4);
+}
+
+#[test]
+fn a_nan_loss_stops_and_names_the_step_and_row() {
+    let d = scratch("nan");
+    let model = d.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for e in std::fs::read_dir(tiny_checkpoint()).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
+    }
+    // Poison the final norm: every logit becomes NaN.
+    let shard = model.join("model-00001-of-00002.safetensors");
+    let mut t = candle_core::safetensors::load(&shard, &candle_core::Device::Cpu).unwrap();
+    let w = t["model.language_model.norm.weight"].clone();
+    t.insert("model.language_model.norm.weight".into(), (w * f64::NAN).unwrap());
+    candle_core::safetensors::save(&t, &shard).unwrap();
+    let cfg = setup(&d, &model, "overwrite_output_dir: true\n");
+    let err = format!("{:#}", train(&cfg, &[], None).unwrap_err());
+    assert!(err.contains("NaN") && err.contains("step 1") && err.contains("rows.json row"), "{err}");
+}

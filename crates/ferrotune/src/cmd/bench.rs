@@ -1,0 +1,127 @@
+//! `ferrotune bench train|forward|decode`: speed and peak memory on a checkpoint (or a generated one), with
+//! the Python anchor run in the same invocation when asked.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use ferrotune_core::bench::{self, BenchReport, TrainBench};
+use ferrotune_core::models::qwen3_5::init::{write_random_checkpoint, Sizes};
+
+use crate::cli::BenchArgs;
+
+pub fn run(args: BenchArgs) -> Result<ExitCode> {
+    if let Some(t) = args.threads {
+        // Both candle's matmul and our rayon loops read this before their pools start.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    let model = checkpoint(&args)?;
+    let dev = Device::Cpu;
+    let report = match args.what.as_str() {
+        "train" => {
+            let opts = TrainBench {
+                seq_len: args.seq,
+                image_side: args.image,
+                steps: args.steps,
+                warmup: 1,
+                rank: args.rank,
+                targets: ferrotune_core::lora::ALL_DECODER_LINEARS.iter().map(|s| s.to_string()).collect(),
+                checkpointing: !args.no_checkpointing,
+            };
+            bench::train(&model, &opts, &dev)?
+        }
+        "forward" => bench::forward(&model, args.seq, args.image, args.steps, &dev)?,
+        "decode" => {
+            let dtype = if args.bf16 { DType::BF16 } else { DType::F32 };
+            bench::decode(&model, args.seq, args.new_tokens, dtype, &dev)?
+        }
+        other => bail!("unknown benchmark {other}"),
+    };
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
+    println!("model: {} ({:.1}M parameters), threads: {threads}", model.display(), report.params as f64 / 1e6);
+    print_row("ferrotune", &args, &report);
+    if let Some(py) = &args.python {
+        let anchor = python_anchor(py, &model, &args)?;
+        print_row(anchor_name(&args.what), &args, &anchor);
+        println!(
+            "ratio (ferrotune / python): CPU time {:.2}x, peak RSS {:.2}x",
+            report.cpu_per_sample / anchor.cpu_per_sample,
+            report.peak_rss.unwrap_or(0) as f64 / anchor.peak_rss.unwrap_or(1).max(1) as f64
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn anchor_name(what: &str) -> &'static str {
+    if what == "train" {
+        "pytorch+peft"
+    } else {
+        "transformers"
+    }
+}
+
+fn print_row(name: &str, args: &BenchArgs, r: &BenchReport) {
+    let unit = if args.what == "decode" { "token" } else { "sample" };
+    let rss = r.peak_rss.map(|b| format!("{:.0} MB", b as f64 / 1e6)).unwrap_or_else(|| "?".into());
+    let ttft = r.ttft.map(|t| format!(", time to first token {:.3} s", t)).unwrap_or_default();
+    println!(
+        "{name:>14}: {:.4} s/{unit} wall, {:.4} CPU-s/{unit}, {:.2} {unit}s/s, {:.1} tokens/s, peak RSS {rss}{ttft}",
+        r.wall_per_sample,
+        r.cpu_per_sample,
+        1.0 / r.wall_per_sample,
+        r.tokens_per_second()
+    );
+}
+
+/// The given checkpoint, or a generated random-init one of the preset (written once, then reused).
+fn checkpoint(args: &BenchArgs) -> Result<PathBuf> {
+    if let Some(m) = &args.model {
+        return Ok(m.clone());
+    }
+    let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen3_5");
+    if args.preset == "tiny" {
+        return Ok(template);
+    }
+    let sizes = Sizes::preset(&args.preset)
+        .with_context(|| format!("unknown preset {:?} (tiny, 100m, 135m, 1b)", args.preset))?;
+    let dir = args.cache.join(format!("qwen3_5-{}", args.preset));
+    if !dir.join("model.safetensors").exists() {
+        eprintln!("generating a random-init {} checkpoint in {}", args.preset, dir.display());
+        write_random_checkpoint(&sizes, &template, &dir, DType::BF16, 0)?;
+    }
+    Ok(dir)
+}
+
+fn python_anchor(py: &Path, model: &Path, args: &BenchArgs) -> Result<BenchReport> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/anchor.py");
+    let mut cmd = std::process::Command::new(py);
+    cmd.arg(&script)
+        .arg(&args.what)
+        .arg(model)
+        .args(["--seq", &args.seq.to_string(), "--steps", &args.steps.to_string()])
+        .args(["--rank", &args.rank.to_string(), "--new-tokens", &args.new_tokens.to_string()]);
+    if let Some(t) = args.threads {
+        cmd.args(["--threads", &t.to_string()]).env("OMP_NUM_THREADS", t.to_string());
+    }
+    if !args.no_checkpointing {
+        cmd.arg("--checkpointing");
+    }
+    let out = cmd.output().with_context(|| format!("running {}", py.display()))?;
+    if !out.status.success() {
+        bail!("the Python anchor failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("anchor output: {line}"))?;
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    Ok(BenchReport {
+        params: 0,
+        trainable: 0,
+        tokens_per_sample: if args.what == "decode" { 1 } else { args.seq },
+        wall_per_sample: f("wall_per_sample"),
+        cpu_per_sample: f("cpu_per_sample"),
+        peak_rss: v["peak_rss"].as_u64(),
+        ttft: v["ttft"].as_f64(),
+    })
+}
