@@ -209,7 +209,8 @@ impl Engine {
     }
 
     /// Generates a completion. `on_text` receives each new piece of text as soon as it is final (no partial
-    /// UTF-8, no text that might still become a stop string); returning false cancels generation.
+    /// UTF-8, no text that might still become a stop string), and "" after a token that released none; returning
+    /// false cancels generation.
     pub fn generate(
         &self,
         prompt: &Prompt,
@@ -244,13 +245,14 @@ impl Engine {
             while upto > emitted && !text.is_char_boundary(upto) {
                 upto -= 1;
             }
-            if upto > emitted {
-                if !on_text(&text[emitted..upto]) {
-                    finish = FinishReason::Cancelled;
-                    emitted = upto;
-                    break;
-                }
-                emitted = upto;
+            // Called after every token, with "" when the token released no text (a partial character, a
+            // possible stop string), so that a consumer can cancel at any token.
+            let piece = if upto > emitted { &text[emitted..upto] } else { "" };
+            let keep_going = on_text(piece);
+            emitted = emitted.max(upto);
+            if !keep_going {
+                finish = FinishReason::Cancelled;
+                break;
             }
             if out.len() >= req.max_tokens {
                 break;

@@ -4,6 +4,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Result};
 use clap::Parser;
@@ -41,7 +42,7 @@ pub struct Args {
 
 const HELP: &str = "/image PATH  attach an image to your next message (repeat for several)
 /clear       forget the conversation and pending images
-/exit        quit (also Ctrl-D)
+/exit        quit (also Ctrl-D; Ctrl-C stops an answer)
 /help        this text";
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -66,11 +67,22 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
 }
 
+/// Set while an answer is being generated; Ctrl-C then stops the answer instead of the program.
+static GENERATING: AtomicBool = AtomicBool::new(false);
+static STOP_ANSWER: AtomicBool = AtomicBool::new(false);
+
 fn interactive(loaded: &Loaded, mut chat: Conversation, show_reasoning: bool) -> Result<()> {
     let tty = std::io::stdin().is_terminal();
     if tty {
-        eprintln!("Chat with {}. Type /help for commands.", loaded.model_name);
+        eprintln!("Chat with {}. Type /help for commands; Ctrl-C stops an answer.", loaded.model_name);
     }
+    let _ = ctrlc::set_handler(|| {
+        if GENERATING.load(Ordering::SeqCst) {
+            STOP_ANSWER.store(true, Ordering::SeqCst);
+        } else {
+            std::process::exit(130);
+        }
+    });
     let mut pending: Vec<RgbImage> = Vec::new();
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -216,7 +228,13 @@ fn answer(
         }
         true
     };
-    let g = engine.generate(&prompt, &req, |piece| emit(splitter.push(piece), &mut content))?;
+    STOP_ANSWER.store(false, Ordering::SeqCst);
+    GENERATING.store(true, Ordering::SeqCst);
+    let g = engine.generate(&prompt, &req, |piece| {
+        emit(splitter.push(piece), &mut content) && !STOP_ANSWER.load(Ordering::SeqCst)
+    });
+    GENERATING.store(false, Ordering::SeqCst);
+    let g = g?;
     emit(splitter.finish(), &mut content);
     if let Some(e) = io_err {
         if e.kind() != std::io::ErrorKind::BrokenPipe {

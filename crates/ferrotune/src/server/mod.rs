@@ -585,6 +585,7 @@ fn stream_response(st: Arc<AppState>, p: Prepared, chunk: ChunkMaker, include_us
             let g = e.generate(&prompt, &req, |piece| {
                 let sent = match splitter.as_mut() {
                     Some(s) => send(s.push(piece)),
+                    None if piece.is_empty() => true,
                     None => send(vec![(Part::Content, piece.to_string())]),
                 };
                 sent && !jtx.is_closed()
