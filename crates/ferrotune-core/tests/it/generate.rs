@@ -123,3 +123,34 @@ fn stop_strings_and_length_finish() {
     assert!(full.text.starts_with(&g.text) && !g.text.contains(&needle), "{:?} / {:?}", g.text, needle);
     assert_eq!(streamed, g.text);
 }
+
+#[test]
+fn the_consumer_can_cancel_at_every_token() {
+    // Returning false on the first call stops after one token, whether or not that token released text.
+    let e = engine(Some(AdapterMode::Merge));
+    let c = &cases()[0];
+    let opts = RenderOptions { add_generation_prompt: true, ..Default::default() };
+    let prompt = e.prompt(&c["messages"], &images(c), &opts).unwrap();
+    let mut calls = 0;
+    let g = e
+        .generate(&prompt, &greedy(1.0), |_| {
+            calls += 1;
+            false
+        })
+        .unwrap();
+    assert_eq!((calls, g.token_ids.len()), (1, 1));
+    assert_eq!(g.finish_reason, ferrotune_core::infer::FinishReason::Cancelled);
+    // Without cancelling, the callback runs once per generated token (plus once for text held to the end).
+    let mut calls = 0;
+    let g = e
+        .generate(&prompt, &greedy(1.0), |_| {
+            calls += 1;
+            true
+        })
+        .unwrap();
+    assert!(
+        calls == g.token_ids.len() || calls == g.token_ids.len() + 1,
+        "{calls} calls, {} tokens",
+        g.token_ids.len()
+    );
+}
