@@ -70,6 +70,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         media_dir,
         allow_remote: args.allow_remote_images.unwrap_or(false),
         max_bytes: opts.media.max_bytes,
+        min_pixels: loaded.pixels.0,
+        max_pixels: loaded.pixels.1,
     };
     opts.sampling = loaded.sampling;
     opts.max_new_tokens = loaded.max_new_tokens;

@@ -52,8 +52,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut chat = Conversation::new(args.system.clone());
     match args.prompt.as_deref() {
         Some(p) => {
-            let images =
-                args.images.iter().map(|p| ferrotune_core::image::load_image(p)).collect::<Result<Vec<_>>>()?;
+            let images = args.images.iter().map(|p| load_image(&loaded, p)).collect::<Result<Vec<_>>>()?;
             let mut out = std::io::stdout().lock();
             let g = chat.turn(&loaded, p, images, show_reasoning, &mut out)?;
             writeln!(out)?;
@@ -107,7 +106,7 @@ fn interactive(loaded: &Loaded, mut chat: Conversation, show_reasoning: bool) ->
                     eprintln!("(conversation cleared)");
                 }
                 "help" => eprintln!("{HELP}"),
-                "image" if !rest.trim().is_empty() => match ferrotune_core::image::load_image(rest.trim().as_ref()) {
+                "image" if !rest.trim().is_empty() => match load_image(loaded, rest.trim().as_ref()) {
                     Ok(img) => {
                         pending.push(img);
                         eprintln!("({} image(s) attached to your next message)", pending.len());
@@ -129,6 +128,12 @@ fn interactive(loaded: &Loaded, mut chat: Conversation, show_reasoning: bool) ->
         out.flush()?;
     }
     Ok(())
+}
+
+/// Reads an image and pre-resizes it as training did.
+fn load_image(l: &Loaded, path: &std::path::Path) -> Result<RgbImage> {
+    let img = ferrotune_core::image::load_image(path)?;
+    Ok(crate::server::media::fit_pixels(img, l.pixels.0, l.pixels.1))
 }
 
 /// The history of one chat: messages in transformers' format and their images in order.

@@ -36,6 +36,13 @@ pub struct ModelArgs {
     /// Longest prompt + completion in tokens (default: the checkpoint's max_position_embeddings).
     #[arg(long = "max-model-len", alias = "max_model_len", value_name = "TOKENS")]
     pub max_model_len: Option<usize>,
+    /// Images with more pixels are scaled down before the processor, as in training (LLaMA-Factory's key and
+    /// default, 768×768).
+    #[arg(long = "image_max_pixels", alias = "image-max-pixels", value_name = "PIXELS")]
+    pub image_max_pixels: Option<u64>,
+    /// Images with fewer pixels are scaled up, as in training (default 32×32).
+    #[arg(long = "image_min_pixels", alias = "image-min-pixels", value_name = "PIXELS")]
+    pub image_min_pixels: Option<u64>,
     /// LLaMA-Factory's backend choice; only `huggingface` (this engine) exists here.
     #[arg(long = "infer_backend", alias = "infer-backend", hide = true)]
     pub infer_backend: Option<String>,
@@ -88,6 +95,8 @@ pub struct Loaded {
     pub sampling: SamplingParams,
     pub max_new_tokens: Option<usize>,
     pub enable_thinking: Option<bool>,
+    /// (image_min_pixels, image_max_pixels) of the pre-resize.
+    pub pixels: (u64, u64),
 }
 
 /// The last adapter folder that carries the chat template it was trained with.
@@ -210,7 +219,22 @@ pub fn load_engine(m: &ModelArgs, s: &SamplingArgs) -> Result<Loaded> {
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
         .unwrap_or_else(|| model_dir.display().to_string());
-    Ok(Loaded { engine, model_name, max_model_len, sampling, max_new_tokens: s.max_new_tokens, enable_thinking })
+    let pixels = (
+        m.image_min_pixels.unwrap_or(crate::server::DEFAULT_MIN_PIXELS),
+        m.image_max_pixels.unwrap_or(crate::server::DEFAULT_MAX_PIXELS),
+    );
+    if pixels.0 == 0 || pixels.0 > pixels.1 {
+        bail!("image_min_pixels ({}) must be positive and at most image_max_pixels ({})", pixels.0, pixels.1);
+    }
+    Ok(Loaded {
+        engine,
+        model_name,
+        max_model_len,
+        sampling,
+        max_new_tokens: s.max_new_tokens,
+        enable_thinking,
+        pixels,
+    })
 }
 
 /// A YAML value as the text of a flag value; lists become comma-separated (LLaMA-Factory's adapter lists).

@@ -12,6 +12,18 @@ use image::RgbImage;
 
 use super::error::ApiError;
 
+/// LLaMA-Factory's pre-resize, as training applies it: an image with more than `max_pixels` (or fewer than
+/// `min_pixels`) is resized, keeping its aspect ratio, before the processor sees it. Serving must do the same,
+/// or a large photo becomes thousands of image tokens the adapter never saw.
+pub fn fit_pixels(img: RgbImage, min_pixels: u64, max_pixels: u64) -> RgbImage {
+    let (w, h) = ferrotune_core::data::preresize(img.width(), img.height(), max_pixels, min_pixels);
+    if (w, h) == (img.width(), img.height()) {
+        img
+    } else {
+        ferrotune_core::image::resize_bicubic_pil(&img, h as usize, w as usize)
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct MediaPolicy {
     /// Canonical folder local paths must resolve into; `None` refuses local paths.
@@ -19,6 +31,9 @@ pub struct MediaPolicy {
     pub allow_remote: bool,
     /// Largest image file or download, in bytes.
     pub max_bytes: u64,
+    /// `image_min_pixels` / `image_max_pixels` of the pre-resize (see [`fit_pixels`]).
+    pub min_pixels: u64,
+    pub max_pixels: u64,
 }
 
 /// Resolves one `image_url.url` to an RGB image. `param` names it in errors.
@@ -47,8 +62,9 @@ pub fn load(url: &str, policy: &MediaPolicy, param: &str) -> Result<RgbImage, Ap
     } else {
         local_file(Path::new(url), policy, param)?
     };
-    ferrotune_core::image::decode_image(&bytes, param)
-        .map_err(|e| ApiError::bad(format!("{e:#}")).param(param).code("invalid_image"))
+    let img = ferrotune_core::image::decode_image(&bytes, param)
+        .map_err(|e| ApiError::bad(format!("{e:#}")).param(param).code("invalid_image"))?;
+    Ok(fit_pixels(img, policy.min_pixels, policy.max_pixels))
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
@@ -290,7 +306,7 @@ mod tests {
 
     #[test]
     fn remote_fetch_never_reaches_loopback() {
-        let policy = MediaPolicy { allow_remote: true, max_bytes: 1 << 20, ..Default::default() };
+        let policy = MediaPolicy { allow_remote: true, max_bytes: 1 << 20, max_pixels: 1 << 20, ..Default::default() };
         for url in ["http://127.0.0.1:9/x.png", "http://localhost:9/x.png", "http://[::1]:9/x.png"] {
             let e = load(url, &policy, "p").unwrap_err();
             assert_eq!(e.status, StatusCode::FORBIDDEN, "{url}: {}", e.message);
@@ -299,7 +315,7 @@ mod tests {
 
     #[test]
     fn schemes_and_data_urls() {
-        let policy = MediaPolicy { max_bytes: 1 << 20, ..Default::default() };
+        let policy = MediaPolicy { max_bytes: 1 << 20, max_pixels: 1 << 20, ..Default::default() };
         assert!(has_scheme("ftp://x") && has_scheme("data:x") && !has_scheme("C:\\img.png") && !has_scheme("a/b.png"));
         let e = load("ftp://host/a.png", &policy, "p").unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
@@ -311,5 +327,15 @@ mod tests {
         assert!(e.message.contains("not a PNG"), "{}", e.message);
         assert_eq!(percent_decode("/a%20b").unwrap(), "/a b");
         assert_eq!(lexical_normalize(Path::new("/m/a/../../etc")), Path::new("/etc"));
+    }
+
+    #[test]
+    fn large_images_are_pre_resized_as_in_training() {
+        let img = RgbImage::new(1024, 768);
+        let out = fit_pixels(img.clone(), 1024, 262144);
+        // LLaMA-Factory's example: 1024x768 with image_max_pixels 262144 becomes 591x443.
+        assert_eq!((out.width(), out.height()), (591, 443));
+        assert_eq!(fit_pixels(img, 1024, 1024 * 768).dimensions(), (1024, 768), "within the bounds: untouched");
+        assert_eq!(fit_pixels(RgbImage::new(16, 16), 1024, 262144).dimensions(), (32, 32), "small: scaled up");
     }
 }

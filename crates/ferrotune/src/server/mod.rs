@@ -39,6 +39,10 @@ use media::MediaPolicy;
 use reasoning::{Part, ThinkSplitter};
 use request::ChatRequest;
 
+/// LLaMA-Factory's defaults of `image_min_pixels` / `image_max_pixels`, which training applies too.
+pub const DEFAULT_MIN_PIXELS: u64 = 32 * 32;
+pub const DEFAULT_MAX_PIXELS: u64 = 768 * 768;
+
 /// What the server was started with.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -67,7 +71,13 @@ impl ServerOptions {
         Self {
             served_name: served_name.into(),
             api_key: None,
-            media: MediaPolicy { media_dir: None, allow_remote: false, max_bytes: 32 << 20 },
+            media: MediaPolicy {
+                media_dir: None,
+                allow_remote: false,
+                max_bytes: 32 << 20,
+                min_pixels: DEFAULT_MIN_PIXELS,
+                max_pixels: DEFAULT_MAX_PIXELS,
+            },
             max_model_len,
             sampling: SamplingParams::default(),
             max_new_tokens: None,

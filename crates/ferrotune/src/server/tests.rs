@@ -542,3 +542,32 @@ async fn a_non_streaming_client_that_leaves_stops_too() {
     let tokens = s.state.stats.tokens.load(Ordering::Relaxed);
     assert!(tokens < max as u64 / 2, "{tokens} tokens generated after the client left");
 }
+
+fn png_data_url(w: u32, h: u32) -> String {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes.into_inner()))
+}
+
+async fn prompt_tokens(addr: std::net::SocketAddr, url: String) -> u64 {
+    let r = chat(
+        addr,
+        &json!({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}], "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["usage"]["prompt_tokens"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_images_are_pre_resized_as_in_training() {
+    // With image_max_pixels 128×128, a 1024×1024 image is served as 128×128 (16 tokens), as training sees it;
+    // without, the tiny checkpoint's processor alone would cap it at 65536 pixels (64 tokens).
+    let s = start(|o| o.media.max_pixels = 128 * 128).await;
+    let big = prompt_tokens(s.addr, png_data_url(1024, 1024)).await;
+    assert_eq!(big, prompt_tokens(s.addr, png_data_url(128, 128)).await);
+    let loose = start(|o| o.media.max_pixels = 1 << 30).await;
+    assert_eq!(prompt_tokens(loose.addr, png_data_url(1024, 1024)).await, big + 64 - 16);
+}
