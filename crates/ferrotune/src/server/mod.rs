@@ -96,6 +96,7 @@ pub struct Stats {
     pub cancelled: AtomicU64,
     /// Completion tokens generated, all requests together.
     pub tokens: AtomicU64,
+    /// Requests read and not yet generating (preparing, or queued for the engine).
     pub waiting: AtomicUsize,
 }
 
@@ -283,6 +284,13 @@ async fn handle_chat(st: Arc<AppState>, body: Body) -> Response {
         Ok(r) => r,
         Err(e) => return log_error(&id, t0, e).into_response(),
     };
+    // Admitted before the (possibly costly) image decoding, so a flood of requests is turned away cheaply.
+    let Some(slot) = Slot::take(&st) else {
+        let e =
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many requests are waiting for the model; retry later")
+                .code("server_busy");
+        return log_error(&id, t0, e).into_response();
+    };
     let engine = st.engine.clone();
     let opts = st.opts.clone();
     let stream = r.stream;
@@ -298,17 +306,11 @@ async fn handle_chat(st: Arc<AppState>, body: Body) -> Response {
         Ok(p) => p,
         Err(e) => return log_error(&id, t0, e).into_response(),
     };
-    if st.stats.waiting.load(Ordering::Relaxed) >= st.opts.max_waiting {
-        let e =
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many requests are waiting for the model; retry later")
-                .code("server_busy");
-        return log_error(&id, t0, e).into_response();
-    }
     let chunk = ChunkMaker { id: id.clone(), created: unix_now(), model: st.opts.served_name.clone() };
     if stream {
-        stream_response(st, p, chunk, include_usage, t0)
+        stream_response(st, slot, p, chunk, include_usage, t0)
     } else {
-        complete_response(st, p, chunk, t0).await
+        complete_response(st, slot, p, chunk, t0).await
     }
 }
 
@@ -426,25 +428,35 @@ fn text_of(msg: Option<&Value>) -> String {
     }
 }
 
+/// A request admitted to the queue: it counts in `waiting` from when it is read until it gets the engine or
+/// ends, and the server turns new requests away while `max_waiting` are counted.
+struct Slot(Arc<AppState>);
+
+impl Slot {
+    fn take(st: &Arc<AppState>) -> Option<Slot> {
+        let before = st.stats.waiting.fetch_add(1, Ordering::SeqCst);
+        let slot = Slot(st.clone());
+        (before < st.opts.max_waiting).then_some(slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Waits for the engine, then runs `job` with it on a blocking thread. A panic in the job is a 500. `gone` says
 /// the client left while waiting (the job is then skipped).
 async fn with_engine<R: Send + 'static>(
     st: &Arc<AppState>,
+    slot: Slot,
     gone: impl Fn() -> bool,
     job: impl FnOnce(&Engine) -> anyhow::Result<R> + Send + 'static,
 ) -> Result<(Option<R>, Duration), ApiError> {
-    /// Counts a waiting request until it gets the engine or is dropped (its client left).
-    struct Waiting<'a>(&'a AtomicUsize);
-    impl Drop for Waiting<'_> {
-        fn drop(&mut self) {
-            self.0.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
     let t = Instant::now();
-    st.stats.waiting.fetch_add(1, Ordering::Relaxed);
-    let waiting = Waiting(&st.stats.waiting);
     let guard = st.gate.clone().lock_owned().await;
-    drop(waiting);
+    drop(slot);
     let wait = t.elapsed();
     if gone() {
         return Ok((None, wait));
@@ -476,7 +488,7 @@ impl Drop for DropFlag {
     }
 }
 
-async fn complete_response(st: Arc<AppState>, p: Prepared, chunk: ChunkMaker, t0: Instant) -> Response {
+async fn complete_response(st: Arc<AppState>, slot: Slot, p: Prepared, chunk: ChunkMaker, t0: Instant) -> Response {
     let flag = Arc::new(AtomicBool::new(false));
     let _drop = DropFlag(flag.clone());
     let opens_think = p.opens_think;
@@ -488,7 +500,7 @@ async fn complete_response(st: Arc<AppState>, p: Prepared, chunk: ChunkMaker, t0
         let Prepared { prompt, req, .. } = p;
         let seen = flag.clone();
         let job = move |e: &Engine| e.generate(&prompt, &req, |_| !seen.load(Ordering::Relaxed));
-        let out = match with_engine(&task_st, || flag.load(Ordering::Relaxed), job).await {
+        let out = match with_engine(&task_st, slot, || flag.load(Ordering::Relaxed), job).await {
             Ok((Some(g), wait)) => {
                 log_done(&task_st, &id, t0, wait, &g, flag.load(Ordering::Relaxed));
                 Ok(g)
@@ -575,7 +587,14 @@ impl ChunkMaker {
     }
 }
 
-fn stream_response(st: Arc<AppState>, p: Prepared, chunk: ChunkMaker, include_usage: bool, t0: Instant) -> Response {
+fn stream_response(
+    st: Arc<AppState>,
+    slot: Slot,
+    p: Prepared,
+    chunk: ChunkMaker,
+    include_usage: bool,
+    t0: Instant,
+) -> Response {
     let (tx, rx) = mpsc::unbounded_channel::<Event>();
     // The role comes first, as OpenAI sends it, before the request may wait for the engine.
     let _ = tx.send(chunk.event(json!({"role": "assistant", "content": ""}), None, include_usage));
@@ -606,7 +625,7 @@ fn stream_response(st: Arc<AppState>, p: Prepared, chunk: ChunkMaker, include_us
             Ok(g)
         };
         let gone = tx.clone();
-        match with_engine(&st, move || gone.is_closed(), job).await {
+        match with_engine(&st, slot, move || gone.is_closed(), job).await {
             Ok((Some(g), wait)) => {
                 let cancelled = tx.is_closed();
                 log_done(&st, &chunk.id, t0, wait, &g, cancelled);
