@@ -2,7 +2,9 @@
 
 pub mod bench;
 pub mod data;
+pub mod demo;
 pub mod env;
+pub mod eval;
 pub mod train;
 
 use anyhow::Result;
