@@ -50,6 +50,9 @@ PAIRS = [
     ("rare_names", "履带式巡检机器人在变电站巡逻", "轮式巡检机器人在仓库搬运货物"),
     ("en_case", "The Robot Is RED", "the robot is red"),
     ("long_repetition", "它有两只机械臂，" * 12, ROBOT_ZH),
+    # Where jieba-rs departs from Python jieba 0.42 (alphanumerics joined by . _ -, rare CJK blocks).
+    ("en_hyphens", "A dome-shaped, well-known robot: v1.2.3, OPENSSL_1_1_1, abc.def, 1.5.6%, a-5%, x-.", ROBOT_EN),
+    ("rare_cjk", "㐀㐁机器人\u9fef很好，鿿还有\U00020000字\r\n结束", "机器人很好"),
 ]
 
 

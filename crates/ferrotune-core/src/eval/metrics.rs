@@ -46,9 +46,72 @@ pub fn jieba() -> &'static Jieba {
     J.get_or_init(Jieba::new)
 }
 
-/// `list(jieba.cut(text))`: accurate mode with the HMM for unknown words.
+/// `list(jieba.cut(text))` of Python jieba 0.42: accurate mode with the HMM for unknown words.
+///
+/// jieba-rs agrees with it except in two places, both undone here:
+/// - it keeps alphanumeric runs joined by `.`, `_` or `-` together (`dome-shaped`, `v1.2.3`), where Python's
+///   `re_skip` (`[a-zA-Z0-9]+(?:\.\d+)?%?`) splits them (`dome`, `-`, `shaped`); such tokens are split again
+///   with Python's pattern (no dictionary word contains these characters, so only HMM-path tokens are affected);
+/// - it counts U+9FD6–U+9FFF and the CJK extension blocks as Han, where Python's `[\u4E00-\u9FD5…]` does not
+///   (so each such character is a token of its own and ends the block around it); the text is cut at them.
 pub fn cut(text: &str) -> Vec<String> {
-    jieba().cut(text, true).into_iter().map(|t| t.word.to_string()).collect()
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, c) in text.char_indices() {
+        if han_only_in_jieba_rs(c) {
+            cut_block_into(&text[start..i], &mut out);
+            out.push(c.to_string());
+            start = i + c.len_utf8();
+        }
+    }
+    cut_block_into(&text[start..], &mut out);
+    out
+}
+
+fn cut_block_into(text: &str, out: &mut Vec<String>) {
+    if text.is_empty() {
+        return;
+    }
+    for token in jieba().cut(text, true) {
+        let w = token.word;
+        let joined = w.contains(['.', '_', '-'])
+            && w.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'%'));
+        if joined {
+            py_re_skip_split(w, out);
+        } else {
+            out.push(w.to_string());
+        }
+    }
+}
+
+/// Python jieba's `re_skip.split(block)` without empty pieces: matches of `[a-zA-Z0-9]+(?:\.\d+)?%?` and the
+/// gaps between them, in order.
+fn py_re_skip_split(block: &str, out: &mut Vec<String>) {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    let re = RE.get_or_init(|| Regex::new(r"[a-zA-Z0-9]+(?:\.[0-9]+)?%?").expect("valid skip pattern"));
+    let mut last = 0;
+    for m in re.find_iter(block) {
+        if m.start() > last {
+            out.push(block[last..m.start()].to_string());
+        }
+        out.push(m.as_str().to_string());
+        last = m.end();
+    }
+    if last < block.len() {
+        out.push(block[last..].to_string());
+    }
+}
+
+/// Characters jieba-rs puts in Han blocks and Python jieba 0.42 does not.
+fn han_only_in_jieba_rs(c: char) -> bool {
+    matches!(c,
+        '\u{9FD6}'..='\u{9FFF}'
+        | '\u{3400}'..='\u{4DBF}'
+        | '\u{F900}'..='\u{FAFF}'
+        | '\u{20000}'..='\u{2A6DF}'
+        | '\u{2A700}'..='\u{2EBEF}'
+        | '\u{2F800}'..='\u{2FA1F}'
+    )
 }
 
 /// Scores one pair as LLaMA-Factory does.
