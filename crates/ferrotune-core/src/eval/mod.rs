@@ -33,6 +33,26 @@ pub struct Report<'a> {
     pub n_examples: usize,
 }
 
+/// One model's metrics in report order and with LLaMA-Factory's names where it has them: `eval_loss`,
+/// `eval_perplexity` (exp of the loss), `bleu-4`, `rouge-1`, `rouge-2`, `rouge-l`, then `acc_<attribute>` in
+/// percent for each labelled attribute.
+pub fn metrics_row(
+    eval_loss: Option<f64>,
+    text: Option<&metrics::SampleScores>,
+    attributes: &[attributes::AttributeAccuracy],
+) -> Vec<(String, f64)> {
+    let mut row = Vec::new();
+    if let Some(loss) = eval_loss {
+        row.push(("eval_loss".to_string(), loss));
+        row.push(("eval_perplexity".to_string(), loss.exp()));
+    }
+    if let Some(t) = text {
+        row.extend(t.named().iter().map(|(n, v)| (n.to_string(), *v)));
+    }
+    row.extend(attributes.iter().map(|a| (format!("acc_{}", a.key), a.percent())));
+    row
+}
+
 /// Paths written and the terminal table.
 #[derive(Debug, Clone)]
 pub struct ReportFiles {
@@ -98,33 +118,34 @@ pub fn write_report(out_dir: &Path, report: &Report) -> Result<ReportFiles> {
     let _ = writeln!(md, "\n![metrics](metrics.png)\n");
     let shown = report.n_examples.min(report.examples.len());
     if shown > 0 {
+        let examples = &report.examples[..shown];
+        // One prompt for all (the robot task) is said once; varied prompts get a column.
+        let shared = examples.iter().all(|e| e.prompt == examples[0].prompt);
         let _ = writeln!(md, "## Examples ({shown} of {})\n", report.examples.len());
-        let _ = writeln!(
-            md,
-            "| # | image | reference | {} |",
-            report.models.iter().map(|m| md_cell(m)).collect::<Vec<_>>().join(" | ")
-        );
-        let _ = writeln!(md, "|---|---|---|{}", "---|".repeat(report.models.len()));
-        for (i, ex) in report.examples.iter().take(shown).enumerate() {
+        if shared {
+            let _ = writeln!(md, "Prompt: {}\n", md_cell(&examples[0].prompt));
+        }
+        let models: Vec<String> = report.models.iter().map(|m| md_cell(m)).collect();
+        let prompt_col = if shared { "" } else { " prompt |" };
+        let _ = writeln!(md, "| # | image |{prompt_col} reference | {} |", models.join(" | "));
+        let _ = writeln!(md, "|---|---|{}---|{}", if shared { "" } else { "---|" }, "---|".repeat(report.models.len()));
+        for (i, ex) in examples.iter().enumerate() {
             let image = match &ex.image {
                 Some(p) => format!("![example {}]({})", i + 1, md_link(&relative_to(p, out_dir))),
                 None => String::new(),
             };
+            let prompt = if shared { String::new() } else { format!(" {} |", md_cell(&ex.prompt)) };
             let answers: Vec<String> = (0..report.models.len())
                 .map(|m| md_cell(ex.answers.get(m).map(String::as_str).unwrap_or("")))
                 .collect();
-            let _ = writeln!(md, "| {} | {image} | {} | {} |", i + 1, md_cell(&ex.reference), answers.join(" | "));
+            let _ =
+                writeln!(md, "| {} | {image} |{prompt} {} | {} |", i + 1, md_cell(&ex.reference), answers.join(" | "));
         }
-        let _ = writeln!(md, "\nPrompt of example 1: `{}`", ex_prompt(report.examples));
     }
     let report_path = out_dir.join("report.md");
     std::fs::write(&report_path, &md).with_context(|| format!("writing {}", report_path.display()))?;
 
     Ok(ReportFiles { report: report_path, chart, predictions, table: terminal_table(report.models, report.metrics) })
-}
-
-fn ex_prompt(examples: &[ReportExample]) -> String {
-    examples.first().map(|e| e.prompt.replace('`', "'").replace('\n', " ")).unwrap_or_default()
 }
 
 /// The metrics as an aligned text table: one row per metric, one column per model.
@@ -203,9 +224,15 @@ fn file_safe(name: &str) -> String {
     }
 }
 
-/// Text safe inside a markdown table cell.
+/// Text safe inside a markdown table cell: tags such as `<image>` or `<think>` shown, not parsed as HTML.
 fn md_cell(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('|', "\\|").replace("\r\n", "<br>").replace('\n', "<br>")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\\', "\\\\")
+        .replace('|', "\\|")
+        .replace("\r\n", "<br>")
+        .replace('\n', "<br>")
 }
 
 fn md_link(p: &Path) -> String {
