@@ -57,7 +57,8 @@ pub fn metrics_row(
 #[derive(Debug, Clone)]
 pub struct ReportFiles {
     pub report: PathBuf,
-    pub chart: PathBuf,
+    /// `metrics.png`, and `attributes.png` when there are attribute accuracies besides other metrics.
+    pub charts: Vec<PathBuf>,
     /// One `generated_predictions_<model>.jsonl` per model, in the order of `models`.
     pub predictions: Vec<PathBuf>,
     /// The metrics table aligned for a terminal.
@@ -65,8 +66,9 @@ pub struct ReportFiles {
 }
 
 /// Writes into `out_dir` (created if needed): `report.md` (metrics table, then the first `n_examples` examples
-/// with the image, the reference and every model's answer side by side), `metrics.png` (a bar chart of the
-/// metrics on a 0–100 scale: all but losses and perplexities), and per model
+/// with the image, the reference and every model's answer side by side), bar charts of the metrics on a 0–100
+/// scale (all but losses and perplexities: `metrics.png`, with the `acc_*` attribute accuracies in
+/// `attributes.png` when both kinds are present, so that each chart's labels stay legible), and per model
 /// `generated_predictions_<model>.jsonl` in LLaMA-Factory's format. Returns the paths and the terminal table.
 pub fn write_report(out_dir: &Path, report: &Report) -> Result<ReportFiles> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -94,17 +96,31 @@ pub fn write_report(out_dir: &Path, report: &Report) -> Result<ReportFiles> {
         predictions.push(path);
     }
 
-    // Chart of the percentage-scale metrics.
-    let chart = out_dir.join("metrics.png");
+    // Charts of the percentage-scale metrics.
     let charted: Vec<String> = names
         .iter()
         .filter(|n| !(n.contains("loss") || n.contains("perplexity")))
         .filter(|n| (0..report.models.len()).all(|m| value(m, n).is_none_or(|v| (0.0..=100.0).contains(&v))))
         .cloned()
         .collect();
-    let values: Vec<Vec<f64>> =
-        (0..report.models.len()).map(|m| charted.iter().map(|n| value(m, n).unwrap_or(0.0)).collect()).collect();
-    crate::plot::bar_chart(&chart, report.title, &charted, report.models, &values)?;
+    let (acc, other): (Vec<String>, Vec<String>) = charted.into_iter().partition(|n| n.starts_with("acc_"));
+    let groups: Vec<(&str, String, Vec<String>)> = if acc.is_empty() || other.is_empty() {
+        vec![("metrics.png", report.title.to_string(), [other, acc].concat())]
+    } else {
+        vec![
+            ("metrics.png", report.title.to_string(), other),
+            ("attributes.png", format!("{}: attribute accuracy (%)", report.title), acc),
+        ]
+    };
+    let mut charts = Vec::new();
+    for (file, title, names) in &groups {
+        let path = out_dir.join(file);
+        let values: Vec<Vec<f64>> =
+            (0..report.models.len()).map(|m| names.iter().map(|n| value(m, n).unwrap_or(0.0)).collect()).collect();
+        let labels: Vec<String> = names.iter().map(|n| n.strip_prefix("acc_").unwrap_or(n).to_string()).collect();
+        crate::plot::bar_chart(&path, title, &labels, report.models, &values)?;
+        charts.push(path);
+    }
 
     // report.md
     let mut md = String::new();
@@ -115,7 +131,10 @@ pub fn write_report(out_dir: &Path, report: &Report) -> Result<ReportFiles> {
         let cells: Vec<String> = (0..report.models.len()).map(|m| fmt_value(n, value(m, n))).collect();
         let _ = writeln!(md, "| {} | {} |", md_cell(n), cells.join(" | "));
     }
-    let _ = writeln!(md, "\n![metrics](metrics.png)\n");
+    md.push('\n');
+    for (file, _, _) in &groups {
+        let _ = writeln!(md, "![{}]({file})\n", file.trim_end_matches(".png"));
+    }
     let shown = report.n_examples.min(report.examples.len());
     if shown > 0 {
         let examples = &report.examples[..shown];
@@ -145,7 +164,7 @@ pub fn write_report(out_dir: &Path, report: &Report) -> Result<ReportFiles> {
     let report_path = out_dir.join("report.md");
     std::fs::write(&report_path, &md).with_context(|| format!("writing {}", report_path.display()))?;
 
-    Ok(ReportFiles { report: report_path, chart, predictions, table: terminal_table(report.models, report.metrics) })
+    Ok(ReportFiles { report: report_path, charts, predictions, table: terminal_table(report.models, report.metrics) })
 }
 
 /// The metrics as an aligned text table: one row per metric, one column per model.

@@ -57,8 +57,8 @@ fn report_writes_markdown_predictions_chart_and_table() {
     std::fs::create_dir_all(img.parent().unwrap()).unwrap();
     let models = vec!["base".to_string(), "saves/lora adapter".to_string()];
     let metrics = vec![
-        vec![("eval_loss".to_string(), 2.5), ("bleu-4".to_string(), 3.25), ("colour".to_string(), 12.5)],
-        vec![("eval_loss".to_string(), 0.31), ("bleu-4".to_string(), 88.0), ("colour".to_string(), 100.0)],
+        vec![("eval_loss".to_string(), 2.5), ("bleu-4".to_string(), 3.25), ("acc_colour".to_string(), 12.5)],
+        vec![("eval_loss".to_string(), 0.31), ("bleu-4".to_string(), 88.0), ("acc_colour".to_string(), 100.0)],
     ];
     let examples = vec![
         ReportExample {
@@ -88,7 +88,11 @@ fn report_writes_markdown_predictions_chart_and_table() {
     assert!(md.contains("一个 \\| 竖线<br>换行"), "cells escape pipes and newlines: {md}");
     assert!(!md.contains("r2"), "only n_examples examples are shown");
     assert!(md.contains("Prompt: &lt;image&gt;请识别并描述图片中的机器人及其特征"), "{md}");
-    assert!(image::open(&files.chart).is_ok());
+    assert_eq!(files.charts.len(), 2, "text metrics and attribute accuracies apart");
+    for chart in &files.charts {
+        assert!(image::open(chart).is_ok());
+    }
+    assert!(md.contains("![metrics](metrics.png)") && md.contains("![attributes](attributes.png)"), "{md}");
 
     assert_eq!(files.predictions.len(), 2);
     assert!(files.predictions[1].ends_with("generated_predictions_saves_lora_adapter.jsonl"));
