@@ -177,11 +177,7 @@ pub fn report_runs(runs: Vec<ModelRun>, items: &[Item], opts: &CompareOptions, o
         items.iter().map(|i| i.attributes.as_ref().and_then(|a| serde_json::from_value(a.clone()).ok())).collect();
     let mut metrics = Vec::new();
     for run in &runs {
-        let mut m: Vec<(String, f64)> =
-            vec![("eval_loss".into(), run.eval_loss), ("perplexity".into(), run.perplexity)];
-        for (name, v) in corpus(&score_all(&run.predictions, &labels)).named() {
-            m.push((name.to_string(), v));
-        }
+        let text = corpus(&score_all(&run.predictions, &labels));
         // Attribute accuracy over the rows that carry labels.
         let (pred, lab): (Vec<Attributes>, Vec<Attributes>) = run
             .predictions
@@ -189,21 +185,12 @@ pub fn report_runs(runs: Vec<ModelRun>, items: &[Item], opts: &CompareOptions, o
             .zip(&wanted)
             .filter_map(|(p, w)| w.as_ref().map(|w| (extract(p), w.clone())))
             .unzip();
-        if !lab.is_empty() {
-            let acc = accuracy(&pred, &lab);
-            let mut core = Vec::new();
-            for a in &acc {
-                m.push((format!("{} acc", a.key), a.percent()));
-                if CORE_ATTRIBUTES.contains(&a.key) {
-                    core.push(a.percent());
-                }
-            }
-            if !core.is_empty() {
-                m.push(("attributes acc".into(), core.iter().sum::<f64>() / core.len() as f64));
-            }
+        let acc = if lab.is_empty() { vec![] } else { accuracy(&pred, &lab) };
+        let mut m = super::metrics_row(Some(run.eval_loss), Some(&text), &acc);
+        let core: Vec<f64> = acc.iter().filter(|a| CORE_ATTRIBUTES.contains(&a.key)).map(|a| a.percent()).collect();
+        if !core.is_empty() {
+            m.push(("acc_core_mean".into(), core.iter().sum::<f64>() / core.len() as f64));
         }
-        let secs = run.generate_seconds.max(1e-9);
-        m.push(("gen tokens/s".into(), run.generated_tokens as f64 / secs));
         metrics.push(m);
     }
     let models: Vec<String> = runs.iter().map(|r| r.name.clone()).collect();
@@ -217,13 +204,10 @@ pub fn report_runs(runs: Vec<ModelRun>, items: &[Item], opts: &CompareOptions, o
             answers: runs.iter().map(|r| r.predictions[k].clone()).collect(),
         })
         .collect();
-    // The throughput column is not a quality metric: keep it out of the chart and the report's main table.
-    let shown: Vec<Vec<(String, f64)>> =
-        metrics.iter().map(|m| m.iter().filter(|(n, _)| n != "gen tokens/s").cloned().collect()).collect();
     let report = super::Report {
         title: &opts.title,
         models: &models,
-        metrics: &shown,
+        metrics: &metrics,
         examples: &examples,
         n_examples: opts.report_examples,
     };

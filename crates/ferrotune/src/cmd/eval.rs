@@ -71,7 +71,9 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     let c = compare(&candidates, &eval_items, &opts, &args.output_dir)?;
     print!("{}", c.files.table);
     println!("\nreport: {}", c.files.report.display());
-    println!("chart:  {}", c.files.chart.display());
+    for chart in &c.files.charts {
+        println!("chart:  {}", chart.display());
+    }
     for p in &c.files.predictions {
         println!("predictions: {}", p.display());
     }
