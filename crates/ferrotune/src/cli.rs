@@ -19,6 +19,10 @@ pub enum Command {
     Data(DataCommand),
     /// Print the environment: version, build features, CPU, threads, GPU, dtypes
     Env,
+    /// The whole workflow on the embedded default: data, before/after evaluation, LoRA training (no downloads)
+    Demo(DemoArgs),
+    /// Compare the base model and fine-tunes on a held-out split (loss, BLEU-4, ROUGE, attribute accuracy)
+    Eval(EvalArgs),
     /// Measure speed and memory (forward, LoRA training, decoding) on a checkpoint or a generated one
     Bench(BenchArgs),
     /// Serve base + adapters behind an OpenAI-compatible HTTP API
@@ -141,4 +145,63 @@ mod tests {
         assert!(i.file.is_none() && i.skip_bad_rows);
         assert_eq!(i.overrides.len(), 4);
     }
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Folder for everything the demo writes
+    #[arg(long, default_value = "ferrotune-demo")]
+    pub out: std::path::PathBuf,
+    /// Language of the robot descriptions: zh (as the reference run) or en
+    #[arg(long, default_value = "zh")]
+    pub lang: String,
+    /// Training rows and held-out rows
+    #[arg(long, default_value_t = 500)]
+    pub train_rows: usize,
+    #[arg(long, default_value_t = 50)]
+    pub eval_rows: usize,
+    /// Epochs of LoRA training
+    #[arg(long, default_value_t = 3.0)]
+    pub epochs: f64,
+    /// Rebuild the embedded base model from scratch (pretraining on scene captions; several minutes) and write
+    /// it to the source tree's assets/demo-base
+    #[arg(long)]
+    pub rebuild_base: bool,
+    /// Use this base checkpoint instead of the embedded one
+    #[arg(long)]
+    pub base: Option<std::path::PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// The base checkpoint
+    #[arg(long = "model_name_or_path", alias = "model")]
+    pub model: Option<std::path::PathBuf>,
+    /// An adapter to compare with the base (repeat, or comma-separate, for several)
+    #[arg(long = "adapter_name_or_path", alias = "adapter", value_delimiter = ',')]
+    pub adapters: Vec<std::path::PathBuf>,
+    /// A merged (exported) checkpoint to compare as well (repeatable)
+    #[arg(long)]
+    pub merged: Vec<std::path::PathBuf>,
+    /// Held-out dataset name(s) in dataset_info.json (or a file path)
+    #[arg(long)]
+    pub dataset: Option<String>,
+    #[arg(long = "dataset_dir", default_value = "data")]
+    pub dataset_dir: std::path::PathBuf,
+    /// Chat template (default: picked from the checkpoint)
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Evaluate at most this many rows
+    #[arg(long = "max_samples")]
+    pub max_samples: Option<usize>,
+    #[arg(long = "max_new_tokens", default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Where report.md, the prediction files and the chart go
+    #[arg(long = "output_dir", default_value = "eval")]
+    pub output_dir: std::path::PathBuf,
+    /// Examples shown in report.md
+    #[arg(long, default_value_t = 8)]
+    pub examples: usize,
+    /// Or: a training config (its eval_dataset, or its val_size split of dataset, is used)
+    pub config: Option<std::path::PathBuf>,
 }

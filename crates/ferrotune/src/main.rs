@@ -15,6 +15,8 @@ fn main() -> ExitCode {
         Command::Train(args) => cmd::train::run(args),
         Command::Data(DataCommand::Check(args)) => cmd::data::check(args),
         Command::Env => cmd::env::run(),
+        Command::Demo(args) => cmd::demo::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Api(args) => cmd::api::run(args),
         Command::Chat(args) => cmd::chat::run(args),

@@ -4,7 +4,9 @@
 //! colour words carries over to the robots. Everything is deterministic from a seed: the same seed writes
 //! byte-identical files.
 
+pub mod base;
 pub mod draw;
+pub mod pipeline;
 pub mod robots;
 pub mod scenes;
 

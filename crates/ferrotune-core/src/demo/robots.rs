@@ -167,7 +167,7 @@ pub const ARM_COUNTS: [u32; 4] = [0, 1, 2, 4];
 pub struct RobotSpec {
     pub colour: Colour,
     pub head: Head,
-    /// 0, 1, 2 or 4.
+    /// 0, 1, 2 or 4 (any other count is drawn as 4).
     pub arms: u32,
     /// Grippers at the ends of the arms (always false without arms).
     pub grippers: bool,

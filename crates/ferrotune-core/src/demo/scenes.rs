@@ -283,20 +283,14 @@ pub fn draw_scene(spec: &SceneSpec, rng: &mut impl Rng) -> RgbImage {
     cv.finish()
 }
 
-fn count_zh(n: usize) -> &'static str {
-    match n {
-        1 => "一",
-        2 => "两",
-        _ => "三",
-    }
+fn count_zh(n: usize) -> String {
+    const WORDS: [&str; 10] = ["零", "一", "两", "三", "四", "五", "六", "七", "八", "九"];
+    WORDS.get(n).map_or_else(|| n.to_string(), |w| w.to_string())
 }
 
-fn count_en(n: usize) -> &'static str {
-    match n {
-        1 => "one",
-        2 => "two",
-        _ => "three",
-    }
+fn count_en(n: usize) -> String {
+    const WORDS: [&str; 10] = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"];
+    WORDS.get(n).map_or_else(|| n.to_string(), |w| w.to_string())
 }
 
 fn a_en(word: &str) -> &'static str {
@@ -310,6 +304,12 @@ fn a_en(word: &str) -> &'static str {
 /// The full caption of a scene.
 pub fn caption(spec: &SceneSpec, lang: Lang) -> String {
     let n = spec.items.len();
+    if n == 0 {
+        return match lang {
+            Lang::Zh => "图中没有图形。".to_string(),
+            Lang::En => "There are no shapes in the picture.".to_string(),
+        };
+    }
     match lang {
         Lang::Zh => {
             let parts: Vec<String> = spec
@@ -329,10 +329,10 @@ pub fn caption(spec: &SceneSpec, lang: Lang) -> String {
                 .iter()
                 .map(|it| format!("{} {} {} {}", a_en(it.colour.en), it.colour.en, it.shape.en(), it.position.en()))
                 .collect();
-            let list = match parts.len() {
-                1 => parts[0].clone(),
-                2 => format!("{} and {}", parts[0], parts[1]),
-                _ => format!("{}, {} and {}", parts[0], parts[1], parts[2]),
+            let list = match parts.split_last() {
+                Some((last, [])) => last.clone(),
+                Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+                None => String::new(),
             };
             if n == 1 {
                 format!("There is one shape in the picture: {list}.")
@@ -346,7 +346,11 @@ pub fn caption(spec: &SceneSpec, lang: Lang) -> String {
 /// A question about `spec` and its answer, with a phrasing drawn from `rng`.
 pub fn question(spec: &SceneSpec, kind: Question, lang: Lang, rng: &mut impl Rng) -> (String, String) {
     let n = spec.items.len();
-    let it = spec.items.choose(rng).copied().unwrap_or(spec.items[0]);
+    let Some(it) = spec.items.choose(rng).copied() else {
+        // Nothing to ask about colour or place: describe the (empty) picture.
+        let q = if lang == Lang::Zh { "请描述这张图片" } else { "Describe this picture." };
+        return (q.to_string(), caption(spec, lang));
+    };
     let pick =
         |rng: &mut dyn rand::RngCore, opts: &[&str]| -> String { opts[rng.random_range(0..opts.len())].to_string() };
     match (kind, lang) {

@@ -34,11 +34,32 @@ pub struct Report<'a> {
     pub n_examples: usize,
 }
 
+/// One model's metrics in report order and with LLaMA-Factory's names where it has them: `eval_loss`,
+/// `eval_perplexity` (exp of the loss), `bleu-4`, `rouge-1`, `rouge-2`, `rouge-l`, then `acc_<attribute>` in
+/// percent for each labelled attribute.
+pub fn metrics_row(
+    eval_loss: Option<f64>,
+    text: Option<&metrics::SampleScores>,
+    attributes: &[attributes::AttributeAccuracy],
+) -> Vec<(String, f64)> {
+    let mut row = Vec::new();
+    if let Some(loss) = eval_loss {
+        row.push(("eval_loss".to_string(), loss));
+        row.push(("eval_perplexity".to_string(), loss.exp()));
+    }
+    if let Some(t) = text {
+        row.extend(t.named().iter().map(|(n, v)| (n.to_string(), *v)));
+    }
+    row.extend(attributes.iter().map(|a| (format!("acc_{}", a.key), a.percent())));
+    row
+}
+
 /// Paths written and the terminal table.
 #[derive(Debug, Clone)]
 pub struct ReportFiles {
     pub report: PathBuf,
-    pub chart: PathBuf,
+    /// `metrics.png`, and `attributes.png` when there are attribute accuracies besides other metrics.
+    pub charts: Vec<PathBuf>,
     /// One `generated_predictions_<model>.jsonl` per model, in the order of `models`.
     pub predictions: Vec<PathBuf>,
     /// The metrics table aligned for a terminal.
@@ -46,8 +67,9 @@ pub struct ReportFiles {
 }
 
 /// Writes into `out_dir` (created if needed): `report.md` (metrics table, then the first `n_examples` examples
-/// with the image, the reference and every model's answer side by side), `metrics.png` (a bar chart of the
-/// metrics on a 0–100 scale: all but losses and perplexities), and per model
+/// with the image, the reference and every model's answer side by side), bar charts of the metrics on a 0–100
+/// scale (all but losses and perplexities: `metrics.png`, with the `acc_*` attribute accuracies in
+/// `attributes.png` when both kinds are present, so that each chart's labels stay legible), and per model
 /// `generated_predictions_<model>.jsonl` in LLaMA-Factory's format. Returns the paths and the terminal table.
 pub fn write_report(out_dir: &Path, report: &Report) -> Result<ReportFiles> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -75,17 +97,31 @@ pub fn write_report(out_dir: &Path, report: &Report) -> Result<ReportFiles> {
         predictions.push(path);
     }
 
-    // Chart of the percentage-scale metrics.
-    let chart = out_dir.join("metrics.png");
+    // Charts of the percentage-scale metrics.
     let charted: Vec<String> = names
         .iter()
         .filter(|n| !(n.contains("loss") || n.contains("perplexity")))
         .filter(|n| (0..report.models.len()).all(|m| value(m, n).is_none_or(|v| (0.0..=100.0).contains(&v))))
         .cloned()
         .collect();
-    let values: Vec<Vec<f64>> =
-        (0..report.models.len()).map(|m| charted.iter().map(|n| value(m, n).unwrap_or(0.0)).collect()).collect();
-    crate::plot::bar_chart(&chart, report.title, &charted, report.models, &values)?;
+    let (acc, other): (Vec<String>, Vec<String>) = charted.into_iter().partition(|n| n.starts_with("acc_"));
+    let groups: Vec<(&str, String, Vec<String>)> = if acc.is_empty() || other.is_empty() {
+        vec![("metrics.png", report.title.to_string(), [other, acc].concat())]
+    } else {
+        vec![
+            ("metrics.png", report.title.to_string(), other),
+            ("attributes.png", format!("{}: attribute accuracy (%)", report.title), acc),
+        ]
+    };
+    let mut charts = Vec::new();
+    for (file, title, names) in &groups {
+        let path = out_dir.join(file);
+        let values: Vec<Vec<f64>> =
+            (0..report.models.len()).map(|m| names.iter().map(|n| value(m, n).unwrap_or(0.0)).collect()).collect();
+        let labels: Vec<String> = names.iter().map(|n| n.strip_prefix("acc_").unwrap_or(n).to_string()).collect();
+        crate::plot::bar_chart(&path, title, &labels, report.models, &values)?;
+        charts.push(path);
+    }
 
     // report.md
     let mut md = String::new();
@@ -96,36 +132,40 @@ pub fn write_report(out_dir: &Path, report: &Report) -> Result<ReportFiles> {
         let cells: Vec<String> = (0..report.models.len()).map(|m| fmt_value(n, value(m, n))).collect();
         let _ = writeln!(md, "| {} | {} |", md_cell(n), cells.join(" | "));
     }
-    let _ = writeln!(md, "\n![metrics](metrics.png)\n");
+    md.push('\n');
+    for (file, _, _) in &groups {
+        let _ = writeln!(md, "![{}]({file})\n", file.trim_end_matches(".png"));
+    }
     let shown = report.n_examples.min(report.examples.len());
     if shown > 0 {
+        let examples = &report.examples[..shown];
+        // One prompt for all (the robot task) is said once; varied prompts get a column.
+        let shared = examples.iter().all(|e| e.prompt == examples[0].prompt);
         let _ = writeln!(md, "## Examples ({shown} of {})\n", report.examples.len());
-        let _ = writeln!(
-            md,
-            "| # | image | reference | {} |",
-            report.models.iter().map(|m| md_cell(m)).collect::<Vec<_>>().join(" | ")
-        );
-        let _ = writeln!(md, "|---|---|---|{}", "---|".repeat(report.models.len()));
-        for (i, ex) in report.examples.iter().take(shown).enumerate() {
+        if shared {
+            let _ = writeln!(md, "Prompt: {}\n", md_cell(&examples[0].prompt));
+        }
+        let models: Vec<String> = report.models.iter().map(|m| md_cell(m)).collect();
+        let prompt_col = if shared { "" } else { " prompt |" };
+        let _ = writeln!(md, "| # | image |{prompt_col} reference | {} |", models.join(" | "));
+        let _ = writeln!(md, "|---|---|{}---|{}", if shared { "" } else { "---|" }, "---|".repeat(report.models.len()));
+        for (i, ex) in examples.iter().enumerate() {
             let image = match &ex.image {
                 Some(p) => format!("![example {}]({})", i + 1, md_link(&relative_to(p, out_dir))),
                 None => String::new(),
             };
+            let prompt = if shared { String::new() } else { format!(" {} |", md_cell(&ex.prompt)) };
             let answers: Vec<String> = (0..report.models.len())
                 .map(|m| md_cell(ex.answers.get(m).map(String::as_str).unwrap_or("")))
                 .collect();
-            let _ = writeln!(md, "| {} | {image} | {} | {} |", i + 1, md_cell(&ex.reference), answers.join(" | "));
+            let _ =
+                writeln!(md, "| {} | {image} |{prompt} {} | {} |", i + 1, md_cell(&ex.reference), answers.join(" | "));
         }
-        let _ = writeln!(md, "\nPrompt of example 1: `{}`", ex_prompt(report.examples));
     }
     let report_path = out_dir.join("report.md");
     std::fs::write(&report_path, &md).with_context(|| format!("writing {}", report_path.display()))?;
 
-    Ok(ReportFiles { report: report_path, chart, predictions, table: terminal_table(report.models, report.metrics) })
-}
-
-fn ex_prompt(examples: &[ReportExample]) -> String {
-    examples.first().map(|e| e.prompt.replace('`', "'").replace('\n', " ")).unwrap_or_default()
+    Ok(ReportFiles { report: report_path, charts, predictions, table: terminal_table(report.models, report.metrics) })
 }
 
 /// The metrics as an aligned text table: one row per metric, one column per model.
@@ -204,9 +244,15 @@ fn file_safe(name: &str) -> String {
     }
 }
 
-/// Text safe inside a markdown table cell.
+/// Text safe inside a markdown table cell: tags such as `<image>` or `<think>` shown, not parsed as HTML.
 fn md_cell(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('|', "\\|").replace("\r\n", "<br>").replace('\n', "<br>")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\\', "\\\\")
+        .replace('|', "\\|")
+        .replace("\r\n", "<br>")
+        .replace('\n', "<br>")
 }
 
 fn md_link(p: &Path) -> String {

@@ -130,3 +130,87 @@ pub fn run_model(candidate: &Candidate, items: &[Item], max_new_tokens: usize, p
         generated_tokens,
     })
 }
+
+/// Options of a comparison.
+pub struct CompareOptions {
+    pub max_new_tokens: usize,
+    /// Examples shown in report.md.
+    pub report_examples: usize,
+    pub progress: bool,
+    pub title: String,
+}
+
+/// The result of comparing models on one split.
+pub struct Comparison {
+    pub models: Vec<String>,
+    /// (metric, value) per model, in `models` order.
+    pub metrics: Vec<Vec<(String, f64)>>,
+    pub files: super::ReportFiles,
+    pub runs: Vec<ModelRun>,
+}
+
+impl Comparison {
+    /// The value of `metric` for model `m`.
+    pub fn get(&self, m: usize, metric: &str) -> Option<f64> {
+        self.metrics.get(m)?.iter().find(|(n, _)| n == metric).map(|x| x.1)
+    }
+}
+
+/// Attributes scored by default: what a description of the demo's robots must get right.
+pub const CORE_ATTRIBUTES: [&str; 4] = ["colour", "head", "arms", "locomotion"];
+
+/// Runs every candidate on `items` and writes the side-by-side report into `out_dir`.
+pub fn compare(candidates: &[Candidate], items: &[Item], opts: &CompareOptions, out_dir: &Path) -> Result<Comparison> {
+    let mut runs = Vec::new();
+    for c in candidates {
+        runs.push(run_model(c, items, opts.max_new_tokens, opts.progress)?);
+    }
+    report_runs(runs, items, opts, out_dir)
+}
+
+/// Scores finished runs (one per model, same items) and writes the side-by-side report into `out_dir`.
+pub fn report_runs(runs: Vec<ModelRun>, items: &[Item], opts: &CompareOptions, out_dir: &Path) -> Result<Comparison> {
+    use super::attributes::{accuracy, extract, Attributes};
+    use super::metrics::{corpus, score_all};
+    let labels: Vec<String> = items.iter().map(|i| i.reference.clone()).collect();
+    let wanted: Vec<Option<Attributes>> =
+        items.iter().map(|i| i.attributes.as_ref().and_then(|a| serde_json::from_value(a.clone()).ok())).collect();
+    let mut metrics = Vec::new();
+    for run in &runs {
+        let text = corpus(&score_all(&run.predictions, &labels));
+        // Attribute accuracy over the rows that carry labels.
+        let (pred, lab): (Vec<Attributes>, Vec<Attributes>) = run
+            .predictions
+            .iter()
+            .zip(&wanted)
+            .filter_map(|(p, w)| w.as_ref().map(|w| (extract(p), w.clone())))
+            .unzip();
+        let acc = if lab.is_empty() { vec![] } else { accuracy(&pred, &lab) };
+        let mut m = super::metrics_row(Some(run.eval_loss), Some(&text), &acc);
+        let core: Vec<f64> = acc.iter().filter(|a| CORE_ATTRIBUTES.contains(&a.key)).map(|a| a.percent()).collect();
+        if !core.is_empty() {
+            m.push(("acc_core_mean".into(), core.iter().sum::<f64>() / core.len() as f64));
+        }
+        metrics.push(m);
+    }
+    let models: Vec<String> = runs.iter().map(|r| r.name.clone()).collect();
+    let examples: Vec<super::ReportExample> = items
+        .iter()
+        .enumerate()
+        .map(|(k, it)| super::ReportExample {
+            image: it.sample.images.first().cloned(),
+            prompt: it.prompt_text.clone(),
+            reference: it.reference.clone(),
+            answers: runs.iter().map(|r| r.predictions[k].clone()).collect(),
+        })
+        .collect();
+    let report = super::Report {
+        title: &opts.title,
+        models: &models,
+        metrics: &metrics,
+        examples: &examples,
+        n_examples: opts.report_examples,
+    };
+    let files = super::write_report(out_dir, &report)?;
+    Ok(Comparison { models, metrics, files, runs })
+}

@@ -346,3 +346,28 @@ fn languages_parse() {
     let rows = read_json(&dir.path().join("mllm_robot.json"));
     assert_eq!(rows[0]["messages"][0]["content"], robots::PROMPT_EN);
 }
+
+#[test]
+fn generated_datasets_load_through_the_data_stage() {
+    use ferrotune_core::data::{convert::convert, info::resolve, read::read_rows};
+    let dir = tempfile::tempdir().unwrap();
+    robots::generate(dir.path(), &small(21, Lang::Zh)).unwrap();
+    scenes::generate(dir.path(), &SceneOptions { n_train: 12, n_eval: 4, ..Default::default() }).unwrap();
+    let names: Vec<String> = ["mllm_robot", "mllm_robot_eval", "scenes", "scenes_eval"].map(String::from).into();
+    let attrs = resolve(&names, dir.path()).unwrap();
+    let mut total = 0;
+    for attr in &attrs {
+        assert!(attr.tags_given, "{}: tags are written, no detection needed", attr.name);
+        for file in &attr.files {
+            for row in read_rows(file).unwrap() {
+                let conv = convert(&row.value, attr, &attr.tags)
+                    .unwrap_or_else(|e| panic!("{} row {}: {e}", attr.name, row.index));
+                assert!(!conv.placeholders_added);
+                assert_eq!(conv.images.len(), 1);
+                assert!(dir.path().join(&conv.images[0]).is_file());
+                total += 1;
+            }
+        }
+    }
+    assert_eq!(total, 40 + 10 + 12 + 4);
+}

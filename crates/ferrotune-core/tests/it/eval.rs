@@ -1,7 +1,8 @@
 //! Attribute extraction on free text, and the model-agnostic report writer.
 
 use ferrotune_core::eval::attributes::{accuracy, extract, Attributes};
-use ferrotune_core::eval::{prediction_line, terminal_table, write_report, Report, ReportExample};
+use ferrotune_core::eval::metrics::SampleScores;
+use ferrotune_core::eval::{metrics_row, prediction_line, terminal_table, write_report, Report, ReportExample};
 use serde_json::Value;
 
 #[test]
@@ -56,8 +57,8 @@ fn report_writes_markdown_predictions_chart_and_table() {
     std::fs::create_dir_all(img.parent().unwrap()).unwrap();
     let models = vec!["base".to_string(), "saves/lora adapter".to_string()];
     let metrics = vec![
-        vec![("eval_loss".to_string(), 2.5), ("bleu-4".to_string(), 3.25), ("colour".to_string(), 12.5)],
-        vec![("eval_loss".to_string(), 0.31), ("bleu-4".to_string(), 88.0), ("colour".to_string(), 100.0)],
+        vec![("eval_loss".to_string(), 2.5), ("bleu-4".to_string(), 3.25), ("acc_colour".to_string(), 12.5)],
+        vec![("eval_loss".to_string(), 0.31), ("bleu-4".to_string(), 88.0), ("acc_colour".to_string(), 100.0)],
     ];
     let examples = vec![
         ReportExample {
@@ -86,7 +87,12 @@ fn report_writes_markdown_predictions_chart_and_table() {
     assert!(md.contains("![example 1](../data/robots/robot_eval_0001.png)"), "{md}");
     assert!(md.contains("一个 \\| 竖线<br>换行"), "cells escape pipes and newlines: {md}");
     assert!(!md.contains("r2"), "only n_examples examples are shown");
-    assert!(image::open(&files.chart).is_ok());
+    assert!(md.contains("Prompt: &lt;image&gt;请识别并描述图片中的机器人及其特征"), "{md}");
+    assert_eq!(files.charts.len(), 2, "text metrics and attribute accuracies apart");
+    for chart in &files.charts {
+        assert!(image::open(chart).is_ok());
+    }
+    assert!(md.contains("![metrics](metrics.png)") && md.contains("![attributes](attributes.png)"), "{md}");
 
     assert_eq!(files.predictions.len(), 2);
     assert!(files.predictions[1].ends_with("generated_predictions_saves_lora_adapter.jsonl"));
@@ -117,4 +123,16 @@ fn prediction_lines_match_python_json_dumps() {
         prediction_line("a\nb\t\u{1}", "中文", "\\"),
         "{\"prompt\": \"a\\nb\\t\\u0001\", \"predict\": \"中文\", \"label\": \"\\\\\"}"
     );
+}
+
+#[test]
+fn metrics_rows_use_llamafactory_names() {
+    let text = SampleScores { bleu4: 1.0, rouge1: 2.0, rouge2: 3.0, rouge_l: 4.0 };
+    let labels = vec![Attributes { colour: Some("red".into()), ..Default::default() }];
+    let acc = accuracy(&[extract("红色")], &labels);
+    let row = metrics_row(Some(0.0), Some(&text), &acc);
+    let names: Vec<&str> = row.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["eval_loss", "eval_perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "acc_colour"]);
+    assert_eq!(row[1].1, 1.0);
+    assert_eq!(row[6].1, 100.0);
 }

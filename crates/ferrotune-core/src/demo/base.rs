@@ -1,0 +1,128 @@
+//! The demo's small pretrained base: a real `qwen3_5` architecture at about 3M parameters, pretrained from
+//! random init with ferrotune's own full fine-tuning on captions of synthetic scenes (shapes, colours,
+//! positions: not the robot task), so that it can see and speak before the LoRA. Its files ship inside the
+//! binary; [`rebuild`] is the recipe that makes them.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+
+use crate::config::Plan;
+use crate::models::qwen3_5::init::{config_json, random_weights, Sizes, TokenIds};
+
+/// The files of the base that never change (tokenizer, chat template, processor and generation settings).
+const STATIC_FILES: &[(&str, &[u8])] = &[
+    ("tokenizer.json", include_bytes!("../../assets/demo-base/tokenizer.json")),
+    ("tokenizer_config.json", include_bytes!("../../assets/demo-base/tokenizer_config.json")),
+    ("chat_template.jinja", include_bytes!("../../assets/demo-base/chat_template.jinja")),
+    ("preprocessor_config.json", include_bytes!("../../assets/demo-base/preprocessor_config.json")),
+    ("video_preprocessor_config.json", include_bytes!("../../assets/demo-base/video_preprocessor_config.json")),
+    ("generation_config.json", include_bytes!("../../assets/demo-base/generation_config.json")),
+];
+
+/// The pretrained weights and config, when this build has them.
+#[cfg(demo_base)]
+const WEIGHTS: Option<(&[u8], &[u8])> = Some((
+    include_bytes!("../../assets/demo-base/config.json"),
+    include_bytes!("../../assets/demo-base/model.safetensors"),
+));
+#[cfg(not(demo_base))]
+const WEIGHTS: Option<(&[u8], &[u8])> = None;
+
+/// Where the recipe writes the base in a source checkout.
+pub fn assets_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo-base")
+}
+
+/// Writes the embedded base checkpoint into `dir`.
+pub fn write_embedded(dir: &Path) -> Result<()> {
+    let Some((config, weights)) = WEIGHTS else {
+        bail!(
+            "this build has no pretrained demo base (assets/demo-base/model.safetensors); build it once with \
+             `ferrotune demo --rebuild-base`, then rebuild ferrotune"
+        )
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    for (name, bytes) in STATIC_FILES.iter().chain([("config.json", config), ("model.safetensors", weights)].iter()) {
+        std::fs::write(dir.join(name), bytes).with_context(|| format!("{}: cannot write", dir.join(name).display()))?;
+    }
+    Ok(())
+}
+
+/// Settings of the pretraining recipe. The defaults are what the committed base was built with.
+#[derive(Clone, Debug)]
+pub struct Recipe {
+    pub seed: u64,
+    pub scenes: usize,
+    pub epochs: f64,
+    pub learning_rate: f64,
+    pub batch_size: usize,
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Self { seed: 0, scenes: 3000, epochs: 6.0, learning_rate: 2e-3, batch_size: 8 }
+    }
+}
+
+/// Rebuilds the base from scratch into `out` (config.json + model.safetensors in bf16), working in `work`:
+/// random init → scene captions → full fine-tuning of every weight, vision tower and merger included.
+pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, progress: bool) -> Result<PathBuf> {
+    std::fs::create_dir_all(work).with_context(|| format!("{}: cannot create", work.display()))?;
+    // 1. Random init of the demo architecture with the shipped tokenizer.
+    let init = work.join("init");
+    std::fs::create_dir_all(&init)?;
+    for (name, bytes) in STATIC_FILES {
+        std::fs::write(init.join(name), bytes)?;
+    }
+    let tok = crate::tokenizer::Tokenizer::from_path(&init)?;
+    let json = config_json(&Sizes::demo(), &TokenIds::from_tokenizer(&tok)?);
+    let cfg = crate::models::qwen3_5::Config::from_json(&json)?;
+    std::fs::write(init.join("config.json"), serde_json::to_string_pretty(&json)?)?;
+    crate::checkpoint::save_safetensors(
+        &random_weights(&cfg, DType::BF16, recipe.seed)?,
+        &init.join("model.safetensors"),
+    )?;
+    // 2. Captioned scenes.
+    let data = work.join("data");
+    let opts = super::scenes::SceneOptions { n_train: recipe.scenes, seed: recipe.seed + 7, ..Default::default() };
+    super::scenes::generate(&data, &opts)?;
+    // 3. Full fine-tuning with a LLaMA-Factory config.
+    let train_out = work.join("pretrained");
+    let yaml = format!(
+        "model_name_or_path: {init}\ntemplate: qwen3_5_nothink\nstage: sft\ndo_train: true\nfinetuning_type: full\n\
+         freeze_vision_tower: false\nfreeze_multi_modal_projector: false\ndataset: scenes\ndataset_dir: {data}\n\
+         cutoff_len: 256\nlearning_rate: {lr}\nnum_train_epochs: {ep}\nper_device_train_batch_size: {bs}\n\
+         gradient_accumulation_steps: 1\nlr_scheduler_type: cosine\nwarmup_ratio: 0.03\nweight_decay: 0.01\n\
+         disable_gradient_checkpointing: true\nlogging_steps: 25\nsave_steps: 100000\nseed: {seed}\n\
+         output_dir: {out}\noverwrite_output_dir: true\nplot_loss: true\nreport_to: none\n",
+        init = init.display(),
+        data = data.display(),
+        lr = recipe.learning_rate,
+        ep = recipe.epochs,
+        bs = recipe.batch_size,
+        seed = recipe.seed,
+        out = train_out.display()
+    );
+    let yaml_path = work.join("pretrain_base.yaml");
+    std::fs::write(&yaml_path, &yaml)?;
+    println!("pretraining the demo base with {}:\n{yaml}", yaml_path.display());
+    let plan = Plan::load(Some(&yaml_path), &[])?;
+    let prepared = crate::data::prepare(&plan, &|_, _| {})?;
+    let run = crate::train::run::run(
+        &plan,
+        &prepared,
+        &crate::train::run::RunOptions { stop, progress, halt_after_step: None },
+    )?;
+    if run.interrupted {
+        bail!("pretraining was interrupted; nothing was written to {}", out.display());
+    }
+    // 4. The result: bf16 weights and the config (the static files stay as they are).
+    std::fs::create_dir_all(out)?;
+    std::fs::copy(train_out.join("config.json"), out.join("config.json"))?;
+    std::fs::copy(train_out.join("model.safetensors"), out.join("model.safetensors"))?;
+    let _ = std::fs::copy(train_out.join("training_loss.png"), work.join("pretrain_loss.png"));
+    Ok(out.join("model.safetensors"))
+}

@@ -1,0 +1,81 @@
+//! `ferrotune eval`: base vs fine-tunes on a held-out split, side by side.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use ferrotune_core::config::Plan;
+use ferrotune_core::eval::runner::{compare, items, Candidate, CompareOptions};
+
+use crate::cli::EvalArgs;
+
+pub fn run(args: EvalArgs) -> Result<ExitCode> {
+    // A plan gives the template, cutoff and image settings exactly as training used them.
+    let mut overrides: Vec<String> = vec!["do_train=false".into()];
+    let plan = match &args.config {
+        Some(cfg) => {
+            let mut p = Plan::load(Some(cfg), &overrides)?;
+            if p.data.eval_datasets.is_empty() && p.data.val_size == ferrotune_core::config::ValSize::None {
+                bail!("{}: set eval_dataset or val_size to say which rows are held out", cfg.display());
+            }
+            if let Some(m) = &args.model {
+                p.model_name_or_path = m.clone();
+            }
+            p
+        }
+        None => {
+            let model = args.model.as_ref().context("give --model_name_or_path (or a training config)")?;
+            let dataset = args.dataset.as_ref().context("give --dataset, the held-out rows (or a training config)")?;
+            overrides.push(format!("model_name_or_path={}", model.display()));
+            overrides.push(format!("eval_dataset={dataset}"));
+            overrides.push(format!("dataset_dir={}", args.dataset_dir.display()));
+            if let Some(t) = &args.template {
+                overrides.push(format!("template={t}"));
+            }
+            if let Some(n) = args.max_samples {
+                overrides.push(format!("max_samples={n}"));
+            }
+            Plan::load(None, &overrides)?
+        }
+    };
+    let prepared = ferrotune_core::data::prepare(&plan, &|_, _| {})?;
+    if prepared.eval.is_empty() {
+        bail!("no held-out rows to evaluate");
+    }
+    let base = plan.model_name_or_path.clone();
+    let mut candidates = vec![Candidate { name: "base".into(), model_dir: base.clone(), adapters: vec![] }];
+    let adapters = if args.adapters.is_empty() { plan.adapter_name_or_path.clone() } else { args.adapters.clone() };
+    for a in &adapters {
+        let name = a.file_name().and_then(|n| n.to_str()).unwrap_or("adapter").to_string();
+        candidates.push(Candidate { name: format!("base+{name}"), model_dir: base.clone(), adapters: vec![a.clone()] });
+    }
+    for m in &args.merged {
+        let name = m.file_name().and_then(|n| n.to_str()).unwrap_or("merged").to_string();
+        candidates.push(Candidate { name, model_dir: m.clone(), adapters: vec![] });
+    }
+    let engine = ferrotune_core::infer::Engine::load(
+        &base,
+        &[],
+        ferrotune_core::infer::AdapterMode::Merge,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )?;
+    let eval_items = items(&prepared.eval, &engine)?;
+    drop(engine);
+    let opts = CompareOptions {
+        max_new_tokens: args.max_new_tokens,
+        report_examples: args.examples,
+        progress: std::io::stderr().is_terminal(),
+        title: format!("evaluation on {} held-out rows", eval_items.len()),
+    };
+    let c = compare(&candidates, &eval_items, &opts, &args.output_dir)?;
+    print!("{}", c.files.table);
+    println!("\nreport: {}", c.files.report.display());
+    for chart in &c.files.charts {
+        println!("chart:  {}", chart.display());
+    }
+    for p in &c.files.predictions {
+        println!("predictions: {}", p.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
