@@ -252,6 +252,12 @@ pub fn save_safetensors(tensors: &std::collections::HashMap<String, Tensor>, pat
         views.iter().map(|(n, t)| Ok((*n, t.contiguous()?))).collect::<candle_core::Result<_>>()?;
     safetensors::tensor::serialize_to_file(contiguous.iter().map(|(n, t)| (*n, t)), Some(meta), &tmp)
         .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", tmp.display()))?;
+    // The serialiser creates private (0600) files; weights are meant to be shared like any other output.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
+    }
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }

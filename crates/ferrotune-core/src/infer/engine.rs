@@ -224,6 +224,7 @@ impl Engine {
         let mut out: Vec<u32> = Vec::new();
         let mut emitted = 0usize; // bytes of `text` already handed to on_text
         let mut text = String::new();
+        let (mut settled, mut settled_len) = (0usize, 0usize); // tokens / bytes of text that are final
         let hold = req.stop.iter().map(|s| s.len()).max().unwrap_or(0);
         let mut finish = FinishReason::Length;
         while out.len() < req.max_tokens {
@@ -233,7 +234,15 @@ impl Engine {
                 break;
             }
             out.push(tok);
-            text = self.tokenizer.decode(&out, true)?;
+            // Decode only the tokens after the last complete character: byte-level pieces concatenate, so the
+            // text grows in O(1) per token instead of re-decoding everything.
+            let tail = self.tokenizer.decode(&out[settled..], true)?;
+            text.truncate(settled_len);
+            text.push_str(&tail);
+            if !tail.ends_with('\u{FFFD}') {
+                settled = out.len();
+                settled_len = text.len();
+            }
             if let Some(cut) = req.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
                 text.truncate(cut);
                 finish = FinishReason::Stop;
