@@ -1,3 +1,4 @@
 //! The binary's one integration-test binary: runs the built `ferrotune` as users do.
 
 mod cli;
+mod readme;
