@@ -63,7 +63,7 @@ pub struct Recipe {
 
 impl Default for Recipe {
     fn default() -> Self {
-        Self { seed: 0, scenes: 3000, epochs: 6.0, learning_rate: 2e-3, batch_size: 8 }
+        Self { seed: 0, scenes: 5000, epochs: 4.0, learning_rate: 2e-3, batch_size: 8 }
     }
 }
 
@@ -85,15 +85,31 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         &random_weights(&cfg, DType::BF16, recipe.seed)?,
         &init.join("model.safetensors"),
     )?;
-    // 2. Captioned scenes.
+    // 2. Captioned scenes: single large shapes first teach what colours and shapes look like, full scenes of
+    //    up to three small shapes teach where things are and how many.
     let data = work.join("data");
-    let opts = super::scenes::SceneOptions { n_train: recipe.scenes, seed: recipe.seed + 7, ..Default::default() };
-    super::scenes::generate(&data, &opts)?;
+    let simple = super::scenes::SceneOptions {
+        n_train: recipe.scenes / 2,
+        n_eval: 50,
+        seed: recipe.seed + 11,
+        max_shapes: 1,
+        radius: (22.0, 40.0),
+        name: "shapes".into(),
+        ..Default::default()
+    };
+    super::scenes::generate(&data, &simple)?;
+    let full = super::scenes::SceneOptions {
+        n_train: recipe.scenes / 2,
+        n_eval: 50,
+        seed: recipe.seed + 7,
+        ..Default::default()
+    };
+    super::scenes::generate(&data, &full)?;
     // 3. Full fine-tuning with a LLaMA-Factory config.
     let train_out = work.join("pretrained");
     let yaml = format!(
         "model_name_or_path: {init}\ntemplate: qwen3_5_nothink\nstage: sft\ndo_train: true\nfinetuning_type: full\n\
-         freeze_vision_tower: false\nfreeze_multi_modal_projector: false\ndataset: scenes\ndataset_dir: {data}\n\
+         freeze_vision_tower: false\nfreeze_multi_modal_projector: false\ndataset: shapes,scenes\ndataset_dir: {data}\n\
          cutoff_len: 256\nlearning_rate: {lr}\nnum_train_epochs: {ep}\nper_device_train_batch_size: {bs}\n\
          gradient_accumulation_steps: 1\nlr_scheduler_type: cosine\nwarmup_ratio: 0.03\nweight_decay: 0.01\n\
          disable_gradient_checkpointing: true\nlogging_steps: 25\nsave_steps: 100000\nseed: {seed}\n\

@@ -203,17 +203,37 @@ pub struct SceneOptions {
     pub seed: u64,
     /// Each row's language is drawn from these (both by default).
     pub langs: Vec<Lang>,
+    /// Shapes per picture are drawn from 1..=max_shapes.
+    pub max_shapes: usize,
+    /// Shape radius in pixels, drawn from this range.
+    pub radius: (f32, f32),
+    /// Name of the dataset: files `<name>.json` / `<name>_eval.json`, images under `<name>/`, dataset names
+    /// `<name>` and `<name>_eval` (so several variants can share one dataset_dir).
+    pub name: String,
 }
 
 impl Default for SceneOptions {
     fn default() -> Self {
-        SceneOptions { n_train: 2000, n_eval: 100, seed: 7, langs: vec![Lang::Zh, Lang::En] }
+        SceneOptions {
+            n_train: 2000,
+            n_eval: 100,
+            seed: 7,
+            langs: vec![Lang::Zh, Lang::En],
+            max_shapes: 3,
+            radius: (13.0, 18.0),
+            name: TRAIN_NAME.to_string(),
+        }
     }
 }
 
 /// A random scene.
 pub fn sample_scene(rng: &mut impl Rng) -> SceneSpec {
-    let n = rng.random_range(1..=3);
+    sample_scene_with(rng, 3, (13.0, 18.0))
+}
+
+/// A random scene of 1..=`max_shapes` shapes with radii in `radius`.
+pub fn sample_scene_with(rng: &mut impl Rng, max_shapes: usize, radius: (f32, f32)) -> SceneSpec {
+    let n = rng.random_range(1..=max_shapes.clamp(1, Position::ALL.len()));
     let mut shapes = Shape::ALL.to_vec();
     shapes.shuffle(rng);
     let mut cells = Position::ALL.to_vec();
@@ -223,7 +243,7 @@ pub fn sample_scene(rng: &mut impl Rng) -> SceneSpec {
             shape: shapes[i],
             colour: *COLOURS.choose(rng).unwrap_or(&COLOURS[0]),
             position: cells[i],
-            radius: rng.random_range(13.0f32..18.0).round(),
+            radius: rng.random_range(radius.0..radius.1.max(radius.0 + 1.0)).round(),
             dx: rng.random_range(-3.0f32..=3.0).round(),
             dy: rng.random_range(-3.0f32..=3.0).round(),
             rotation: rng.random_range(-0.25f32..0.25),
@@ -394,12 +414,16 @@ pub fn question(spec: &SceneSpec, kind: Question, lang: Lang, rng: &mut impl Rng
 
 /// Writes the train and held-out splits, their images and `dataset_info.json` entries under `dir`.
 pub fn generate(dir: &Path, opts: &SceneOptions) -> Result<Summary> {
-    let img_dir = dir.join("scenes");
+    let name = opts.name.as_str();
+    let img_dir = dir.join(name);
     std::fs::create_dir_all(&img_dir).with_context(|| format!("creating {}", img_dir.display()))?;
     let langs = if opts.langs.is_empty() { vec![Lang::Zh, Lang::En] } else { opts.langs.clone() };
     let mut master = StdRng::seed_from_u64(opts.seed);
     let mut bytes = 0u64;
-    for (file, stem, n) in [("scenes.json", "scene", opts.n_train), ("scenes_eval.json", "scene_eval", opts.n_eval)] {
+    let (train_file, eval_file) = (format!("{name}.json"), format!("{name}_eval.json"));
+    for (file, stem, n) in
+        [(train_file.as_str(), "scene", opts.n_train), (eval_file.as_str(), "scene_eval", opts.n_eval)]
+    {
         let mut rng = StdRng::seed_from_u64(master.random());
         let mut rows = Vec::with_capacity(n);
         // Half the rows describe the whole picture (the skill the robot task needs); the rest ask the others.
@@ -416,10 +440,10 @@ pub fn generate(dir: &Path, opts: &SceneOptions) -> Result<Summary> {
             &mut rng,
         );
         for (i, kind) in kinds.into_iter().enumerate() {
-            let spec = sample_scene(&mut rng);
+            let spec = sample_scene_with(&mut rng, opts.max_shapes, opts.radius);
             let mut draw_rng = StdRng::seed_from_u64(rng.random());
             let img = draw_scene(&spec, &mut draw_rng);
-            let rel = format!("scenes/{stem}_{:04}.png", i + 1);
+            let rel = format!("{name}/{stem}_{:04}.png", i + 1);
             bytes += super::write_png(&dir.join(&rel), &img)?;
             let lang = *langs.choose(&mut rng).unwrap_or(&Lang::Zh);
             let (q, a) = question(&spec, kind, lang, &mut rng);
@@ -427,15 +451,13 @@ pub fn generate(dir: &Path, opts: &SceneOptions) -> Result<Summary> {
         }
         bytes += super::write_json(&dir.join(file), &Value::Array(rows))?;
     }
+    let eval_name = format!("{name}_eval");
     bytes += super::register_datasets(
         dir,
-        &[
-            (TRAIN_NAME, super::dataset_info_entry("scenes.json")),
-            (EVAL_NAME, super::dataset_info_entry("scenes_eval.json")),
-        ],
+        &[(name, super::dataset_info_entry(&train_file)), (&eval_name, super::dataset_info_entry(&eval_file))],
     )?;
     Ok(Summary {
-        datasets: vec![TRAIN_NAME.into(), EVAL_NAME.into()],
+        datasets: vec![name.to_string(), eval_name],
         n_train: opts.n_train,
         n_eval: opts.n_eval,
         images: opts.n_train + opts.n_eval,
