@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::GpuCheck(args) => cmd::gpu_check::run(args),
     };
     match result {
         Ok(code) => code,

@@ -5,6 +5,7 @@ pub mod data;
 pub mod demo;
 pub mod env;
 pub mod eval;
+pub mod gpu_check;
 pub mod train;
 
 use anyhow::Result;

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# The GPU check, on a machine with an NVIDIA GPU and driver but no Rust: parity on CUDA against the committed
+# fixtures, a LoRA training benchmark on a ~1B-parameter random-init qwen3_5, decode speed, one summary table.
+# About 4-6 minutes on an H100; each step has its own time limit so the whole stays under 8.
+#
+# Build and carry (see README, section GPU): tools/cuda/build.sh here, then run from the repository root there:
+#   tools/cuda/check.sh [DIR]          DIR holds ferrotune (+ ferrotune-it); default target-cuda/gpu
+# Environment: CHECK_OUT (logs and the generated checkpoint, default /tmp/ferrotune-gpu-check),
+#   FERROTUNE_CUDA_LIBS (a folder with the CUDA 13 libraries, if the search below does not find them),
+#   ANCHOR=0 (skip the PyTorch + PEFT runs beside ours), PYTHON (default python3).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+DIR=${1:-target-cuda/gpu}
+BIN=$DIR/ferrotune
+OUT=${CHECK_OUT:-/tmp/ferrotune-gpu-check}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+[ -x "$BIN" ] || { echo "check: no $BIN (build it with tools/cuda/build.sh and carry $DIR)" >&2; exit 2; }
+T0=$(date +%s)
+
+# 1. The CUDA 13 libraries the binary links (runtime, cuBLAS, cuRAND, NVRTC) from wherever this machine has them:
+# PyTorch's nvidia-* wheels, a toolkit under /usr/local/cuda, the driver's folder. The driver's libcuda.so.1 must
+# be the real one.
+candidates() {
+  [ -n "${FERROTUNE_CUDA_LIBS:-}" ] && echo "$FERROTUNE_CUDA_LIBS"
+  "$PYTHON" - 2>/dev/null <<'PY'
+import os
+try:
+    import nvidia
+    for p in nvidia.__path__:
+        for d in sorted(os.listdir(p)):
+            if os.path.isdir(os.path.join(p, d, "lib")):
+                print(os.path.join(p, d, "lib"))
+except Exception:
+    pass
+PY
+  ls -d /usr/local/cuda*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib /usr/local/nvidia/lib64 \
+    /usr/lib/x86_64-linux-gnu 2>/dev/null
+}
+LIBDIRS=""
+for so in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+  for d in $(candidates); do
+    if [ -e "$d/$so" ]; then
+      case ":$LIBDIRS:" in *":$d:"*) ;; *) LIBDIRS="$LIBDIRS:$d" ;; esac
+      break
+    fi
+  done
+done
+export LD_LIBRARY_PATH="${LIBDIRS#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if ldd "$BIN" | grep -q "not found"; then
+  echo "check: libraries not found (set FERROTUNE_CUDA_LIBS):" >&2
+  ldd "$BIN" | grep "not found" >&2
+  exit 2
+fi
+ldd "$BIN" | grep -E "libcuda|libcudart|libcublas|libcurand|libnvrtc" > "$OUT/ldd.txt"
+echo "== libraries"; cat "$OUT/ldd.txt"
+
+step() { # name, seconds, command...: runs with a limit, keeps the log, never stops the script
+  local name=$1 limit=$2; shift 2
+  echo "== $name"
+  local s=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  cat "$OUT/$name.log"
+  echo "[$name: exit $rc, $(( $(date +%s) - s )) s]"
+  echo "$rc" > "$OUT/$name.rc"
+}
+
+ANCHOR_ARGS=()
+if [ "${ANCHOR:-1}" != 0 ] && "$PYTHON" -c "import torch, peft, transformers; assert torch.cuda.is_available()" 2>/dev/null; then
+  ANCHOR_ARGS=(--python "$(command -v "$PYTHON")")
+fi
+
+# 2. Environment and parity (logits f32/bf16 vs transformers, LoRA gradients vs PEFT, ops vs CPU, generation).
+step env 60 "$BIN" env
+step parity 180 "$BIN" gpu-check --device cuda
+if [ -x "$DIR/ferrotune-it" ]; then
+  step cuda-tests 120 env FERROTUNE_REQUIRE_GPU=1 "$DIR/ferrotune-it" cuda:: --test-threads 1
+fi
+# 3. Training: LoRA r=8 on every decoder linear, bf16 base, per-layer checkpointing, 1024 tokens with one 448x448
+# image (196 image tokens) per sample, batch 1. The checkpoint is generated once and reused for decoding.
+step train 300 "$BIN" bench train --preset 1b --cache "$OUT/models" --device cuda --seq 1024 --image 448 \
+  --steps 8 --rank 8 --json "${ANCHOR_ARGS[@]}"
+# 4. Decoding: 256-token prompt, 128 greedy tokens, bf16 weights.
+step decode 120 "$BIN" bench decode --preset 1b --cache "$OUT/models" --device cuda --seq 256 --new-tokens 128 \
+  --json "${ANCHOR_ARGS[@]}"
+
+# 5. One table.
+echo
+echo "== summary ($(( $(date +%s) - T0 )) s)"
+"$PYTHON" - "$OUT" <<'PY' || { echo "(no python3: see the logs in $OUT)"; }
+import json, os, re, sys
+out = sys.argv[1]
+read = lambda n: open(os.path.join(out, n)).read() if os.path.exists(os.path.join(out, n)) else ""
+rc = lambda n: read(n + ".rc").strip() or "not run"
+env = read("env.log")
+gpu = re.search(r"gpu 0\s*:\s*(.*)", env)
+drv = re.search(r"- cuda\s*:\s*(.*)", env)
+rows = [("GPU", gpu.group(1) if gpu else "?"), ("driver", drv.group(1) if drv else "?")]
+par = read("parity.log")
+checks = [l for l in par.splitlines() if l.endswith(("PASS", "FAIL"))]
+fails = [l.split("  ")[0] for l in checks if l.endswith("FAIL")]
+rows.append(("parity", f"{len(checks) - len(fails)}/{len(checks)} checks pass (exit {rc('parity')})"
+             + (f"; FAILED: {', '.join(fails)}" if fails else "")))
+for key in ["logits float32", "logits bfloat16", "LoRA all float32, checkpointed: worst",
+            "LoRA all bfloat16, checkpointed: all"]:
+    hits = [l for l in checks if l.startswith(key)]
+    if hits:
+        worst = max(float(l.split()[-4]) for l in hits)
+        bound = min(float(l.split()[-2]) for l in hits)
+        rows.append(("  " + key.rstrip(":"), f"{worst:.2e} (bound {bound:.1e})"))
+if os.path.exists(os.path.join(out, "cuda-tests.rc")):
+    t = re.search(r"test result: .*", read("cuda-tests.log"))
+    rows.append(("cuda tests", t.group(0) if t else f"exit {rc('cuda-tests')}"))
+def bench(name):
+    lines = [l for l in read(name + ".log").splitlines() if l.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+gib = lambda b: f"{b / 2**30:.2f} GiB" if b else "?"
+t = bench("train")
+if t:
+    f = t["ferrotune"]
+    rows.append(("train 1B (LoRA, bf16)", f"{f['samples_per_second']:.3f} samples/s, {f['tokens_per_second']:.0f} tokens/s, "
+                 f"peak GPU {gib(f['peak_gpu'])}  [{f['params'] / 1e9:.2f}B params, 1024 tokens + 448² image]"))
+    if "python" in t:
+        p = t["python"]
+        rows.append(("  pytorch+peft", f"{p['samples_per_second']:.3f} samples/s, {p['tokens_per_second']:.0f} tokens/s, "
+                     f"peak GPU {gib(p.get('peak_gpu'))}  (ferrotune/pytorch time {f['wall_per_sample'] / p['wall_per_sample']:.2f}x)"))
+else:
+    rows.append(("train 1B", f"no result (exit {rc('train')})"))
+d = bench("decode")
+if d:
+    f = d["ferrotune"]
+    rows.append(("decode 1B (bf16)", f"{f['tokens_per_second']:.1f} tokens/s, first token {f['ttft']:.3f} s, peak GPU {gib(f['peak_gpu'])}"))
+    if "python" in d:
+        p = d["python"]
+        rows.append(("  transformers", f"{p['tokens_per_second']:.1f} tokens/s, first token {p['ttft']:.3f} s"))
+else:
+    rows.append(("decode 1B", f"no result (exit {rc('decode')})"))
+w = max(len(k) for k, _ in rows)
+for k, v in rows:
+    print(f"| {k:<{w}} | {v}")
+PY
+for s in parity train decode; do [ "$(cat "$OUT/$s.rc" 2>/dev/null)" = 0 ] || exit 1; done
