@@ -67,7 +67,8 @@ def main():
         ids[0, 2:2 + n_tok] = model.config.image_token_id
         feat = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
         image = {"pixel_values": (torch.rand(side * side, feat, generator=g) * 2 - 1).to(dev, dtype),
-                 "image_grid_thw": torch.tensor([[1, side, side]], device=dev)}
+                 "image_grid_thw": torch.tensor([[1, side, side]], device=dev),
+                 "mm_token_type_ids": (ids == model.config.image_token_id).long().to(dev)}
     labels = ids.clone()
     labels[:, : args.seq // 2] = -100
     labels[ids == model.config.image_token_id] = -100

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Builds ferrotune with CUDA (the toolchain from setup.sh) and puts stripped copies of the binary and of the
-# CUDA test binary in target-cuda/gpu/, the folder to carry to a GPU machine (which needs no Rust there).
+# Builds ferrotune with CUDA (the toolchain from setup.sh) and puts stripped, xz-compressed copies of the binary
+# and of the integration-test binary in target-cuda/gpu/, the folder to carry to a GPU machine (which needs no
+# Rust there; tools/cuda/check.sh unpacks them). Stripped, the binary is ~60 MB, most of it GPU code that
+# candle-kernels links in (its GGUF/MoE kernels): too much beside the repository for a 64 MiB carry; xz brings
+# it to ~8 MB. Uncompressed stripped copies stay in target-cuda/stripped/ for use on this machine.
 # Usage: tools/cuda/build.sh [--no-tests]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -9,11 +12,13 @@ cd "$(dirname "$0")/../.."
 source tools/cuda/.venv/env.sh
 PY=tools/cuda/.venv/bin/python
 OUT=$CARGO_TARGET_DIR/gpu
-mkdir -p "$OUT"
+BIN=$CARGO_TARGET_DIR/stripped
+mkdir -p "$OUT" "$BIN"
 
 start=$(date +%s)
 cargo build --release --locked --features cuda -p ferrotune
-strip -o "$OUT/ferrotune" "$CARGO_TARGET_DIR/release/ferrotune"
+strip -o "$BIN/ferrotune" "$CARGO_TARGET_DIR/release/ferrotune"
+rm -f "$OUT"/*
 if [ "${1:-}" != "--no-tests" ]; then
   # The integration-test binary (its `cuda::` tests need a GPU and skip without one).
   it=$(cargo test --release --locked --features cuda -p ferrotune-core --test it --no-run --message-format=json \
@@ -22,8 +27,9 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "it":
         print(m["executable"])')
-  strip -o "$OUT/ferrotune-it" "$it"
+  strip -o "$BIN/ferrotune-it" "$it"
 fi
-echo "built in $(( $(date +%s) - start )) s; carry $OUT (and the repository, which holds the fixtures):"
-ls -l "$OUT"
-du -sh "$OUT"
+echo "built in $(( $(date +%s) - start )) s"
+for f in "$BIN"/*; do xz -9 -T2 -c "$f" > "$OUT/$(basename "$f").xz"; done
+echo "carry $OUT (and the repository, which holds the fixtures):"
+ls -l "$BIN" "$OUT"

@@ -50,6 +50,11 @@ pub fn open(spec: DeviceSpec) -> Result<Device> {
 #[cfg(feature = "cuda")]
 fn cuda(n: usize) -> Result<Device> {
     let dev = Device::new_cuda(n).map_err(|e| {
+        // The driver's reason is the message; candle's backtrace (captured under RUST_BACKTRACE) is noise here.
+        let e = match e {
+            candle_core::Error::WithBacktrace { inner, .. } => *inner,
+            e => e,
+        };
         anyhow::anyhow!(
             "no usable GPU for cuda:{n}: {e}{}",
             match std::env::var("CUDA_VISIBLE_DEVICES") {
