@@ -16,19 +16,23 @@ BIN=$CARGO_TARGET_DIR/stripped
 mkdir -p "$OUT" "$BIN"
 
 start=$(date +%s)
-cargo build --release --locked --features cuda -p ferrotune
-strip -o "$BIN/ferrotune" "$CARGO_TARGET_DIR/release/ferrotune"
-rm -f "$OUT"/*
-if [ "${1:-}" != "--no-tests" ]; then
-  # The integration-test binary (its `cuda::` tests need a GPU and skip without one).
-  it=$(cargo test --release --locked --features cuda -p ferrotune-core --test it --no-run --message-format=json \
-    | "$PY" -c 'import json,sys
-for l in sys.stdin:
+# One cargo invocation for the binary and the test binary: two would resolve features differently (the test
+# activates dev-dependencies) and compile every CUDA kernel twice.
+targets=(--bins)
+[ "${1:-}" = "--no-tests" ] || targets+=(--test it)
+cargo build --release --locked --features cuda "${targets[@]}" --message-format=json-render-diagnostics \
+  > "$CARGO_TARGET_DIR/build-artifacts.json"
+exe() { # target name, test?: the executable cargo reported
+  "$PY" -c 'import json, sys
+for l in open(sys.argv[1]):
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "it":
-        print(m["executable"])')
-  strip -o "$BIN/ferrotune-it" "$it"
-fi
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[2] \
+            and m["profile"]["test"] == (sys.argv[3] == "1"):
+        print(m["executable"])' "$CARGO_TARGET_DIR/build-artifacts.json" "$1" "$2" | tail -1
+}
+rm -f "$OUT"/* "$BIN"/*
+strip -o "$BIN/ferrotune" "$(exe ferrotune 0)"
+[ "${1:-}" = "--no-tests" ] || strip -o "$BIN/ferrotune-it" "$(exe it 1)"
 echo "built in $(( $(date +%s) - start )) s"
 for f in "$BIN"/*; do xz -9 -T2 -c "$f" > "$OUT/$(basename "$f").xz"; done
 echo "carry $OUT (and the repository, which holds the fixtures):"
