@@ -48,6 +48,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     print_row("ferrotune", &args, &report);
     let mut json =
         serde_json::json!({"bench": args.what, "model": model.display().to_string(), "ferrotune": report.to_json()});
+    if args.json && args.python.is_some() {
+        // Ours now, in case the anchor does not finish; the line after it adds the anchor's numbers.
+        println!("{json}");
+    }
     // A failing anchor is reported, not fatal: ferrotune's own numbers above stand.
     let anchor = args.python.as_ref().map(|py| python_anchor(py, &model, &args, &dev, dtype)).transpose();
     let anchor = anchor.unwrap_or_else(|e| {
