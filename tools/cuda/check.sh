@@ -49,7 +49,7 @@ PY
     /usr/lib/x86_64-linux-gnu 2>/dev/null
 }
 LIBDIRS=""
-for so in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+for so in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcuda.so.1; do
   for d in $(candidates); do
     if [ -e "$d/$so" ]; then
       case ":$LIBDIRS:" in *":$d:"*) ;; *) LIBDIRS="$LIBDIRS:$d" ;; esac
@@ -94,10 +94,10 @@ step model 60 "$BIN" bench forward --preset 1b --cache "$OUT/models" --device cu
 # 4. Training, in the reference run's sample shape: 2048 tokens with one 512x512 image (256 image tokens), batch
 # 1; LoRA r=8 on every decoder linear, bf16 base, per-layer checkpointing.
 step train 150 "$BIN" bench train --preset 1b --cache "$OUT/models" --device cuda --seq 2048 --image 512 \
-  --steps 6 --rank 8 --json "${ANCHOR_ARGS[@]}"
+  --steps 6 --rank 8 --json ${ANCHOR_ARGS[@]+"${ANCHOR_ARGS[@]}"}
 # 5. Decoding: 256-token prompt, 128 greedy tokens, bf16 weights.
 step decode 75 "$BIN" bench decode --preset 1b --cache "$OUT/models" --device cuda --seq 256 --new-tokens 128 \
-  --json "${ANCHOR_ARGS[@]}"
+  --json ${ANCHOR_ARGS[@]+"${ANCHOR_ARGS[@]}"}
 
 # 6. One table.
 echo

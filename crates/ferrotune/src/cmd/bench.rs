@@ -16,8 +16,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         // Both candle's matmul and our rayon loops read this before their pools start.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
-    let model = checkpoint(&args)?;
+    // The device first: no point generating a checkpoint for a GPU that is not there.
     let dev = ferrotune_core::device::parse_device(&args.device)?;
+    let model = checkpoint(&args)?;
     // bf16 base weights on a GPU (as training with `bf16: true`), f32 on the CPU unless asked.
     let dtype = match (args.dtype.as_str(), args.bf16) {
         (_, true) | ("bf16", _) => DType::BF16,
