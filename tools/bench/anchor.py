@@ -3,7 +3,10 @@ transformers (+ PEFT for training), reporting wall and CPU seconds per sample (p
 RSS as one JSON line.
 
 Usage: python anchor.py {train,forward,decode} MODEL_DIR [--seq 264] [--steps 3] [--threads 1]
-                        [--rank 8] [--checkpointing] [--new-tokens 64]
+                        [--rank 8] [--checkpointing] [--new-tokens 64] [--image 0] [--device cpu] [--bf16]
+
+On a GPU (`--device cuda`) times include a synchronisation and `peak_gpu` is torch's max_memory_allocated;
+with `--bf16` the base weights are bf16 while PEFT keeps the adapters in f32 (as LLaMA-Factory trains).
 """
 
 import argparse
@@ -27,15 +30,49 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--image", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true")
     args = ap.parse_args()
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def report():
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out = {"peak_rss": rss, "device": "cpu"}
+        if cuda:
+            out.update(peak_gpu=torch.cuda.max_memory_allocated(), device=torch.cuda.get_device_name())
+        return out
+
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import Qwen3_5ForConditionalGeneration
 
-    model = Qwen3_5ForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = Qwen3_5ForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(dev)
     g = torch.Generator().manual_seed(1)
     vocab = min(model.config.text_config.vocab_size, model.config.image_token_id)
     ids = torch.randint(0, vocab, (1, args.seq), generator=g)
+    image = {}
+    if args.image:
+        # The same synthetic layout as `ferrotune bench`: one square image right after the first two tokens.
+        v = model.config.vision_config
+        side = args.image // v.patch_size
+        side -= side % v.spatial_merge_size
+        n_tok = side * side // v.spatial_merge_size ** 2
+        ids[0, 2:2 + n_tok] = model.config.image_token_id
+        feat = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+        image = {"pixel_values": (torch.rand(side * side, feat, generator=g) * 2 - 1).to(dev, dtype),
+                 "image_grid_thw": torch.tensor([[1, side, side]], device=dev),
+                 "mm_token_type_ids": (ids == model.config.image_token_id).long().to(dev)}
+    labels = ids.clone()
+    labels[:, : args.seq // 2] = -100
+    labels[ids == model.config.image_token_id] = -100
+    ids, labels = ids.to(dev), labels.to(dev)
 
     if args.what == "train":
         from peft import LoraConfig, get_peft_model
@@ -48,11 +85,9 @@ def main():
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
-        labels = ids.clone()
-        labels[:, : args.seq // 2] = -100
 
         def once():
-            model(input_ids=ids, labels=labels).loss.backward()
+            model(input_ids=ids, labels=labels, **image).loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad()
@@ -63,7 +98,7 @@ def main():
 
         def once():
             with torch.no_grad():
-                model(input_ids=ids)
+                model(input_ids=ids, **image)
 
         per = args.steps
     else:
@@ -74,24 +109,31 @@ def main():
                 model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
         gen(2)
+        sync()
         t0, c0 = time.perf_counter(), time.process_time()
         gen(1)
+        sync()
         ttft, cpu_first = time.perf_counter() - t0, time.process_time() - c0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0, c0 = time.perf_counter(), time.process_time()
         gen(args.new_tokens)
+        sync()
         wall = (time.perf_counter() - t0 - ttft) / (args.new_tokens - 1)
         cpu = (time.process_time() - c0 - cpu_first) / (args.new_tokens - 1)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(json.dumps({"wall_per_sample": wall, "cpu_per_sample": cpu, "peak_rss": rss, "ttft": ttft}))
+        print(json.dumps({**report(), "wall_per_sample": wall, "cpu_per_sample": cpu, "ttft": ttft}))
         return
 
     once()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(per):
         once()
+    sync()
     wall, cpu = (time.perf_counter() - t0) / per, (time.process_time() - c0) / per
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"wall_per_sample": wall, "cpu_per_sample": cpu, "peak_rss": rss}))
+    print(json.dumps({**report(), "wall_per_sample": wall, "cpu_per_sample": cpu}))
 
 
 if __name__ == "__main__":

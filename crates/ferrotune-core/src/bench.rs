@@ -32,12 +32,17 @@ pub fn cpu_seconds() -> f64 {
 }
 
 pub struct BenchReport {
+    /// Where it ran ("CPU", "CUDA device 0 (…)") and the base weights' dtype.
+    pub device: String,
+    pub dtype: DType,
     pub params: usize,
     pub trainable: usize,
     pub tokens_per_sample: usize,
     pub wall_per_sample: f64,
     pub cpu_per_sample: f64,
     pub peak_rss: Option<u64>,
+    /// Peak GPU memory held by tensors during the measured iterations (None on the CPU).
+    pub peak_gpu: Option<u64>,
     /// Decode only: time to the first token (prefill), seconds.
     pub ttft: Option<f64>,
 }
@@ -50,6 +55,37 @@ impl BenchReport {
     pub fn tokens_per_second(&self) -> f64 {
         self.tokens_per_sample as f64 / self.wall_per_sample
     }
+
+    /// The numbers as one JSON object (for scripts).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "device": self.device,
+            "dtype": crate::train::run::dtype_name(self.dtype),
+            "params": self.params,
+            "trainable": self.trainable,
+            "tokens_per_sample": self.tokens_per_sample,
+            "wall_per_sample": self.wall_per_sample,
+            "cpu_per_sample": self.cpu_per_sample,
+            "samples_per_second": self.samples_per_second(),
+            "tokens_per_second": self.tokens_per_second(),
+            "peak_rss": self.peak_rss,
+            "peak_gpu": self.peak_gpu,
+            "ttft": self.ttft,
+        })
+    }
+}
+
+/// Starts a measured section: a clean peak on the GPU and the clocks.
+fn start_measure(device: &Device) -> Result<(Instant, f64)> {
+    crate::device::synchronize(device)?;
+    crate::device::reset_peak_memory(device);
+    Ok((Instant::now(), cpu_seconds()))
+}
+
+/// Ends a measured section: waits for queued GPU work, returns (wall, CPU) seconds.
+fn end_measure(device: &Device, (t0, c0): (Instant, f64)) -> Result<(f64, f64)> {
+    crate::device::synchronize(device)?;
+    Ok((t0.elapsed().as_secs_f64(), cpu_seconds() - c0))
 }
 
 /// All parameters of the model (vision tower included).
@@ -106,9 +142,10 @@ fn synthetic(model: &Qwen3_5, seq_len: usize, image_side: usize, seed: u64) -> R
     })
 }
 
-/// LoRA training steps (batch 1, one micro-batch per optimizer step) on `model_dir`.
-pub fn train(model_dir: &Path, opts: &TrainBench, device: &Device) -> Result<BenchReport> {
-    let mut model = Qwen3_5::load(model_dir, DType::F32, device)?;
+/// LoRA training steps (batch 1, one micro-batch per optimizer step) on `model_dir`, base weights in `dtype`
+/// (LoRA weights and optimizer state in f32).
+pub fn train(model_dir: &Path, opts: &TrainBench, dtype: DType, device: &Device) -> Result<BenchReport> {
+    let mut model = Qwen3_5::load(model_dir, dtype, device)?;
     let params = count_params(&mut model);
     let spec = LoraSpec {
         r: opts.rank,
@@ -142,16 +179,20 @@ pub fn train(model_dir: &Path, opts: &TrainBench, device: &Device) -> Result<Ben
         Ok(())
     };
     run(opts.warmup, &mut acc, &mut opt)?;
-    let (t0, c0) = (Instant::now(), cpu_seconds());
+    let m = start_measure(device)?;
     run(opts.steps, &mut acc, &mut opt)?;
+    let (wall, cpu) = end_measure(device, m)?;
     let n = opts.steps.max(1) as f64;
     Ok(BenchReport {
+        device: crate::device::describe(device),
+        dtype,
         params,
         trainable,
         tokens_per_sample: opts.seq_len,
-        wall_per_sample: t0.elapsed().as_secs_f64() / n,
-        cpu_per_sample: (cpu_seconds() - c0) / n,
+        wall_per_sample: wall / n,
+        cpu_per_sample: cpu / n,
         peak_rss: peak_rss_bytes(),
+        peak_gpu: crate::device::peak_memory(device),
         ttft: None,
     })
 }
@@ -162,9 +203,10 @@ pub fn forward(
     seq_len: usize,
     image_side: usize,
     iters: usize,
+    dtype: DType,
     device: &Device,
 ) -> Result<BenchReport> {
-    let mut model = Qwen3_5::load(model_dir, DType::F32, device)?;
+    let mut model = Qwen3_5::load(model_dir, dtype, device)?;
     let params = count_params(&mut model);
     let mb = synthetic(&model, seq_len, image_side, 2)?;
     let go = || -> Result<()> {
@@ -175,18 +217,22 @@ pub fn forward(
         Ok(())
     };
     go()?;
-    let (t0, c0) = (Instant::now(), cpu_seconds());
+    let m = start_measure(device)?;
     for _ in 0..iters {
         go()?;
     }
+    let (wall, cpu) = end_measure(device, m)?;
     let n = iters.max(1) as f64;
     Ok(BenchReport {
+        device: crate::device::describe(device),
+        dtype,
         params,
         trainable: 0,
         tokens_per_sample: seq_len,
-        wall_per_sample: t0.elapsed().as_secs_f64() / n,
-        cpu_per_sample: (cpu_seconds() - c0) / n,
+        wall_per_sample: wall / n,
+        cpu_per_sample: cpu / n,
         peak_rss: peak_rss_bytes(),
+        peak_gpu: crate::device::peak_memory(device),
         ttft: None,
     })
 }
@@ -223,16 +269,20 @@ pub fn decode(
         Ok((ttft, t1.elapsed().as_secs_f64()))
     };
     run()?;
-    let c0 = cpu_seconds();
+    let m = start_measure(device)?;
     let (ttft, secs) = run()?;
+    let (_, cpu) = end_measure(device, m)?;
     let n = new_tokens.max(1) as f64;
     Ok(BenchReport {
+        device: crate::device::describe(device),
+        dtype,
         params,
         trainable: 0,
         tokens_per_sample: 1,
         wall_per_sample: secs / n,
-        cpu_per_sample: (cpu_seconds() - c0) / n,
+        cpu_per_sample: cpu / n,
         peak_rss: peak_rss_bytes(),
+        peak_gpu: crate::device::peak_memory(device),
         ttft: Some(ttft),
     })
 }

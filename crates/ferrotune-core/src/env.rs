@@ -27,7 +27,9 @@ pub fn report() -> Vec<(String, String)> {
         },
     );
     push("memory", mem_total().unwrap_or_else(|| "unknown".into()));
-    push("cuda", cuda_summary());
+    for (k, v) in cuda_rows() {
+        push(&k, v);
+    }
     push(
         "dtypes",
         "CPU computes in f32 (bf16 checkpoints are upcast: bf16 arithmetic is ~2.5x slower on CPUs); \
@@ -95,34 +97,46 @@ fn simd() -> String {
     }
 }
 
-/// GPUs as CUDA reports them, or why there are none.
-pub fn cuda_summary() -> String {
-    #[cfg(feature = "cuda")]
-    {
-        match candle_core::Device::new_cuda(0) {
-            Ok(_) => {
-                let n = (0..16).take_while(|&i| candle_core::Device::new_cuda(i).is_ok()).count();
-                let mut s = format!("{n} device(s)");
-                if let Some(smi) = nvidia_smi() {
-                    s.push_str(&format!("; {smi}"));
-                }
-                s
-            }
-            Err(e) => format!("built with cuda, but no usable GPU: {e}"),
-        }
+/// The CUDA driver and each GPU as CUDA reports them, or why there are none.
+pub fn cuda_rows() -> Vec<(String, String)> {
+    let gpus = match crate::device::gpus() {
+        Ok(g) => g,
+        Err(e) if cfg!(feature = "cuda") => return vec![("cuda".into(), format!("built with cuda, but {e}"))],
+        Err(e) => return vec![("cuda".into(), e)],
+    };
+    let mut driver = String::new();
+    if let Some(v) = nvidia_smi_driver() {
+        driver.push_str(&format!("driver {v}, "));
     }
-    #[cfg(not(feature = "cuda"))]
-    {
-        "not built in (rebuild with `--features cuda`)".into()
+    if let Some((a, b)) = crate::device::driver_cuda_version() {
+        driver.push_str(&format!("supports CUDA {a}.{b}, "));
     }
+    let gib = |b: u64| b as f64 / (1024.0 * 1024.0 * 1024.0);
+    let visible =
+        std::env::var("CUDA_VISIBLE_DEVICES").map(|v| format!(" (CUDA_VISIBLE_DEVICES={v})")).unwrap_or_default();
+    let mut rows = vec![("cuda".to_string(), format!("{driver}{} GPU(s) visible{visible}", gpus.len()))];
+    for g in gpus {
+        let (major, minor) = g.compute_capability;
+        rows.push((
+            format!("gpu {}", g.ordinal),
+            format!(
+                "{} (sm_{major}{minor}), {:.1} GiB total, {:.1} GiB free",
+                g.name,
+                gib(g.total_bytes),
+                gib(g.free_bytes)
+            ),
+        ));
+    }
+    rows
 }
 
-#[cfg(feature = "cuda")]
-fn nvidia_smi() -> Option<String> {
+/// The driver version as nvidia-smi prints it (e.g. 580.159.04), when nvidia-smi is installed.
+fn nvidia_smi_driver() -> Option<String> {
     let out = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
+        .args(["--query-gpu=driver_version", "--format=csv,noheader"])
         .output()
         .ok()?;
-    let s = String::from_utf8_lossy(&out.stdout).trim().replace('\n', " | ");
-    (!s.is_empty()).then_some(s)
+    let s = String::from_utf8_lossy(&out.stdout);
+    let v = s.lines().next()?.trim().to_string();
+    (out.status.success() && !v.is_empty()).then_some(v)
 }

@@ -31,6 +31,19 @@ pub enum Command {
     Chat(crate::cmd::chat::Args),
     /// Merge adapters into the base and write a complete checkpoint
     Export(crate::cmd::export::Args),
+    /// Parity of a device (a GPU) with the reference fixtures and the CPU, as a PASS/FAIL table
+    #[command(name = "gpu-check", hide = true)]
+    GpuCheck(GpuCheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GpuCheckArgs {
+    /// cuda, cuda:N (or cpu, which checks the checks)
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// The repository's tests/fixtures (default: found from the build or the current folder)
+    #[arg(long)]
+    pub fixtures: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -68,9 +81,19 @@ pub struct BenchArgs {
     /// Tokens to generate (decode)
     #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,
-    /// Decode with bf16 weights (half the memory traffic per token)
+    /// Same as --dtype bf16
     #[arg(long)]
     pub bf16: bool,
+    /// Base weights' dtype: auto (bf16 on a GPU, f32 on the CPU), f32 or bf16 (LoRA weights and optimizer
+    /// state are f32 either way)
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16"])]
+    pub dtype: String,
+    /// cpu, cuda, cuda:N or auto (the first GPU when built with CUDA and one is usable)
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Also print the results as one JSON line
+    #[arg(long)]
+    pub json: bool,
     /// Also run the PyTorch + PEFT / transformers anchor from this Python (e.g. tools/golden/.venv/bin/python)
     #[arg(long)]
     pub python: Option<std::path::PathBuf>,
@@ -85,8 +108,9 @@ pub enum DataCommand {
 #[derive(Args, Debug)]
 pub struct ConfigArgs {
     /// CONFIG.yaml (or .json) followed by key=value overrides, or --key value flags alone.
-    /// Also: --strict (samples whose images do not fit cutoff_len are errors, not dropped) and
-    /// --skip-bad-rows (train without the rows that have errors, listing them).
+    /// Also: --strict (samples whose images do not fit cutoff_len are errors, not dropped),
+    /// --skip-bad-rows (train without the rows that have errors, listing them) and
+    /// --device cpu|cuda|cuda:N (default: the first GPU when built with CUDA, unless use_cpu).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CONFIG [KEY=VALUE]...")]
     pub args: Vec<String>,
 }
@@ -97,15 +121,22 @@ pub struct ConfigInput {
     pub overrides: Vec<String>,
     pub strict: bool,
     pub skip_bad_rows: bool,
+    /// `--device`, as given.
+    pub device: Option<String>,
 }
 
 impl ConfigArgs {
     pub fn split(self) -> ConfigInput {
-        let mut input = ConfigInput { file: None, overrides: Vec::new(), strict: false, skip_bad_rows: false };
-        for a in self.args {
+        let mut input =
+            ConfigInput { file: None, overrides: Vec::new(), strict: false, skip_bad_rows: false, device: None };
+        let mut args = self.args.into_iter();
+        while let Some(a) = args.next() {
             match a.as_str() {
                 "--strict" => input.strict = true,
                 "--skip-bad-rows" => input.skip_bad_rows = true,
+                // Not a LLaMA-Factory key: picks the GPU (or the CPU) this run uses.
+                "--device" => input.device = Some(args.next().unwrap_or_default()),
+                _ if a.starts_with("--device=") => input.device = Some(a["--device=".len()..].to_string()),
                 _ if input.file.is_none()
                     && input.overrides.is_empty()
                     && [".yaml", ".yml", ".json"].iter().any(|e| a.to_ascii_lowercase().ends_with(e)) =>
@@ -144,6 +175,10 @@ mod tests {
         let i = split(&["--skip-bad-rows", "--model_name_or_path", "m", "--output_dir", "out.json"]);
         assert!(i.file.is_none() && i.skip_bad_rows);
         assert_eq!(i.overrides.len(), 4);
+        let i = split(&["train.yaml", "--device", "cuda:1", "bf16=true"]);
+        assert_eq!(i.device.as_deref(), Some("cuda:1"));
+        assert_eq!(i.overrides, vec!["bf16=true"]);
+        assert_eq!(split(&["--device=cpu", "x.yaml"]).device.as_deref(), Some("cpu"));
     }
 }
 

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Command::Api(args) => cmd::api::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Export(args) => cmd::export::run(args),
+        Command::GpuCheck(args) => cmd::gpu_check::run(args),
     };
     match result {
         Ok(code) => code,

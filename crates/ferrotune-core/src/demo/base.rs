@@ -130,7 +130,7 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
     let run = crate::train::run::run(
         &plan,
         &prepared,
-        &crate::train::run::RunOptions { stop, progress, halt_after_step: None },
+        &crate::train::run::RunOptions { stop, progress, halt_after_step: None, device: None },
     )?;
     if run.interrupted {
         bail!("pretraining was interrupted; nothing was written to {}", out.display());

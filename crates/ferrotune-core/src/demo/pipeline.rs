@@ -151,7 +151,7 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool) -> Result<DemoResult> {
     let trained = crate::train::run::run(
         &plan,
         &prepared,
-        &crate::train::run::RunOptions { stop, progress: opts.progress, halt_after_step: None },
+        &crate::train::run::RunOptions { stop, progress: opts.progress, halt_after_step: None, device: None },
     )?;
     if trained.interrupted {
         bail!("training was interrupted; run `ferrotune demo` again to start over");

@@ -55,7 +55,9 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?))
+        // An upstream gradient can arrive strided (from a narrow or a transpose); the CUDA matmul accepts fewer
+        // layouts than the CPU one, and this is a no-op for a contiguous gradient.
+        Ok(Some(grad.contiguous()?.matmul(&self.w)?))
     }
 }
 

@@ -79,19 +79,34 @@ impl Linear {
 thread_local! {
     static DROPOUT_RNG: std::cell::RefCell<rand::rngs::StdRng> =
         std::cell::RefCell::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0));
+    /// The current seed, and whether a GPU's generator still has to be reset to it.
+    static DROPOUT_SEED: std::cell::Cell<(u64, bool)> = const { std::cell::Cell::new((0, true)) };
 }
 
 /// Reseeds the dropout masks. Gradient checkpointing reseeds before a segment's forward and before its
 /// recomputation, so both see the same masks (as torch's checkpoint restores the RNG state).
 pub fn seed_dropout(seed: u64) {
     DROPOUT_RNG.with(|r| *r.borrow_mut() = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed));
+    DROPOUT_SEED.with(|s| s.set((seed, true)));
 }
 
 /// Inverted dropout with a mask from the seeded RNG.
 fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
     use rand::Rng;
-    let n = x.elem_count();
     let keep = 1.0 - p;
+    if x.device().is_cuda() {
+        // On a GPU the mask is drawn there (a host mask would be an upload as large as the activation, per
+        // adapter and pass). The device generator is reset once per segment, so a checkpointed recomputation
+        // draws the same masks in the same order.
+        let (seed, reset) = DROPOUT_SEED.with(|s| s.get());
+        if reset {
+            x.device().set_seed(seed)?;
+            DROPOUT_SEED.with(|s| s.set((seed, false)));
+        }
+        let kept = Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p)?;
+        return x.mul(&(kept.to_dtype(x.dtype())? * (1.0 / keep as f64))?);
+    }
+    let n = x.elem_count();
     let mask: Vec<f32> = DROPOUT_RNG.with(|r| {
         let mut r = r.borrow_mut();
         (0..n).map(|_| if r.random::<f32>() < keep { 1.0 / keep } else { 0.0 }).collect()

@@ -137,9 +137,26 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&T
 }
 
 /// Additive causal mask (0 on and below the diagonal shifted by `offset`, -inf above): (S, offset + S).
+/// Built on the device from two index ranges: on a GPU a host-built mask would be an S×T upload per layer.
 pub fn causal_mask(s: usize, offset: usize, device: &candle_core::Device) -> Result<Tensor> {
     let t = offset + s;
-    let mask: Vec<f32> =
-        (0..s).flat_map(|i| (0..t).map(move |j| if j <= i + offset { 0.0 } else { f32::NEG_INFINITY })).collect();
-    Tensor::from_vec(mask, (s, t), device)
+    let rows = Tensor::arange(offset as u32, t as u32, device)?.reshape((s, 1))?;
+    let cols = Tensor::arange(0u32, t as u32, device)?.reshape((1, t))?;
+    let future = cols.broadcast_gt(&rows)?;
+    let zero = Tensor::zeros((s, t), DType::F32, device)?;
+    let ninf = Tensor::full(f32::NEG_INFINITY, (s, t), device)?;
+    future.where_cond(&ninf, &zero)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_is_zero_on_and_below_the_shifted_diagonal() -> Result<()> {
+        let m: Vec<Vec<f32>> = causal_mask(2, 1, &candle_core::Device::Cpu)?.to_vec2()?;
+        let ninf = f32::NEG_INFINITY;
+        assert_eq!(m, vec![vec![0.0, 0.0, ninf], vec![0.0, 0.0, 0.0]]);
+        Ok(())
+    }
 }

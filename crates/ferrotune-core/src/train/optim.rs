@@ -104,10 +104,17 @@ impl AdamW {
 
 /// Total L2 norm of the gradients (norm of the per-tensor norms, in f32 as torch computes it).
 pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
-    let mut norms = Vec::new();
-    for g in grads.iter().flatten() {
-        norms.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?);
+    // Per-tensor norms stay on the device and come back in one transfer: on a GPU each `to_scalar` would be a
+    // synchronisation, hundreds per step with LoRA on every linear.
+    let per_tensor: Vec<Tensor> = grads
+        .iter()
+        .flatten()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()?.sqrt())
+        .collect::<candle_core::Result<_>>()?;
+    if per_tensor.is_empty() {
+        return Ok(0.0);
     }
+    let norms: Vec<f32> = Tensor::stack(&per_tensor, 0)?.to_vec1()?;
     let total: f32 = norms.iter().map(|n| n * n).sum::<f32>().sqrt();
     Ok(total as f64)
 }

@@ -23,6 +23,7 @@ use super::state::{append_trainer_log, console_line, round, write_json_atomic, T
 use super::step::{forward_backward, GradAccum, MicroBatch, StepOptions};
 use crate::config::{FinetuningType, LoraTarget, Plan, Resume, Scheduler};
 use crate::data::{Prepared, Sample};
+use crate::device::{self, DeviceSpec};
 use crate::image::ImageProcessorConfig;
 use crate::lora::{self, Init, LoraSpec, Targets};
 use crate::models::qwen3_5::Qwen3_5;
@@ -35,6 +36,8 @@ pub struct RunOptions<'a> {
     pub progress: bool,
     /// Stop after this optimizer step (tests simulate a killed run with it).
     pub halt_after_step: Option<usize>,
+    /// `--device`; None picks as [`device_for`] says.
+    pub device: Option<DeviceSpec>,
 }
 
 /// What a finished (or stopped) run reports.
@@ -50,20 +53,44 @@ pub struct Outcome {
     pub step_losses: Vec<(usize, f64)>,
 }
 
-pub fn device_for(plan: &Plan) -> Result<(Device, DType, String)> {
-    #[cfg(feature = "cuda")]
-    if !plan.train.use_cpu {
-        if let Ok(d) = Device::new_cuda(0) {
-            let dt = if plan.train.bf16 { DType::BF16 } else { DType::F32 };
-            return Ok((d, dt, format!("CUDA device 0, base weights in {dt:?}, LoRA and optimizer state in f32")));
+/// The training device and compute dtype with a note for the log: `--device` when given, else the first GPU
+/// (when built with CUDA and one is usable) unless `use_cpu`. On a GPU the base weights are in bf16 when `bf16`
+/// is set (f32 otherwise); LoRA weights and optimizer state are always f32. The CPU computes in f32.
+pub fn device_for(plan: &Plan, requested: Option<DeviceSpec>) -> Result<(Device, DType, String)> {
+    let spec = match requested {
+        Some(s) => s,
+        None if plan.train.use_cpu => DeviceSpec::Cpu,
+        None => DeviceSpec::Auto,
+    };
+    let mut why_cpu = String::new();
+    let device = match spec {
+        DeviceSpec::Auto if cfg!(feature = "cuda") => match device::open(DeviceSpec::Cuda(0)) {
+            Ok(d) => d,
+            Err(e) => {
+                why_cpu = format!(" ({e:#})");
+                Device::Cpu
+            }
+        },
+        s => device::open(s)?,
+    };
+    if !device.is_cpu() {
+        let dt = if plan.train.bf16 { DType::BF16 } else { DType::F32 };
+        let mut note = format!(
+            "{}: base weights in {}, LoRA weights and optimizer state in f32",
+            device::describe(&device),
+            dtype_name(dt)
+        );
+        if plan.train.use_cpu {
+            note.push_str(" (--device overrides use_cpu: true)");
         }
+        return Ok((device, dt, note));
     }
     let note = if plan.train.bf16 {
         "CPU: computing in f32 (bf16: true is honoured on GPUs; bf16 arithmetic is ~2.5x slower than f32 on CPUs)"
     } else {
         "CPU: computing in f32"
     };
-    Ok((Device::Cpu, DType::F32, note.to_string()))
+    Ok((Device::Cpu, DType::F32, format!("{note}{why_cpu}")))
 }
 
 /// The LoRA target list of the plan as PEFT target names.
@@ -113,7 +140,7 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
     };
 
     // ---- 2. Model and trainable parameters. ----
-    let (device, dtype, device_note) = device_for(plan)?;
+    let (device, dtype, device_note) = device_for(plan, opts.device)?;
     println!("{device_note}");
     let mut model = Qwen3_5::load(&plan.model_name_or_path, dtype, &device)?;
     let adapters = &plan.adapter_name_or_path;

@@ -7,9 +7,15 @@ use candle_core::{DType, Tensor};
 use ferrotune_core::config::{Origin, Plan, RawConfig};
 use serde_json::Value;
 
-/// `tests/fixtures` at the workspace root.
+/// `tests/fixtures` at the workspace root: where the tests were built, else under the current folder (a test
+/// binary carried to a GPU machine runs from the repository root there).
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures")
+    }
 }
 
 pub fn tiny_checkpoint() -> PathBuf {

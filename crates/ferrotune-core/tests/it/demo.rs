@@ -284,7 +284,7 @@ fn pictures_show_their_attributes() {
 #[test]
 fn scene_files_are_deterministic_captioned_and_drawn_in_the_named_colours() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let opts = SceneOptions { n_train: 60, n_eval: 12, seed: 9, langs: vec![Lang::Zh, Lang::En] };
+    let opts = SceneOptions { n_train: 60, n_eval: 12, seed: 9, langs: vec![Lang::Zh, Lang::En], ..Default::default() };
     let summary = scenes::generate(a.path(), &opts).unwrap();
     assert_eq!(summary.images, 72);
     scenes::generate(b.path(), &opts).unwrap();

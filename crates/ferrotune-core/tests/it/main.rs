@@ -3,6 +3,8 @@
 mod chat;
 mod common;
 mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod data;
 mod demo;
 mod eval;
@@ -12,6 +14,7 @@ mod image;
 mod loading;
 mod metrics;
 mod model;
+mod parity;
 mod template;
 mod train;
 mod train_run;

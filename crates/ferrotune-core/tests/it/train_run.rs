@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 
 use ferrotune_core::config::Plan;
 use ferrotune_core::data::prepare;
+use ferrotune_core::device::DeviceSpec;
 use ferrotune_core::train::run::{run, Outcome, RunOptions};
 
 use crate::common::{fixtures, scratch, tiny_checkpoint};
@@ -52,7 +53,11 @@ fn train(cfg: &Path, overrides: &[&str], halt: Option<usize>) -> anyhow::Result<
     let plan = Plan::load(Some(cfg), &args)?;
     let data = prepare(&plan, &|_, _| {})?;
     let stop = AtomicBool::new(false);
-    run(&plan, &data, &RunOptions { stop: &stop, progress: false, halt_after_step: halt })
+    run(
+        &plan,
+        &data,
+        &RunOptions { stop: &stop, progress: false, halt_after_step: halt, device: Some(DeviceSpec::Cpu) },
+    )
 }
 
 fn read(p: &Path) -> Vec<u8> {

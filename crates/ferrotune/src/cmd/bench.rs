@@ -16,8 +16,16 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         // Both candle's matmul and our rayon loops read this before their pools start.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
+    // The device first: no point generating a checkpoint for a GPU that is not there.
+    let dev = ferrotune_core::device::parse_device(&args.device)?;
     let model = checkpoint(&args)?;
-    let dev = Device::Cpu;
+    // bf16 base weights on a GPU (as training with `bf16: true`), f32 on the CPU unless asked.
+    let dtype = match (args.dtype.as_str(), args.bf16) {
+        (_, true) | ("bf16", _) => DType::BF16,
+        ("f32", _) => DType::F32,
+        _ if dev.is_cpu() => DType::F32,
+        _ => DType::BF16,
+    };
     let report = match args.what.as_str() {
         "train" => {
             let opts = TrainBench {
@@ -29,26 +37,47 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 targets: ferrotune_core::lora::ALL_DECODER_LINEARS.iter().map(|s| s.to_string()).collect(),
                 checkpointing: !args.no_checkpointing,
             };
-            bench::train(&model, &opts, &dev)?
+            bench::train(&model, &opts, dtype, &dev)?
         }
-        "forward" => bench::forward(&model, args.seq, args.image, args.steps, &dev)?,
-        "decode" => {
-            let dtype = if args.bf16 { DType::BF16 } else { DType::F32 };
-            bench::decode(&model, args.seq, args.new_tokens, dtype, &dev)?
-        }
+        "forward" => bench::forward(&model, args.seq, args.image, args.steps, dtype, &dev)?,
+        "decode" => bench::decode(&model, args.seq, args.new_tokens, dtype, &dev)?,
         other => bail!("unknown benchmark {other}"),
     };
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     println!("model: {} ({:.1}M parameters), threads: {threads}", model.display(), report.params as f64 / 1e6);
+    println!("device: {}, base weights in {}", report.device, ferrotune_core::train::run::dtype_name(report.dtype));
     print_row("ferrotune", &args, &report);
-    if let Some(py) = &args.python {
-        let anchor = python_anchor(py, &model, &args)?;
+    let mut json =
+        serde_json::json!({"bench": args.what, "model": model.display().to_string(), "ferrotune": report.to_json()});
+    if args.json && args.python.is_some() {
+        // Ours now, in case the anchor does not finish; the line after it adds the anchor's numbers.
+        println!("{json}");
+    }
+    // A failing anchor is reported, not fatal: ferrotune's own numbers above stand.
+    let anchor = args.python.as_ref().map(|py| python_anchor(py, &model, &args, &dev, dtype)).transpose();
+    let anchor = anchor.unwrap_or_else(|e| {
+        eprintln!("the Python anchor did not run: {e:#}");
+        None
+    });
+    if let Some(anchor) = anchor {
         print_row(anchor_name(&args.what), &args, &anchor);
-        println!(
-            "ratio (ferrotune / python): CPU time {:.2}x, peak RSS {:.2}x",
-            report.cpu_per_sample / anchor.cpu_per_sample,
-            report.peak_rss.unwrap_or(0) as f64 / anchor.peak_rss.unwrap_or(1).max(1) as f64
-        );
+        if dev.is_cpu() {
+            println!(
+                "ratio (ferrotune / python): CPU time {:.2}x, peak RSS {:.2}x",
+                report.cpu_per_sample / anchor.cpu_per_sample,
+                report.peak_rss.unwrap_or(0) as f64 / anchor.peak_rss.unwrap_or(1).max(1) as f64
+            );
+        } else {
+            println!(
+                "ratio (ferrotune / python): wall time {:.2}x, peak GPU memory {:.2}x",
+                report.wall_per_sample / anchor.wall_per_sample,
+                report.peak_gpu.unwrap_or(0) as f64 / anchor.peak_gpu.unwrap_or(1).max(1) as f64
+            );
+        }
+        json["python"] = anchor.to_json();
+    }
+    if args.json {
+        println!("{json}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -64,13 +93,15 @@ fn anchor_name(what: &str) -> &'static str {
 fn print_row(name: &str, args: &BenchArgs, r: &BenchReport) {
     let unit = if args.what == "decode" { "token" } else { "sample" };
     let rss = r.peak_rss.map(|b| format!("{:.0} MB", b as f64 / 1e6)).unwrap_or_else(|| "?".into());
+    let gpu = r.peak_gpu.map(|b| format!(", peak GPU memory {:.2} GiB", b as f64 / (1u64 << 30) as f64));
     let ttft = r.ttft.map(|t| format!(", time to first token {:.3} s", t)).unwrap_or_default();
     println!(
-        "{name:>14}: {:.4} s/{unit} wall, {:.4} CPU-s/{unit}, {:.2} {unit}s/s, {:.1} tokens/s, peak RSS {rss}{ttft}",
+        "{name:>14}: {:.4} s/{unit} wall, {:.4} CPU-s/{unit}, {:.2} {unit}s/s, {:.1} tokens/s, peak RSS {rss}{}{ttft}",
         r.wall_per_sample,
         r.cpu_per_sample,
         1.0 / r.wall_per_sample,
-        r.tokens_per_second()
+        r.tokens_per_second(),
+        gpu.unwrap_or_default()
     );
 }
 
@@ -79,7 +110,7 @@ fn checkpoint(args: &BenchArgs) -> Result<PathBuf> {
     if let Some(m) = &args.model {
         return Ok(m.clone());
     }
-    let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen3_5");
+    let template = repo_file("tests/fixtures/tiny-qwen3_5")?;
     if args.preset == "tiny" {
         return Ok(template);
     }
@@ -93,8 +124,22 @@ fn checkpoint(args: &BenchArgs) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn python_anchor(py: &Path, model: &Path, args: &BenchArgs) -> Result<BenchReport> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/anchor.py");
+/// A file of the repository: where it was built, or under the current folder (a binary carried to another
+/// machine runs from the repository root there).
+fn repo_file(rel: &str) -> Result<PathBuf> {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel);
+    if built.exists() {
+        return Ok(built);
+    }
+    let here = PathBuf::from(rel);
+    if here.exists() {
+        return Ok(here);
+    }
+    bail!("{rel} not found (run from the repository root, or pass --model)")
+}
+
+fn python_anchor(py: &Path, model: &Path, args: &BenchArgs, dev: &Device, dtype: DType) -> Result<BenchReport> {
+    let script = repo_file("tools/bench/anchor.py")?;
     let mut cmd = std::process::Command::new(py);
     cmd.arg(&script)
         .arg(&args.what)
@@ -107,6 +152,15 @@ fn python_anchor(py: &Path, model: &Path, args: &BenchArgs) -> Result<BenchRepor
     if !args.no_checkpointing {
         cmd.arg("--checkpointing");
     }
+    if args.image > 0 {
+        cmd.args(["--image", &args.image.to_string()]);
+    }
+    if !dev.is_cpu() {
+        cmd.args(["--device", "cuda"]);
+    }
+    if dtype == DType::BF16 {
+        cmd.arg("--bf16");
+    }
     let out = cmd.output().with_context(|| format!("running {}", py.display()))?;
     if !out.status.success() {
         bail!("the Python anchor failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -116,12 +170,15 @@ fn python_anchor(py: &Path, model: &Path, args: &BenchArgs) -> Result<BenchRepor
     let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("anchor output: {line}"))?;
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     Ok(BenchReport {
+        device: v["device"].as_str().unwrap_or("?").to_string(),
+        dtype,
         params: 0,
         trainable: 0,
         tokens_per_sample: if args.what == "decode" { 1 } else { args.seq },
         wall_per_sample: f("wall_per_sample"),
         cpu_per_sample: f("cpu_per_sample"),
         peak_rss: v["peak_rss"].as_u64(),
+        peak_gpu: v["peak_gpu"].as_u64(),
         ttft: v["ttft"].as_f64(),
     })
 }

@@ -9,6 +9,7 @@ pub mod env;
 pub mod eval;
 pub mod export;
 pub mod serving;
+pub mod gpu_check;
 pub mod train;
 
 use anyhow::Result;

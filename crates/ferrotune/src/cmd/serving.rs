@@ -125,15 +125,7 @@ pub fn adapter_dirs(list: Option<&str>) -> Result<Vec<PathBuf>> {
 }
 
 fn device(spec: Option<&str>) -> Result<Device> {
-    Ok(match spec.unwrap_or("auto") {
-        "auto" => Device::cuda_if_available(0)?,
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).context("--device cuda")?,
-        s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => Device::new_cuda(n).with_context(|| format!("--device {s}"))?,
-            None => bail!("--device {s:?}: expected cpu, cuda or cuda:N"),
-        },
-    })
+    ferrotune_core::device::parse_device(spec.unwrap_or("auto"))
 }
 
 /// Loads base + adapters as the flags say, with the chat template used in training when an adapter has one.

@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Result};
+use ferrotune_core::device::DeviceSpec;
 use ferrotune_core::train::run::{self as trainer, RunOptions};
 
 use crate::cli::ConfigArgs;
@@ -13,6 +14,7 @@ use crate::cli::ConfigArgs;
 pub fn run(args: ConfigArgs) -> Result<ExitCode> {
     let input = args.split();
     let plan = super::load_plan(&input)?;
+    let device = input.device.as_deref().map(str::parse::<DeviceSpec>).transpose()?;
     if !plan.do_train {
         bail!("`do_train` is not true; set `do_train: true` to train");
     }
@@ -38,7 +40,7 @@ pub fn run(args: ConfigArgs) -> Result<ExitCode> {
         }
         eprintln!("\nCtrl-C: saving a checkpoint after the current step (press again to abort)");
     });
-    let opts = RunOptions { stop: &STOP, progress: std::io::stderr().is_terminal(), halt_after_step: None };
+    let opts = RunOptions { stop: &STOP, progress: std::io::stderr().is_terminal(), halt_after_step: None, device };
     let outcome = trainer::run(&plan, &prepared, &opts)?;
     if outcome.interrupted {
         return Ok(ExitCode::from(130));
