@@ -71,11 +71,16 @@ pub struct LoraSpec {
 
 impl LoraSpec {
     pub fn scale(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.r as f64).sqrt()
-        } else {
-            self.alpha / self.r as f64
-        }
+        scale(self.alpha, self.r, self.use_rslora)
+    }
+}
+
+/// PEFT's LoRA scaling: alpha / r, or alpha / sqrt(r) with rsLoRA.
+pub fn scale(alpha: f64, r: usize, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
     }
 }
 

@@ -88,11 +88,7 @@ pub struct LoraPlan {
 impl LoraPlan {
     /// The factor applied to B A x: alpha / r, or alpha / sqrt(r) with rsLoRA.
     pub fn scale(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.rank as f64).sqrt()
-        } else {
-            self.alpha / self.rank as f64
-        }
+        crate::lora::scale(self.alpha, self.rank, self.use_rslora)
     }
 }
 

@@ -399,21 +399,8 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
                 );
                 m.insert("grad_norm".into(), json!(grad_norm));
                 m.insert("learning_rate".into(), json!(lr));
-                m.insert("epoch".into(), json!(round(state.epoch, 4)));
-                say(console_line(&m));
-                let mut entry = m.clone();
-                entry.insert("step".into(), json!(rs.global_step));
-                state.log_history.push(Value::Object(entry));
                 let tokens = t.include_num_input_tokens_seen.then_some(rs.tokens_seen);
-                append_trainer_log(
-                    &log_path,
-                    rs.global_step,
-                    total,
-                    &m,
-                    state.epoch,
-                    start.elapsed().as_secs_f64(),
-                    tokens,
-                )?;
+                log_event(m, &mut state, &log_path, total, start.elapsed().as_secs_f64(), tokens, &say)?;
                 rs.pending_loss = 0.0;
                 rs.last_logged_step = rs.global_step;
             }
@@ -429,20 +416,7 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
                         "eval_steps_per_second".into(),
                         json!(round(data.eval.len().div_ceil(t.per_device_eval_batch_size) as f64 / secs, 3)),
                     );
-                    m.insert("epoch".into(), json!(round(state.epoch, 4)));
-                    say(console_line(&m));
-                    let mut entry = m.clone();
-                    entry.insert("step".into(), json!(rs.global_step));
-                    state.log_history.push(Value::Object(entry));
-                    append_trainer_log(
-                        &log_path,
-                        rs.global_step,
-                        total,
-                        &m,
-                        state.epoch,
-                        start.elapsed().as_secs_f64(),
-                        None,
-                    )?;
+                    log_event(m, &mut state, &log_path, total, start.elapsed().as_secs_f64(), None, &say)?;
                 }
             }
             let halt = opts.halt_after_step == Some(rs.global_step);
@@ -488,6 +462,24 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
         interrupted,
         step_losses,
     })
+}
+
+/// One log event: the console line, an entry of `log_history`, a line of `trainer_log.jsonl`.
+fn log_event(
+    mut m: Map<String, Value>,
+    state: &mut TrainerState,
+    log_path: &Path,
+    total: usize,
+    elapsed: f64,
+    tokens: Option<u64>,
+    say: &dyn Fn(String),
+) -> Result<()> {
+    m.insert("epoch".into(), json!(round(state.epoch, 4)));
+    say(console_line(&m));
+    let mut entry = m.clone();
+    entry.insert("step".into(), json!(state.global_step));
+    state.log_history.push(Value::Object(entry));
+    append_trainer_log(log_path, state.global_step, total, &m, state.epoch, elapsed, tokens)
 }
 
 /// Mean eval loss as HF computes it: each batch's mean token loss, weighted by its number of samples.

@@ -8,8 +8,8 @@ pub mod demo;
 pub mod env;
 pub mod eval;
 pub mod export;
-pub mod serving;
 pub mod gpu_check;
+pub mod serving;
 pub mod train;
 
 use anyhow::Result;
