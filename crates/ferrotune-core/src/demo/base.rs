@@ -56,14 +56,16 @@ pub fn write_embedded(dir: &Path) -> Result<()> {
 pub struct Recipe {
     pub seed: u64,
     pub scenes: usize,
+    /// Epochs of stage 1 (short visual questions) and stage 2 (captions, with the stage-1 data mixed in).
     pub epochs: f64,
+    pub epochs_stage2: f64,
     pub learning_rate: f64,
     pub batch_size: usize,
 }
 
 impl Default for Recipe {
     fn default() -> Self {
-        Self { seed: 0, scenes: 5000, epochs: 4.0, learning_rate: 2e-3, batch_size: 8 }
+        Self { seed: 0, scenes: 4000, epochs: 3.0, epochs_stage2: 2.0, learning_rate: 2e-3, batch_size: 8 }
     }
 }
 
@@ -85,46 +87,108 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         &random_weights(&cfg, DType::BF16, recipe.seed)?,
         &init.join("model.safetensors"),
     )?;
-    // 2. Captioned scenes: single large shapes first teach what colours and shapes look like, full scenes of
-    //    up to three small shapes teach where things are and how many.
+    // 2. Data: short, mostly visual questions about 1-4 shapes (stage 1: the model must learn to look before
+    //    long captions let it score on language alone), then full captions of scenes (stage 2).
     let data = work.join("data");
-    let simple = super::scenes::SceneOptions {
+    let single = super::scenes::SceneOptions {
+        n_train: recipe.scenes,
+        n_eval: 50,
+        seed: recipe.seed + 13,
+        max_shapes: 1,
+        radius: (24.0, 38.0),
+        short: true,
+        name: "shape".into(),
+        ..Default::default()
+    };
+    super::scenes::generate(&data, &single)?;
+    let several = super::scenes::SceneOptions {
         n_train: recipe.scenes / 2,
         n_eval: 50,
         seed: recipe.seed + 11,
-        max_shapes: 1,
-        radius: (22.0, 40.0),
+        max_shapes: 4,
+        radius: (16.0, 30.0),
+        short: true,
         name: "shapes".into(),
         ..Default::default()
     };
-    super::scenes::generate(&data, &simple)?;
-    let full = super::scenes::SceneOptions {
+    super::scenes::generate(&data, &several)?;
+    let scenes = super::scenes::SceneOptions {
         n_train: recipe.scenes / 2,
         n_eval: 50,
         seed: recipe.seed + 7,
         ..Default::default()
     };
-    super::scenes::generate(&data, &full)?;
-    // 3. Full fine-tuning with a LLaMA-Factory config.
-    let train_out = work.join("pretrained");
+    super::scenes::generate(&data, &scenes)?;
+    // 3. Full fine-tuning with LLaMA-Factory configs, one per stage: one large shape per picture first (what
+    //    colours and shapes look like), then several shapes and whole captions.
+    let stage1 = train_stage(
+        work,
+        "stage1",
+        &init,
+        &data,
+        "shape",
+        "shape_eval",
+        recipe.epochs,
+        recipe.learning_rate,
+        recipe,
+        stop,
+        progress,
+    )?;
+    let stage2 = train_stage(
+        work,
+        "stage2",
+        &stage1,
+        &data,
+        "shape,shapes,scenes",
+        "scenes_eval",
+        recipe.epochs_stage2,
+        recipe.learning_rate / 2.0,
+        recipe,
+        stop,
+        progress,
+    )?;
+    let train_out = stage2;
+    // 4. The result: bf16 weights and the config (the static files stay as they are).
+    std::fs::create_dir_all(out)?;
+    std::fs::copy(train_out.join("config.json"), out.join("config.json"))?;
+    std::fs::copy(train_out.join("model.safetensors"), out.join("model.safetensors"))?;
+    let _ = std::fs::copy(train_out.join("training_loss.png"), work.join("pretrain_loss.png"));
+    Ok(out.join("model.safetensors"))
+}
+
+/// One full fine-tuning stage from `model` on `datasets`; returns the output folder.
+#[allow(clippy::too_many_arguments)]
+fn train_stage(
+    work: &Path,
+    name: &str,
+    model: &Path,
+    data: &Path,
+    datasets: &str,
+    eval: &str,
+    epochs: f64,
+    lr: f64,
+    recipe: &Recipe,
+    stop: &AtomicBool,
+    progress: bool,
+) -> Result<PathBuf> {
+    let out = work.join(name);
     let yaml = format!(
-        "model_name_or_path: {init}\ntemplate: qwen3_5_nothink\nstage: sft\ndo_train: true\nfinetuning_type: full\n\
-         freeze_vision_tower: false\nfreeze_multi_modal_projector: false\ndataset: shapes,scenes\ndataset_dir: {data}\n\
-         cutoff_len: 256\nlearning_rate: {lr}\nnum_train_epochs: {ep}\nper_device_train_batch_size: {bs}\n\
-         gradient_accumulation_steps: 1\nlr_scheduler_type: cosine\nwarmup_ratio: 0.03\nweight_decay: 0.01\n\
-         disable_gradient_checkpointing: true\nlogging_steps: 25\nsave_steps: 100000\nseed: {seed}\n\
-         output_dir: {out}\noverwrite_output_dir: true\nplot_loss: true\nreport_to: none\n",
-        init = init.display(),
+        "model_name_or_path: {model}\ntemplate: qwen3_5_nothink\nstage: sft\ndo_train: true\nfinetuning_type: full\n\
+         freeze_vision_tower: false\nfreeze_multi_modal_projector: false\ndataset: {datasets}\neval_dataset: {eval}\n\
+         dataset_dir: {data}\ncutoff_len: 256\nlearning_rate: {lr}\nnum_train_epochs: {epochs}\n\
+         per_device_train_batch_size: {bs}\ngradient_accumulation_steps: 1\nlr_scheduler_type: cosine\n\
+         warmup_ratio: 0.03\nweight_decay: 0.01\ndisable_gradient_checkpointing: true\nlogging_steps: 25\n\
+         eval_strategy: steps\neval_steps: 250\nsave_steps: 100000\nseed: {seed}\noutput_dir: {out}\n\
+         overwrite_output_dir: true\nplot_loss: true\nreport_to: none\n",
+        model = model.display(),
         data = data.display(),
-        lr = recipe.learning_rate,
-        ep = recipe.epochs,
         bs = recipe.batch_size,
         seed = recipe.seed,
-        out = train_out.display()
+        out = out.display()
     );
-    let yaml_path = work.join("pretrain_base.yaml");
+    let yaml_path = work.join(format!("pretrain_{name}.yaml"));
     std::fs::write(&yaml_path, &yaml)?;
-    println!("pretraining the demo base with {}:\n{yaml}", yaml_path.display());
+    println!("pretraining the demo base, {name}, with {}:\n{yaml}", yaml_path.display());
     let plan = Plan::load(Some(&yaml_path), &[])?;
     let prepared = crate::data::prepare(&plan, &|_, _| {})?;
     let run = crate::train::run::run(
@@ -133,12 +197,7 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         &crate::train::run::RunOptions { stop, progress, halt_after_step: None, device: None },
     )?;
     if run.interrupted {
-        bail!("pretraining was interrupted; nothing was written to {}", out.display());
+        bail!("pretraining was interrupted");
     }
-    // 4. The result: bf16 weights and the config (the static files stay as they are).
-    std::fs::create_dir_all(out)?;
-    std::fs::copy(train_out.join("config.json"), out.join("config.json"))?;
-    std::fs::copy(train_out.join("model.safetensors"), out.join("model.safetensors"))?;
-    let _ = std::fs::copy(train_out.join("training_loss.png"), work.join("pretrain_loss.png"));
-    Ok(out.join("model.safetensors"))
+    Ok(out)
 }

@@ -70,6 +70,7 @@ pub fn train_yaml(base: &Path, data: &Path, out: &Path, opts: &DemoOptions) -> S
          finetuning_type: lora\n\
          lora_target: all\n\
          lora_rank: 8\n\
+         freeze_vision_tower: false\n\
          dataset: mllm_robot\n\
          eval_dataset: mllm_robot_eval\n\
          dataset_dir: {data}\n\

@@ -207,6 +207,9 @@ pub struct SceneOptions {
     pub max_shapes: usize,
     /// Shape radius in pixels, drawn from this range.
     pub radius: (f32, f32),
+    /// Short, mostly visual answers ("red.", "a blue star.", "3.") instead of full captions: a model trained
+    /// from scratch first has to learn to look, and long captions let it score well on language alone.
+    pub short: bool,
     /// Name of the dataset: files `<name>.json` / `<name>_eval.json`, images under `<name>/`, dataset names
     /// `<name>` and `<name>_eval` (so several variants can share one dataset_dir).
     pub name: String,
@@ -221,6 +224,7 @@ impl Default for SceneOptions {
             langs: vec![Lang::Zh, Lang::En],
             max_shapes: 3,
             radius: (13.0, 18.0),
+            short: false,
             name: TRAIN_NAME.to_string(),
         }
     }
@@ -364,6 +368,34 @@ pub fn caption(spec: &SceneSpec, lang: Lang) -> String {
 }
 
 /// A question about `spec` and its answer, with a phrasing drawn from `rng`.
+/// A short question whose answer is mostly what the picture shows: the colour or shape of the (or a named)
+/// shape, a two-word description, or how many shapes there are.
+pub fn short_question(spec: &SceneSpec, lang: Lang, rng: &mut impl Rng) -> (String, String) {
+    let n = spec.items.len();
+    let Some(it) = spec.items.choose(rng).copied() else {
+        return match lang {
+            Lang::Zh => ("图中有几个图形？".into(), "没有。".into()),
+            Lang::En => ("How many shapes are there?".into(), "None.".into()),
+        };
+    };
+    let kind = if n == 1 { rng.random_range(0..3) } else { 3 + rng.random_range(0..2) };
+    match (kind, lang) {
+        (0, Lang::Zh) => ("这个图形是什么颜色？".into(), format!("{}。", it.colour.zh)),
+        (0, Lang::En) => ("What colour is the shape?".into(), format!("{}.", it.colour.en)),
+        (1, Lang::Zh) => ("这是什么图形？".into(), format!("{}。", it.shape.zh())),
+        (1, Lang::En) => ("What shape is it?".into(), format!("{} {}.", a_en(it.shape.en()), it.shape.en())),
+        (2, Lang::Zh) => ("简单描述一下这个图形。".into(), format!("一个{}的{}。", it.colour.zh, it.shape.zh())),
+        (2, Lang::En) => (
+            "Describe the shape briefly.".into(),
+            format!("{} {} {}.", a_en(it.colour.en), it.colour.en, it.shape.en()),
+        ),
+        (3, Lang::Zh) => ("图中有几个图形？".into(), format!("{}个。", count_zh(n))),
+        (3, Lang::En) => ("How many shapes are there?".into(), format!("{n}.")),
+        (_, Lang::Zh) => (format!("{}是什么颜色的？", it.shape.zh()), format!("{}。", it.colour.zh)),
+        (_, Lang::En) => (format!("What colour is the {}?", it.shape.en()), format!("{}.", it.colour.en)),
+    }
+}
+
 pub fn question(spec: &SceneSpec, kind: Question, lang: Lang, rng: &mut impl Rng) -> (String, String) {
     let n = spec.items.len();
     let Some(it) = spec.items.choose(rng).copied() else {
@@ -446,7 +478,8 @@ pub fn generate(dir: &Path, opts: &SceneOptions) -> Result<Summary> {
             let rel = format!("{name}/{stem}_{:04}.png", i + 1);
             bytes += super::write_png(&dir.join(&rel), &img)?;
             let lang = *langs.choose(&mut rng).unwrap_or(&Lang::Zh);
-            let (q, a) = question(&spec, kind, lang, &mut rng);
+            let (q, a) =
+                if opts.short { short_question(&spec, lang, &mut rng) } else { question(&spec, kind, lang, &mut rng) };
             rows.push(super::sharegpt_row(&format!("<image>{q}"), &a, &rel, spec.attributes()));
         }
         bytes += super::write_json(&dir.join(file), &Value::Array(rows))?;

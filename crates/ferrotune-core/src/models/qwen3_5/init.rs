@@ -289,9 +289,9 @@ impl Sizes {
             linear_num_key_heads: 2,
             linear_num_value_heads: 4,
             linear_head_dim: 48,
-            vision_depth: 2,
-            vision_hidden_size: 128,
-            vision_intermediate_size: 256,
+            vision_depth: 3,
+            vision_hidden_size: 192,
+            vision_intermediate_size: 384,
             vision_heads: 4,
             vision_position_side: 8,
             // Two attention layers of four: at this width, retrieval across the prompt is learned much faster
