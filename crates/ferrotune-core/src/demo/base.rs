@@ -70,7 +70,8 @@ impl Default for Recipe {
 }
 
 /// Rebuilds the base from scratch into `out` (config.json + model.safetensors in bf16), working in `work`:
-/// random init → scene captions → full fine-tuning of every weight, vision tower and merger included.
+/// random init → stage 1 (one large shape per picture, short answers) → stage 2 (several shapes, captions, and
+/// text-only sentences about robots with no picture), full fine-tuning of every weight, vision included.
 pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, progress: bool) -> Result<PathBuf> {
     std::fs::create_dir_all(work).with_context(|| format!("{}: cannot create", work.display()))?;
     // 1. Random init of the demo architecture with the shipped tokenizer.
@@ -119,9 +120,16 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         ..Default::default()
     };
     super::scenes::generate(&data, &scenes)?;
+    // Text without pictures, so the base can also speak the vocabulary of robot descriptions.
+    super::robots::text_corpus(&data, "robot_text", recipe.scenes / 2, recipe.seed + 17)?;
     // 3. Full fine-tuning with LLaMA-Factory configs, one per stage: one large shape per picture first (what
     //    colours and shapes look like), then several shapes and whole captions.
-    let stage1 = train_stage(
+    // A finished stage 1 in `work` is reused (stage 2 can be retuned without redoing it).
+    let stage1 = if work.join("stage1/model.safetensors").exists() {
+        println!("reusing {}", work.join("stage1").display());
+        work.join("stage1")
+    } else {
+        train_stage(
         work,
         "stage1",
         &init,
@@ -133,13 +141,14 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         recipe,
         stop,
         progress,
-    )?;
+    )?
+    };
     let stage2 = train_stage(
         work,
         "stage2",
         &stage1,
         &data,
-        "shape,shapes,scenes",
+        "shape,shapes,scenes,robot_text",
         "scenes_eval",
         recipe.epochs_stage2,
         recipe.learning_rate / 2.0,
