@@ -55,23 +55,26 @@ pub fn write_embedded(dir: &Path) -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct Recipe {
     pub seed: u64,
+    /// Pictures in stage 1's single-shape set; the multi-shape and caption sets have half as many each.
     pub scenes: usize,
     /// Epochs of stage 1 (short visual questions) and stage 2 (captions, with the stage-1 data mixed in).
     pub epochs: f64,
     pub epochs_stage2: f64,
+    /// Peak learning rate of stage 1 (stage 2 uses half). Measured on held-out single shapes after stage 1:
+    /// colour named right 100% at 3e-4 against 81% at 2e-3; shape names stay near chance at both.
     pub learning_rate: f64,
     pub batch_size: usize,
 }
 
 impl Default for Recipe {
     fn default() -> Self {
-        Self { seed: 0, scenes: 4000, epochs: 3.0, epochs_stage2: 2.0, learning_rate: 2e-3, batch_size: 8 }
+        Self { seed: 0, scenes: 12000, epochs: 3.0, epochs_stage2: 1.0, learning_rate: 3e-4, batch_size: 8 }
     }
 }
 
 /// Rebuilds the base from scratch into `out` (config.json + model.safetensors in bf16), working in `work`:
-/// random init → stage 1 (one large shape per picture, short answers) → stage 2 (several shapes, captions, and
-/// text-only sentences about robots with no picture), full fine-tuning of every weight, vision included.
+/// random init → stage 1 (one large shape per picture, short answers) → stage 2 (several shapes and captions,
+/// with the stage-1 data mixed in), full fine-tuning of every weight, vision included.
 pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, progress: bool) -> Result<PathBuf> {
     std::fs::create_dir_all(work).with_context(|| format!("{}: cannot create", work.display()))?;
     // 1. Random init of the demo architecture with the shipped tokenizer.
@@ -99,6 +102,7 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         radius: (24.0, 38.0),
         short: true,
         name: "shape".into(),
+        settings: true,
         ..Default::default()
     };
     super::scenes::generate(&data, &single)?;
@@ -110,6 +114,7 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         radius: (16.0, 30.0),
         short: true,
         name: "shapes".into(),
+        settings: true,
         ..Default::default()
     };
     super::scenes::generate(&data, &several)?;
@@ -117,11 +122,10 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         n_train: recipe.scenes / 2,
         n_eval: 50,
         seed: recipe.seed + 7,
+        settings: true,
         ..Default::default()
     };
     super::scenes::generate(&data, &scenes)?;
-    // Text without pictures, so the base can also speak the vocabulary of robot descriptions.
-    super::robots::text_corpus(&data, "robot_text", recipe.scenes / 2, recipe.seed + 17)?;
     // 3. Full fine-tuning with LLaMA-Factory configs, one per stage: one large shape per picture first (what
     //    colours and shapes look like), then several shapes and whole captions.
     // A finished stage 1 in `work` is reused (stage 2 can be retuned without redoing it).
@@ -130,25 +134,25 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         work.join("stage1")
     } else {
         train_stage(
-        work,
-        "stage1",
-        &init,
-        &data,
-        "shape",
-        "shape_eval",
-        recipe.epochs,
-        recipe.learning_rate,
-        recipe,
-        stop,
-        progress,
-    )?
+            work,
+            "stage1",
+            &init,
+            &data,
+            "shape",
+            "shape_eval",
+            recipe.epochs,
+            recipe.learning_rate,
+            recipe,
+            stop,
+            progress,
+        )?
     };
     let stage2 = train_stage(
         work,
         "stage2",
         &stage1,
         &data,
-        "shape,shapes,scenes,robot_text",
+        "shape,shapes,scenes",
         "scenes_eval",
         recipe.epochs_stage2,
         recipe.learning_rate / 2.0,

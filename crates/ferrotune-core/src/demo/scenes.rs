@@ -26,6 +26,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use super::draw::{regular_polygon, shade, star, Canvas, Rgb8};
+use super::robots::Background;
 use super::{Colour, Lang, Summary, COLOURS};
 
 pub const TRAIN_NAME: &str = "scenes";
@@ -172,6 +173,8 @@ pub struct SceneSpec {
     pub items: Vec<Item>,
     /// Index into [`BACKGROUNDS`].
     pub background: usize,
+    /// A furnished setting drawn instead of the flat background (see [`SceneOptions::settings`]).
+    pub setting: Option<Background>,
 }
 
 impl SceneSpec {
@@ -213,6 +216,9 @@ pub struct SceneOptions {
     /// Name of the dataset: files `<name>.json` / `<name>_eval.json`, images under `<name>/`, dataset names
     /// `<name>` and `<name>_eval` (so several variants can share one dataset_dir).
     pub name: String,
+    /// Draw half the pictures on furnished settings (factory, lawn, lab, warehouse, office) rather than a flat
+    /// tone, so the model learns to tell shapes from a busy background.
+    pub settings: bool,
 }
 
 impl Default for SceneOptions {
@@ -226,6 +232,7 @@ impl Default for SceneOptions {
             radius: (13.0, 18.0),
             short: false,
             name: TRAIN_NAME.to_string(),
+            settings: false,
         }
     }
 }
@@ -255,15 +262,19 @@ pub fn sample_scene_with(rng: &mut impl Rng, max_shapes: usize, radius: (f32, f3
         .collect();
     // Reading order, so that descriptions list shapes as a reader scans the picture.
     items.sort_by_key(|it| Position::ALL.iter().position(|&p| p == it.position));
-    SceneSpec { items, background: rng.random_range(0..BACKGROUNDS.len()) }
+    SceneSpec { items, background: rng.random_range(0..BACKGROUNDS.len()), setting: None }
 }
 
 /// Draws `spec`; `rng` varies the background shading.
 pub fn draw_scene(spec: &SceneSpec, rng: &mut impl Rng) -> RgbImage {
     let bg = BACKGROUNDS[spec.background.min(BACKGROUNDS.len() - 1)].1;
     let mut cv = Canvas::new(SIZE, SIZE, 2, bg);
-    let f = rng.random_range(0.94f32..1.06);
-    cv.vertical_gradient(0.0, SIZE as f32, shade(bg, f), shade(bg, 2.0 - f));
+    if let Some(setting) = spec.setting {
+        super::robots::draw_background(&mut cv, setting, rng);
+    } else {
+        let f = rng.random_range(0.94f32..1.06);
+        cv.vertical_gradient(0.0, SIZE as f32, shade(bg, f), shade(bg, 2.0 - f));
+    }
     let cell = SIZE as f32 / 3.0;
     let outline: Rgb8 = [24, 24, 28];
     for it in &spec.items {
@@ -472,7 +483,10 @@ pub fn generate(dir: &Path, opts: &SceneOptions) -> Result<Summary> {
             &mut rng,
         );
         for (i, kind) in kinds.into_iter().enumerate() {
-            let spec = sample_scene_with(&mut rng, opts.max_shapes, opts.radius);
+            let mut spec = sample_scene_with(&mut rng, opts.max_shapes, opts.radius);
+            if opts.settings && rng.random_bool(0.5) {
+                spec.setting = Background::ALL.choose(&mut rng).copied();
+            }
             let mut draw_rng = StdRng::seed_from_u64(rng.random());
             let img = draw_scene(&spec, &mut draw_rng);
             let rel = format!("{name}/{stem}_{:04}.png", i + 1);
