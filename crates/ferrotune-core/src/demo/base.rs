@@ -1,7 +1,7 @@
-//! The demo's small pretrained base: a real `qwen3_5` architecture at about 3M parameters, pretrained from
+//! The demo's small pretrained base: a real `qwen3_5` architecture at about 4M parameters, pretrained from
 //! random init with ferrotune's own full fine-tuning on captions of synthetic scenes (shapes, colours,
-//! positions: not the robot task), so that it can see and speak before the LoRA. Its files ship inside the
-//! binary; [`rebuild`] is the recipe that makes them.
+//! positions: not the robot task) and on text-only robot sentences (the words, with no picture), so that it can
+//! see and speak before the LoRA. Its files ship inside the binary; [`rebuild`] is the recipe that makes them.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -73,8 +73,9 @@ impl Default for Recipe {
 }
 
 /// Rebuilds the base from scratch into `out` (config.json + model.safetensors in bf16), working in `work`:
-/// random init → stage 1 (one large shape per picture, short answers) → stage 2 (several shapes and captions,
-/// with the stage-1 data mixed in), full fine-tuning of every weight, vision included.
+/// random init → stage 1 (one large shape per picture, short answers) → stage 2 (several shapes, captions, the
+/// stage-1 data, and text-only sentences about robots with no picture), full fine-tuning of every weight, vision
+/// included.
 pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, progress: bool) -> Result<PathBuf> {
     std::fs::create_dir_all(work).with_context(|| format!("{}: cannot create", work.display()))?;
     // 1. Random init of the demo architecture with the shipped tokenizer.
@@ -126,6 +127,9 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         ..Default::default()
     };
     super::scenes::generate(&data, &scenes)?;
+    // Text without pictures, so the base can also speak the vocabulary of robot descriptions (words only: no row
+    // ties a description to a picture; that is what the LoRA learns).
+    super::robots::text_corpus(&data, "robot_text", recipe.scenes / 2, recipe.seed + 17)?;
     // 3. Full fine-tuning with LLaMA-Factory configs, one per stage: one large shape per picture first (what
     //    colours and shapes look like), then several shapes and whole captions.
     // A finished stage 1 in `work` is reused (stage 2 can be retuned without redoing it).
@@ -152,7 +156,7 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         "stage2",
         &stage1,
         &data,
-        "shape,shapes,scenes",
+        "shape,shapes,scenes,robot_text",
         "scenes_eval",
         recipe.epochs_stage2,
         recipe.learning_rate / 2.0,

@@ -642,3 +642,27 @@ pub(crate) fn draw_background(cv: &mut Canvas, bg: Background, rng: &mut impl Rn
         }
     }
 }
+
+/// Text-only sentences in the descriptions' language, for pretraining the base to *speak* it: each row pairs a
+/// generic request with a description of a random robot and carries no picture, so nothing in it ties words to
+/// what a picture shows (that is what the LoRA learns). Written as `<name>.json`, registered as `<name>`.
+pub fn text_corpus(dir: &Path, name: &str, n: usize, seed: u64) -> Result<u64> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let specs = sample_specs(n, &mut rng);
+    let mut rows = Vec::with_capacity(n);
+    for (i, spec) in specs.iter().enumerate() {
+        let lang = if i % 2 == 0 { Lang::Zh } else { Lang::En };
+        let ask = match lang {
+            Lang::Zh => ["随便描述一个机器人。", "写一句关于机器人的话。", "想象一个机器人，描述它。"][i % 3],
+            Lang::En => {
+                ["Describe any robot.", "Write a sentence about a robot.", "Imagine a robot and describe it."][i % 3]
+            }
+        };
+        let answer = describe(spec, lang, &mut rng);
+        rows.push(serde_json::json!({"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]}));
+    }
+    let file = format!("{name}.json");
+    let mut bytes = super::write_json(&dir.join(&file), &serde_json::Value::Array(rows))?;
+    bytes += super::register_datasets(dir, &[(name, super::dataset_info_entry(&file))])?;
+    Ok(bytes)
+}
