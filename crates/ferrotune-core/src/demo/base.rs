@@ -164,12 +164,11 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         stop,
         progress,
     )?;
-    let train_out = stage2;
     // 4. The result: bf16 weights and the config (the static files stay as they are).
     std::fs::create_dir_all(out)?;
-    std::fs::copy(train_out.join("config.json"), out.join("config.json"))?;
-    std::fs::copy(train_out.join("model.safetensors"), out.join("model.safetensors"))?;
-    let _ = std::fs::copy(train_out.join("training_loss.png"), work.join("pretrain_loss.png"));
+    std::fs::copy(stage2.join("config.json"), out.join("config.json"))?;
+    std::fs::copy(stage2.join("model.safetensors"), out.join("model.safetensors"))?;
+    let _ = std::fs::copy(stage2.join("training_loss.png"), work.join("pretrain_loss.png"));
     Ok(out.join("model.safetensors"))
 }
 

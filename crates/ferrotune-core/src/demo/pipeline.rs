@@ -135,15 +135,7 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool) -> Result<DemoResult> {
         bail!("the held-out split is empty");
     }
     // 3. Before: the base on the held-out robots.
-    let engine = crate::infer::Engine::load(
-        &base,
-        &[],
-        crate::infer::AdapterMode::Merge,
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )?;
-    let eval_items = items(&prepared.eval, &engine)?;
-    drop(engine);
+    let eval_items = items(&prepared.eval, &crate::tokenizer::Tokenizer::from_path(&base)?)?;
     let max_new = 96;
     println!("[2/4] measuring the base model on {} held-out robots (before)", eval_items.len());
     let base_c = Candidate { name: "base".into(), model_dir: base.clone(), adapters: vec![] };

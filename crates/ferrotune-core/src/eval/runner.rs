@@ -12,6 +12,7 @@ use crate::data::Sample;
 use crate::image::{load_image, resize_bicubic_pil};
 use crate::infer::{AdapterMode, Engine, GenerateRequest, Prompt, SamplingParams};
 use crate::models::qwen3_5::VisionInput;
+use crate::tokenizer::Tokenizer;
 
 /// One model to evaluate: a checkpoint plus adapters (none for the base).
 #[derive(Clone, Debug)]
@@ -33,8 +34,8 @@ pub struct Item {
 }
 
 /// Builds eval items from encoded samples: the prompt is everything before the last trained answer, the
-/// reference is that answer (without the end-of-turn tokens).
-pub fn items(samples: &[Sample], engine: &Engine) -> Result<Vec<Item>> {
+/// reference is that answer (without the end-of-turn tokens). Only the tokenizer is needed: no weights load.
+pub fn items(samples: &[Sample], tokenizer: &Tokenizer) -> Result<Vec<Item>> {
     let mut rows_cache: std::collections::HashMap<PathBuf, Vec<serde_json::Value>> = Default::default();
     let mut out = Vec::with_capacity(samples.len());
     for s in samples {
@@ -46,8 +47,8 @@ pub fn items(samples: &[Sample], engine: &Engine) -> Result<Vec<Item>> {
         }
         let prompt_ids = s.input_ids[..start].to_vec();
         let answer: Vec<u32> = s.input_ids[start..=last].to_vec();
-        let reference = engine.tokenizer.decode(&answer, true)?.trim_end().to_string();
-        let prompt_text = engine.tokenizer.decode(&prompt_ids, false)?;
+        let reference = tokenizer.decode(&answer, true)?.trim_end().to_string();
+        let prompt_text = tokenizer.decode(&prompt_ids, false)?;
         // The optional per-row `attributes` object, read back from the source file.
         let rows = match rows_cache.get(&s.source.file) {
             Some(r) => r,

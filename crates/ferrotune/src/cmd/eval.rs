@@ -53,15 +53,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         let name = m.file_name().and_then(|n| n.to_str()).unwrap_or("merged").to_string();
         candidates.push(Candidate { name, model_dir: m.clone(), adapters: vec![] });
     }
-    let engine = ferrotune_core::infer::Engine::load(
-        &base,
-        &[],
-        ferrotune_core::infer::AdapterMode::Merge,
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )?;
-    let eval_items = items(&prepared.eval, &engine)?;
-    drop(engine);
+    let eval_items = items(&prepared.eval, &ferrotune_core::tokenizer::Tokenizer::from_path(&base)?)?;
     let opts = CompareOptions {
         max_new_tokens: args.max_new_tokens,
         report_examples: args.examples,
