@@ -132,12 +132,25 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
     super::robots::text_corpus(&data, "robot_text", recipe.scenes / 2, recipe.seed + 17)?;
     // 3. Full fine-tuning with LLaMA-Factory configs, one per stage: one large shape per picture first (what
     //    colours and shapes look like), then several shapes and whole captions.
-    // A finished stage 1 in `work` is reused (stage 2 can be retuned without redoing it).
-    let stage1 = if work.join("stage1/model.safetensors").exists() {
-        println!("reusing {}", work.join("stage1").display());
+    // A finished stage 1 in `work` is reused (stage 2 can be retuned without redoing it), but only when it was
+    // trained from exactly these inputs: a stage 1 left by another seed, learning rate or generator would
+    // silently break the bit-for-bit rebuild.
+    let fingerprint = stage1_fingerprint(&init, &data, recipe)?;
+    let stamp = work.join("stage1").join(FINGERPRINT_FILE);
+    let reusable = work.join("stage1/model.safetensors").exists()
+        && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == fingerprint);
+    let stage1 = if reusable {
+        println!("reusing {} (same recipe and data: {fingerprint})", work.join("stage1").display());
         work.join("stage1")
     } else {
-        train_stage(
+        if work.join("stage1").exists() {
+            println!(
+                "{} was trained from other settings or data; training stage 1 again",
+                work.join("stage1").display()
+            );
+        }
+        let _ = std::fs::remove_file(&stamp);
+        let dir = train_stage(
             work,
             "stage1",
             &init,
@@ -149,7 +162,10 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
             recipe,
             stop,
             progress,
-        )?
+        )?;
+        std::fs::write(&stamp, format!("{fingerprint}\n"))
+            .with_context(|| format!("{}: cannot write", stamp.display()))?;
+        dir
     };
     let stage2 = train_stage(
         work,
@@ -170,6 +186,34 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
     std::fs::copy(stage2.join("model.safetensors"), out.join("model.safetensors"))?;
     let _ = std::fs::copy(stage2.join("training_loss.png"), work.join("pretrain_loss.png"));
     Ok(out.join("model.safetensors"))
+}
+
+/// Written next to a finished stage 1: the fingerprint of what it was trained from.
+const FINGERPRINT_FILE: &str = "recipe.fingerprint";
+
+/// FNV-1a (64 bit) over stage 1's inputs: the recipe's settings, this ferrotune's version, the random init's
+/// weights and every file of the single-shape dataset (names and bytes, in sorted order).
+fn stage1_fingerprint(init: &Path, data: &Path, recipe: &Recipe) -> Result<String> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    let Recipe { seed, scenes, epochs, epochs_stage2: _, learning_rate, batch_size } = recipe;
+    feed(format!("{}|{seed}|{scenes}|{epochs}|{learning_rate}|{batch_size}", env!("CARGO_PKG_VERSION")).as_bytes());
+    let mut files = vec![init.join("model.safetensors"), data.join("shape.json"), data.join("shape_eval.json")];
+    let mut images: Vec<PathBuf> = std::fs::read_dir(data.join("shape"))
+        .with_context(|| format!("{}: cannot list", data.join("shape").display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    images.sort();
+    files.extend(images);
+    for f in &files {
+        feed(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        feed(&std::fs::read(f).with_context(|| format!("{}: cannot read", f.display()))?);
+    }
+    Ok(format!("{h:016x}"))
 }
 
 /// One full fine-tuning stage from `model` on `datasets`; returns the output folder.

@@ -434,4 +434,17 @@ fn base_recipe_rebuilds_bit_for_bit() {
     }
     assert!(built[0].0 == built[1].0, "two rebuilds gave different weights");
     assert_eq!(built[0].1, built[1].1);
+
+    // A finished stage 1 is reused only when it came from the same recipe and data.
+    let (out, work) = (dir.path().join("a/out"), dir.path().join("a/work"));
+    let stage1 = work.join("stage1/model.safetensors");
+    let stamp = |p: &Path| (std::fs::read(p).unwrap(), std::fs::metadata(p).unwrap().modified().unwrap());
+    let before = stamp(&stage1);
+    let again = rebuild(&out, &work, &recipe, &stop, false).unwrap();
+    assert!(stamp(&stage1) == before, "the same recipe retrained stage 1 instead of reusing it");
+    assert!(std::fs::read(again).unwrap() == built[0].0, "reusing stage 1 changed the result");
+    let other = Recipe { learning_rate: recipe.learning_rate * 2.0, ..recipe.clone() };
+    rebuild(&out, &work, &other, &stop, false).unwrap();
+    let after = stamp(&stage1);
+    assert!(after.0 != before.0, "a stage 1 from another learning rate was reused");
 }
