@@ -43,8 +43,8 @@ fn regex_full_match(re: &str, text: &str) -> bool {
     }
 }
 
-/// Every linear of the Qwen3.5 decoder, both layer kinds: what `lora_target: all` means (never lm_head, the
-/// vision tower or the merger while they are frozen).
+/// Every linear of the Qwen3.5 decoder, both layer kinds: what `lora_target: all` means while the vision tower
+/// is frozen (never lm_head).
 pub const ALL_DECODER_LINEARS: &[&str] = &[
     "q_proj",
     "k_proj",
@@ -59,6 +59,11 @@ pub const ALL_DECODER_LINEARS: &[&str] = &[
     "up_proj",
     "down_proj",
 ];
+
+/// The vision blocks' linears, which `lora_target: all` adds when the vision tower is not frozen. As in
+/// LLaMA-Factory, whose `all` collects linear names outside the merger and then matches them anywhere, these names
+/// also reach the merger's `linear_fc1`/`linear_fc2` when the projector is not frozen either.
+pub const VISION_LINEARS: &[&str] = &["qkv", "proj", "linear_fc1", "linear_fc2"];
 
 #[derive(Clone, Debug)]
 pub struct LoraSpec {

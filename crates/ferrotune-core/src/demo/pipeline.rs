@@ -57,7 +57,9 @@ pub struct DemoResult {
 }
 
 /// The LoRA config, shaped like the reference run's (paths aside). The base is tiny, so the adapter is larger
-/// (rank 16, also on the vision tower and merger) and the learning rate higher than for a 4B model.
+/// (rank 16 on every decoder linear) and the learning rate higher than for a 4B model. The vision tower and
+/// merger stay frozen (LLaMA-Factory's defaults): LoRA on them at this batch size scrambles what the base sees
+/// (measured on the full demo: colour named right 100% → 12%, locomotion 60% → 26%).
 pub fn train_yaml(base: &Path, data: &Path, out: &Path, opts: &DemoOptions) -> String {
     format!(
         "### ferrotune demo: LoRA SFT of a small Qwen3.5 on synthetic robot pictures.\n\
@@ -70,8 +72,8 @@ pub fn train_yaml(base: &Path, data: &Path, out: &Path, opts: &DemoOptions) -> S
          finetuning_type: lora\n\
          lora_target: all\n\
          lora_rank: 16\n\
-         freeze_vision_tower: false\n\
-         freeze_multi_modal_projector: false\n\
+         freeze_vision_tower: true\n\
+         freeze_multi_modal_projector: true\n\
          dataset: mllm_robot\n\
          eval_dataset: mllm_robot_eval\n\
          dataset_dir: {data}\n\

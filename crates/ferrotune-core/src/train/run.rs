@@ -96,7 +96,10 @@ pub fn device_for(plan: &Plan, requested: Option<DeviceSpec>) -> Result<(Device,
 /// The LoRA target list of the plan as PEFT target names.
 pub fn lora_spec(plan: &Plan) -> LoraSpec {
     let names: Vec<String> = match &plan.lora.target {
-        LoraTarget::All => lora::ALL_DECODER_LINEARS.iter().map(|s| s.to_string()).collect(),
+        LoraTarget::All => {
+            let vision = if plan.lora.freeze_vision_tower { &[][..] } else { lora::VISION_LINEARS };
+            lora::ALL_DECODER_LINEARS.iter().chain(vision).map(|s| s.to_string()).collect()
+        }
         LoraTarget::Names(v) => v.clone(),
     };
     LoraSpec {
@@ -197,7 +200,9 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
             all.into_iter().filter(|(n, _, _)| !frozen(n)).collect()
         }
     };
-    let train_embeddings = vars.iter().any(|(n, _, _)| n.contains("embed_tokens") || n.starts_with("model.visual."));
+    // Full fine-tuning names weights `model.visual.…`, LoRA `base_model.model.model.visual.….lora_A.weight`: either
+    // way the vision tower's forward must be tracked for them to get gradients.
+    let train_embeddings = vars.iter().any(|(n, _, _)| n.contains("embed_tokens") || n.contains("model.visual."));
     let params: Vec<Var> = vars.iter().map(|(_, v, _)| v.clone()).collect();
     let trainable: usize = params.iter().map(|v| v.elem_count()).sum();
     let mut opt = AdamW::new(

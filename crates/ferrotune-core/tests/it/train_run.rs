@@ -180,3 +180,44 @@ fn a_nan_loss_stops_and_names_the_step_and_row() {
     let err = format!("{:#}", train(&cfg, &[], None).unwrap_err());
     assert!(err.contains("NaN") && err.contains("step 1") && err.contains("rows.json row"), "{err}");
 }
+
+/// `lora_target: all` as LLaMA-Factory expands it for qwen3_5: decoder linears; plus the vision blocks' linears
+/// when the tower is not frozen; plus the merger's when the projector is not frozen either. And adapters on the
+/// vision side must train (their B starts at zero, so a nonzero B proves gradients reached them).
+#[test]
+fn lora_all_adapts_and_trains_the_vision_tower_and_merger_when_unfrozen() {
+    let d = scratch("lora-vision");
+    let cfg = setup(&d, &tiny_checkpoint(), "overwrite_output_dir: true\n");
+    let cases = [
+        ("freeze_vision_tower=true", "freeze_multi_modal_projector=true", false, false),
+        ("freeze_vision_tower=true", "freeze_multi_modal_projector=false", false, false),
+        ("freeze_vision_tower=false", "freeze_multi_modal_projector=true", true, false),
+        ("freeze_vision_tower=false", "freeze_multi_modal_projector=false", true, true),
+    ];
+    for (tower, projector, want_tower, want_merger) in cases {
+        train(&cfg, &[tower, projector, "num_train_epochs=1"], None).unwrap();
+        let out = d.join("out");
+        let weights =
+            candle_core::safetensors::load(out.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+        let config: serde_json::Value = serde_json::from_slice(&read(&out.join("adapter_config.json"))).unwrap();
+        let modules: Vec<String> =
+            config["target_modules"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect();
+        let blocks: Vec<&String> = modules.iter().filter(|m| m.starts_with("model.visual.blocks.")).collect();
+        let merger: Vec<&String> = modules.iter().filter(|m| m.starts_with("model.visual.merger.")).collect();
+        assert!(modules.iter().any(|m| m.ends_with("self_attn.q_proj")), "{tower} {projector}: {modules:?}");
+        assert!(!modules.iter().any(|m| m.contains("patch_embed") || m == "lm_head"), "{modules:?}");
+        if want_tower {
+            // Every vision block: attn.qkv, attn.proj, mlp.linear_fc1, mlp.linear_fc2.
+            let n_blocks = modules.iter().filter(|m| m.ends_with(".attn.qkv")).count();
+            assert!(n_blocks > 0 && blocks.len() == 4 * n_blocks, "{tower} {projector}: {blocks:?}");
+        } else {
+            assert!(blocks.is_empty(), "{tower} {projector}: {blocks:?}");
+        }
+        assert_eq!(merger.len(), if want_merger { 2 } else { 0 }, "{tower} {projector}: {merger:?}");
+        for m in blocks.iter().chain(&merger) {
+            let b = &weights[&format!("base_model.model.{m}.lora_B.weight")];
+            let max = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(max > 0.0, "{m}: lora_B is still zero after training (no gradient reached it)");
+        }
+    }
+}
