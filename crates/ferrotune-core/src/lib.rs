@@ -13,6 +13,7 @@ pub mod device;
 pub mod env;
 pub mod eval;
 pub mod export;
+pub mod hash;
 pub mod image;
 pub mod infer;
 pub mod lora;

@@ -191,17 +191,12 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
 /// Written next to a finished stage 1: the fingerprint of what it was trained from.
 const FINGERPRINT_FILE: &str = "recipe.fingerprint";
 
-/// FNV-1a (64 bit) over stage 1's inputs: the recipe's settings, this ferrotune's version, the random init's
+/// FNV-1a over stage 1's inputs: the recipe's settings, this ferrotune's version, the random init's
 /// weights and every file of the single-shape dataset (names and bytes, in sorted order).
 fn stage1_fingerprint(init: &Path, data: &Path, recipe: &Recipe) -> Result<String> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |bytes: &[u8]| {
-        for &b in bytes {
-            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut h = crate::hash::Fnv1a64::default();
     let Recipe { seed, scenes, epochs, epochs_stage2: _, learning_rate, batch_size } = recipe;
-    feed(format!("{}|{seed}|{scenes}|{epochs}|{learning_rate}|{batch_size}", env!("CARGO_PKG_VERSION")).as_bytes());
+    h.update(format!("{}|{seed}|{scenes}|{epochs}|{learning_rate}|{batch_size}", env!("CARGO_PKG_VERSION")).as_bytes());
     let mut files = vec![init.join("model.safetensors"), data.join("shape.json"), data.join("shape_eval.json")];
     let mut images: Vec<PathBuf> = std::fs::read_dir(data.join("shape"))
         .with_context(|| format!("{}: cannot list", data.join("shape").display()))?
@@ -210,10 +205,10 @@ fn stage1_fingerprint(init: &Path, data: &Path, recipe: &Recipe) -> Result<Strin
     images.sort();
     files.extend(images);
     for f in &files {
-        feed(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
-        feed(&std::fs::read(f).with_context(|| format!("{}: cannot read", f.display()))?);
+        h.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        h.update(&std::fs::read(f).with_context(|| format!("{}: cannot read", f.display()))?);
     }
-    Ok(format!("{h:016x}"))
+    Ok(h.hex())
 }
 
 /// One full fine-tuning stage from `model` on `datasets`; returns the output folder.
