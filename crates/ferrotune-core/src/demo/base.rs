@@ -1,7 +1,7 @@
 //! The demo's small pretrained base: a real `qwen3_5` architecture at about 4M parameters, pretrained from
-//! random init with ferrotune's own full fine-tuning on captions of synthetic scenes (shapes, colours,
-//! positions: not the robot task) and on text-only robot sentences (the words, with no picture), so that it can
-//! see and speak before the LoRA. Its files ship inside the binary; [`rebuild`] is the recipe that makes them.
+//! random init on synthetic scenes (shapes, colours, positions: not the robot task) — first its vision tower
+//! alone, directly on the pictures, then with ferrotune's own full fine-tuning on their captions and on
+//! text-only robot sentences (the words, with no picture) — so that it can see and speak before the LoRA. Its files ship inside the binary; [`rebuild`] is the recipe that makes them.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -64,34 +64,38 @@ pub struct Recipe {
     /// colour named right 100% at 3e-4 against 81% at 2e-3; shape names stay near chance at both.
     pub learning_rate: f64,
     pub batch_size: usize,
+    /// Stage 0: the vision tower trained directly on the scene pictures (see [`super::vision`]).
+    pub vision: super::vision::VisionStage,
+    /// Keep the vision tower and merger frozen in the caption stages (trained through the language model at
+    /// batch 8 they lose what stage 0 taught them).
+    pub freeze_vision: bool,
 }
 
 impl Default for Recipe {
     fn default() -> Self {
-        Self { seed: 0, scenes: 12000, epochs: 3.0, epochs_stage2: 1.0, learning_rate: 3e-4, batch_size: 8 }
+        Self {
+            seed: 0,
+            scenes: 12000,
+            epochs: 3.0,
+            epochs_stage2: 1.0,
+            learning_rate: 3e-4,
+            batch_size: 8,
+            vision: Default::default(),
+            freeze_vision: true,
+        }
     }
 }
 
 /// Rebuilds the base from scratch into `out` (config.json + model.safetensors in bf16), working in `work`:
-/// random init → stage 1 (one large shape per picture, short answers) → stage 2 (several shapes, captions, the
-/// stage-1 data, and text-only sentences about robots with no picture), full fine-tuning of every weight, vision
-/// included.
+/// random init → stage 0 (the vision tower and merger alone, reconstructing the scene pictures: see
+/// [`super::vision`]) → stage 1 (one large shape per picture, short answers) → stage 2 (several shapes, captions,
+/// the stage-1 data, and text-only sentences about robots with no picture), full fine-tuning of the language
+/// model with the tower and merger frozen (unless `freeze_vision` is off).
 pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, progress: bool) -> Result<PathBuf> {
     std::fs::create_dir_all(work).with_context(|| format!("{}: cannot create", work.display()))?;
     // 1. Random init of the demo architecture with the shipped tokenizer.
     let init = work.join("init");
-    std::fs::create_dir_all(&init)?;
-    for (name, bytes) in STATIC_FILES {
-        std::fs::write(init.join(name), bytes)?;
-    }
-    let tok = crate::tokenizer::Tokenizer::from_path(&init)?;
-    let json = config_json(&Sizes::demo(), &TokenIds::from_tokenizer(&tok)?);
-    let cfg = crate::models::qwen3_5::Config::from_json(&json)?;
-    std::fs::write(init.join("config.json"), serde_json::to_string_pretty(&json)?)?;
-    crate::checkpoint::save_safetensors(
-        &random_weights(&cfg, DType::BF16, recipe.seed)?,
-        &init.join("model.safetensors"),
-    )?;
+    write_random_init(&init, recipe.seed)?;
     // 2. Data: short, mostly visual questions about 1-4 shapes (stage 1: the model must learn to look before
     //    long captions let it score on language alone), then full captions of scenes (stage 2).
     let data = work.join("data");
@@ -130,12 +134,35 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
     // Text without pictures, so the base can also speak the vocabulary of robot descriptions (words only: no row
     // ties a description to a picture; that is what the LoRA learns).
     super::robots::text_corpus(&data, "robot_text", recipe.scenes / 2, recipe.seed + 17)?;
-    // 3. Full fine-tuning with LLaMA-Factory configs, one per stage: one large shape per picture first (what
-    //    colours and shapes look like), then several shapes and whole captions.
+    // 3. Stage 0: the vision tower learns to keep what the pictures look like, from the pictures alone.
+    let seen = if recipe.vision.steps > 0 {
+        let pictures = |names: &[&str]| -> Result<Vec<PathBuf>> {
+            let mut out = Vec::new();
+            for name in names {
+                out.extend(super::dataset_images(&data, name)?);
+            }
+            Ok(out)
+        };
+        let dir = work.join("vision");
+        super::vision::pretrain(
+            &init,
+            (&pictures(&["shape", "shapes", "scenes"])?, &pictures(&["shape_eval", "scenes_eval"])?),
+            &dir,
+            &recipe.vision,
+            recipe.seed + 19,
+            stop,
+            progress,
+        )?;
+        dir
+    } else {
+        init.clone()
+    };
+    // 4. Full fine-tuning with LLaMA-Factory configs, one per stage: one large shape per picture first (what
+    //    colours and shapes are called), then several shapes and whole captions.
     // A finished stage 1 in `work` is reused (stage 2 can be retuned without redoing it), but only when it was
     // trained from exactly these inputs: a stage 1 left by another seed, learning rate or generator would
     // silently break the bit-for-bit rebuild.
-    let fingerprint = stage1_fingerprint(&init, &data, recipe)?;
+    let fingerprint = stage1_fingerprint(&seen, &data, recipe)?;
     let stamp = work.join("stage1").join(FINGERPRINT_FILE);
     let reusable = work.join("stage1/model.safetensors").exists()
         && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == fingerprint);
@@ -153,7 +180,7 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         let dir = train_stage(
             work,
             "stage1",
-            &init,
+            &seen,
             &data,
             "shape",
             "shape_eval",
@@ -180,7 +207,7 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         stop,
         progress,
     )?;
-    // 4. The result: bf16 weights and the config (the static files stay as they are).
+    // 5. The result: bf16 weights and the config (the static files stay as they are).
     std::fs::create_dir_all(out)?;
     std::fs::copy(stage2.join("config.json"), out.join("config.json"))?;
     std::fs::copy(stage2.join("model.safetensors"), out.join("model.safetensors"))?;
@@ -188,16 +215,36 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
     Ok(out.join("model.safetensors"))
 }
 
+/// Writes a randomly initialised checkpoint of the demo architecture (bf16, with the shipped tokenizer,
+/// template and processor files) into `dir`.
+pub fn write_random_init(dir: &Path, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    for (name, bytes) in STATIC_FILES {
+        std::fs::write(dir.join(name), bytes).with_context(|| format!("{}: cannot write", dir.join(name).display()))?;
+    }
+    let tok = crate::tokenizer::Tokenizer::from_path(dir)?;
+    let json = config_json(&Sizes::demo(), &TokenIds::from_tokenizer(&tok)?);
+    let cfg = crate::models::qwen3_5::Config::from_json(&json)?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&json)?)?;
+    crate::checkpoint::save_safetensors(&random_weights(&cfg, DType::BF16, seed)?, &dir.join("model.safetensors"))
+}
+
 /// Written next to a finished stage 1: the fingerprint of what it was trained from.
 const FINGERPRINT_FILE: &str = "recipe.fingerprint";
 
-/// FNV-1a over stage 1's inputs: the recipe's settings, this ferrotune's version, the random init's
-/// weights and every file of the single-shape dataset (names and bytes, in sorted order).
-fn stage1_fingerprint(init: &Path, data: &Path, recipe: &Recipe) -> Result<String> {
+/// FNV-1a over stage 1's inputs: the recipe's settings, this ferrotune's version, the weights it starts from
+/// (stage 0's result) and every file of the single-shape dataset (names and bytes, in sorted order).
+fn stage1_fingerprint(start: &Path, data: &Path, recipe: &Recipe) -> Result<String> {
     let mut h = crate::hash::Fnv1a64::default();
-    let Recipe { seed, scenes, epochs, epochs_stage2: _, learning_rate, batch_size } = recipe;
-    h.update(format!("{}|{seed}|{scenes}|{epochs}|{learning_rate}|{batch_size}", env!("CARGO_PKG_VERSION")).as_bytes());
-    let mut files = vec![init.join("model.safetensors"), data.join("shape.json"), data.join("shape_eval.json")];
+    let Recipe { seed, scenes, epochs, epochs_stage2: _, learning_rate, batch_size, vision, freeze_vision } = recipe;
+    h.update(
+        format!(
+            "{}|{seed}|{scenes}|{epochs}|{learning_rate}|{batch_size}|{vision:?}|{freeze_vision}",
+            env!("CARGO_PKG_VERSION")
+        )
+        .as_bytes(),
+    );
+    let mut files = vec![start.join("model.safetensors"), data.join("shape.json"), data.join("shape_eval.json")];
     let mut images: Vec<PathBuf> = std::fs::read_dir(data.join("shape"))
         .with_context(|| format!("{}: cannot list", data.join("shape").display()))?
         .map(|e| e.map(|e| e.path()))
@@ -229,7 +276,7 @@ fn train_stage(
     let out = work.join(name);
     let yaml = format!(
         "model_name_or_path: {model}\ntemplate: qwen3_5_nothink\nstage: sft\ndo_train: true\nfinetuning_type: full\n\
-         freeze_vision_tower: false\nfreeze_multi_modal_projector: false\ndataset: {datasets}\neval_dataset: {eval}\n\
+         freeze_vision_tower: {frozen}\nfreeze_multi_modal_projector: {frozen}\ndataset: {datasets}\neval_dataset: {eval}\n\
          dataset_dir: {data}\ncutoff_len: 256\nlearning_rate: {lr}\nnum_train_epochs: {epochs}\n\
          per_device_train_batch_size: {bs}\ngradient_accumulation_steps: 1\nlr_scheduler_type: cosine\n\
          warmup_ratio: 0.03\nweight_decay: 0.01\ndisable_gradient_checkpointing: true\nlogging_steps: 25\n\
@@ -238,6 +285,7 @@ fn train_stage(
         model = model.display(),
         data = data.display(),
         bs = recipe.batch_size,
+        frozen = recipe.freeze_vision,
         seed = recipe.seed,
         out = out.display()
     );
