@@ -1,4 +1,4 @@
-"""Why the demo base's vision tower does not learn robot parts: the same tower, trained two ways.
+"""Why the demo base's recipe trains its vision tower directly (stage 0): the same tower, trained several ways.
 
 Uses the reference stack of tools/golden (run tools/golden/setup.sh once). Needs a demo folder written by
 `ferrotune demo --out DIR --lang en` (DIR/base: the embedded base; DIR/data: the robot pictures). Add more
@@ -10,6 +10,9 @@ pictures with `--train-rows`.
   lm      the whole model from random init, one-word answers ("dome", "2", "wheels") through the language
           model; teacher-forced held-out accuracy. --tower FILE starts the tower from a `direct` run,
           --freeze-tower keeps it fixed, --tower-lr-scale scales its learning rate, --batch sets the batch.
+  readout the tower of a checkpoint (--checkpoint DIR, e.g. the recipe's work/vision; or a random one),
+          frozen, with a fresh readout trained on the robots: attention pooling (--readout pool) or an MLP
+          over all merged tokens (--readout mlp). How much of each robot part its features carry.
 
 Measured on 2 CPU cores (numbers are printed every 100 steps; 400 held-out pictures): `direct` from 500
 pictures reaches 95 / 98 / 100 / 100% in 1000 steps (about 2 minutes); `lm` stays at chance; `lm --tower T
@@ -25,6 +28,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoProcessor, Qwen3_5ForConditionalGeneration
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
 
@@ -118,6 +122,63 @@ def direct(args):
         torch.save(tower.state_dict(), args.save)
 
 
+def readout(args):
+    vcfg = AutoConfig.from_pretrained(f"{args.demo}/base").vision_config
+    p, merge = vcfg.patch_size, vcfg.spatial_merge_size
+    tower = Qwen3_5VisionModel._from_config(vcfg)
+    if args.checkpoint:
+        weights = load_file(f"{args.checkpoint}/model.safetensors")
+        prefix = "model.visual."
+        print(tower.load_state_dict({k[len(prefix) :]: v.float() for k, v in weights.items() if k.startswith(prefix)}))
+    tower.eval()
+
+    def load(rs):
+        xs = [patches(f"{args.demo}/data/{r['images'][0]}", p, merge) for r in rs]
+        ys = torch.tensor([[ATTRS[k].index(r["attributes"][k]) for k in ATTRS] for r in rs])
+        h, w = xs[0][1]
+        with torch.no_grad():
+            feats = [
+                tower(x.reshape(-1, x.shape[-1]), grid_thw=torch.tensor([[1, h, w]])).pooler_output
+                for x, _ in xs
+            ]
+        return torch.stack(feats), ys
+
+    f_tr, y_tr = load(rows(args.demo, "mllm_robot", args.train_rows))
+    f_ev, y_ev = load(rows(args.demo, "mllm_robot_eval", 0))
+    sizes = [len(v) for v in ATTRS.values()]
+    dim = f_tr.shape[-1]
+    if args.readout == "pool":
+        head = Readout(dim, sizes)
+    else:
+        head = Mlp(dim, f_tr.shape[1], sizes)
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.01)
+    for step in range(args.steps):
+        i = torch.randint(0, len(f_tr), (args.batch,))
+        loss = sum(torch.nn.functional.cross_entropy(o, y_tr[i, j]) for j, o in enumerate(head(f_tr[i])))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 500 == 0 or step == args.steps - 1:
+            with torch.no_grad():
+                outs = head(f_ev)
+            acc = {a: round(100 * outs[j].argmax(-1).eq(y_ev[:, j]).float().mean().item()) for j, a in enumerate(ATTRS)}
+            print(f"step {step} loss {loss.item():.3f} held-out {acc}", flush=True)
+
+
+class Mlp(torch.nn.Module):
+    """All merged tokens, each normalised, flattened, through one hidden layer of 256."""
+
+    def __init__(self, dim, tokens, sizes):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim)
+        self.hidden = torch.nn.Linear(tokens * dim, 256)
+        self.out = torch.nn.ModuleList([torch.nn.Linear(256, n) for n in sizes])
+
+    def forward(self, h):
+        z = torch.nn.functional.gelu(self.hidden(self.norm(h).flatten(1)))
+        return [o(z) for o in self.out]
+
+
 def lm(args):
     cfg = AutoConfig.from_pretrained(f"{args.demo}/base")
     model = Qwen3_5ForConditionalGeneration._from_config(cfg, dtype=torch.float32)
@@ -183,7 +244,7 @@ def lm(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["direct", "lm"])
+    ap.add_argument("mode", choices=["direct", "lm", "readout"])
     ap.add_argument("--demo", required=True, help="folder written by `ferrotune demo --out DIR --lang en`")
     ap.add_argument("--train-rows", type=int, default=500)
     ap.add_argument("--steps", type=int, default=1000)
@@ -193,12 +254,14 @@ def main():
     ap.add_argument("--tower", help="lm: start the tower from this `direct --save` file")
     ap.add_argument("--freeze-tower", action="store_true")
     ap.add_argument("--tower-lr-scale", type=float, default=1.0)
+    ap.add_argument("--checkpoint", help="readout: the checkpoint whose tower is read (default: a random tower)")
+    ap.add_argument("--readout", choices=["pool", "mlp"], default="pool")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.manual_seed(0)
     random.seed(0)
     torch.set_num_threads(args.threads)
-    (direct if args.mode == "direct" else lm)(args)
+    {"direct": direct, "lm": lm, "readout": readout}[args.mode](args)
 
 
 if __name__ == "__main__":

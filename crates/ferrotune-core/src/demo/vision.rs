@@ -1,12 +1,17 @@
-//! Stage 0 of the demo base's recipe: the vision tower learns to keep what a picture looks like.
+//! Stage 0 of the demo base's recipe: the vision tower learns to see before the language model learns to talk
+//! about what it sees.
 //!
-//! Captions alone do not teach a tower this small to see shapes: trained only through the language model it
-//! learns colours, and shape names stay at chance. So the tower and merger are first trained directly, on a
-//! generic objective that needs no labels: every merged token must give back its region of the picture,
-//! average-pooled to `pool`×`pool`-pixel cells, through one linear layer that is thrown away afterwards. The
-//! pictures are the base's own pretraining scenes (shapes, not robots). The caption stages that follow keep
-//! the tower and merger frozen, so what it learned here is what the language model — and later the LoRA —
-//! reads.
+//! Captions alone do not teach a tower this small to see shapes: trained only through the language model, at
+//! the batch sizes a CPU allows, it learns colours while shape names stay at chance. So the tower and merger
+//! are first trained directly, on a generic objective that needs no labels: every merged token must give back
+//! its region of the picture, average-pooled to `pool`×`pool`-pixel cells, through one linear layer that is
+//! thrown away afterwards. That keeps outlines, thin parts and counts in the tokens. The pictures are the base's
+//! own pretraining scenes (shapes, not robots). The caption stages that follow keep the tower and merger frozen,
+//! so what it learned here is what the language model, and later the LoRA, reads.
+//!
+//! Measured with a fresh attention-pooling readout trained on 500 robots over the frozen tower (400 held out):
+//! head / arms / locomotion 76 / 80 / 99% after this stage. Adding a labelled scene term (which shape kind and
+//! colour sits in each cell of the 3×3 grid) made the tokens name scene shapes but lost detail: 68 / 73 / 97%.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
