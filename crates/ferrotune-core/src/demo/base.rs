@@ -1,7 +1,8 @@
 //! The demo's small pretrained base: a real `qwen3_5` architecture at about 4M parameters, pretrained from
 //! random init on synthetic scenes (shapes, colours, positions: not the robot task) — first its vision tower
 //! alone, directly on the pictures, then with ferrotune's own full fine-tuning on their captions and on
-//! text-only robot sentences (the words, with no picture) — so that it can see and speak before the LoRA. Its files ship inside the binary; [`rebuild`] is the recipe that makes them.
+//! text-only robot sentences (the words, with no picture) — so that it can see and speak before the LoRA. Its
+//! files ship inside the binary; [`rebuild`] is the recipe that makes them.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

@@ -197,6 +197,13 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
                     && !n.starts_with("model.visual.merger"))
                     || (plan.lora.freeze_multi_modal_projector && n.starts_with("model.visual.merger"))
             };
+            // Frozen weights go back to plain tensors: as variables the backward pass would compute their
+            // gradients (a frozen tower's whole backward) only to drop them.
+            for (name, t, _) in model.params_mut() {
+                if frozen(&name) {
+                    *t = t.detach();
+                }
+            }
             all.into_iter().filter(|(n, _, _)| !frozen(n)).collect()
         }
     };
