@@ -209,11 +209,28 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
         progress,
     )?;
     // 5. The result: bf16 weights and the config (the static files stay as they are).
-    std::fs::create_dir_all(out)?;
-    std::fs::copy(stage2.join("config.json"), out.join("config.json"))?;
-    std::fs::copy(stage2.join("model.safetensors"), out.join("model.safetensors"))?;
     let _ = std::fs::copy(stage2.join("training_loss.png"), work.join("pretrain_loss.png"));
-    Ok(out.join("model.safetensors"))
+    write_bf16(&stage2, out)
+}
+
+/// Writes the checkpoint in `from` to `out` as `config.json` + `model.safetensors` in bf16 (`A_log` stays f32, as
+/// reference checkpoints keep it). The stages train and save in f32 from stage 0 on; the base ships at half
+/// the size.
+pub fn write_bf16(from: &Path, out: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let ckpt = crate::checkpoint::Checkpoint::open(from)?;
+    let mut tensors = std::collections::HashMap::new();
+    for name in ckpt.names() {
+        let dtype = if name.ends_with("A_log") { DType::F32 } else { DType::BF16 };
+        tensors.insert(name.to_string(), ckpt.load(name, &candle_core::Device::Cpu)?.to_dtype(dtype)?);
+    }
+    let weights = out.join("model.safetensors");
+    crate::checkpoint::save_safetensors(&tensors, &weights)?;
+    let mut cfg = crate::checkpoint::read_config_json(from)?;
+    cfg["dtype"] = serde_json::json!("bfloat16");
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&cfg)? + "\n")
+        .with_context(|| format!("{}: cannot write", out.join("config.json").display()))?;
+    Ok(weights)
 }
 
 /// Writes a randomly initialised checkpoint of the demo architecture (bf16, with the shipped tokenizer,
