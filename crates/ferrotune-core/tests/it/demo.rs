@@ -436,6 +436,13 @@ fn base_recipe_rebuilds_bit_for_bit() {
     }
     assert!(built[0].0 == built[1].0, "two rebuilds gave different weights");
     assert_eq!(built[0].1, built[1].1);
+    // The stages work in f32; the base ships in bf16 (A_log in f32, as reference checkpoints keep it).
+    let out = ferrotune_core::checkpoint::Checkpoint::open(&dir.path().join("a/out")).unwrap();
+    for name in out.names() {
+        let want = if name.ends_with("A_log") { candle_core::DType::F32 } else { candle_core::DType::BF16 };
+        assert_eq!(out.info(name).unwrap().1, want, "{name}");
+    }
+    assert_eq!(read_json(&dir.path().join("a/out/config.json"))["dtype"], "bfloat16");
 
     // A finished stage 1 is reused only when it came from the same recipe and data.
     let (out, work) = (dir.path().join("a/out"), dir.path().join("a/work"));
