@@ -171,10 +171,14 @@ pub fn pretrain(
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     for entry in std::fs::read_dir(model_dir)? {
         let path = entry?.path();
-        if path.is_file() && path.file_name().is_some_and(|n| n != "model.safetensors") {
-            std::fs::copy(&path, out.join(path.file_name().expect("a file name")))?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if path.is_file() && name != "model.safetensors" && name != "config.json" {
+            std::fs::copy(&path, out.join(&name))?;
         }
     }
+    let mut cfg = crate::checkpoint::read_config_json(model_dir)?;
+    cfg["dtype"] = serde_json::json!("float32");
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&cfg)? + "\n")?;
     crate::checkpoint::save_safetensors(&model.state_dict(DType::F32)?, &out.join("model.safetensors"))?;
     Ok(VisionReport { held_out_before: before, held_out_after: after })
 }
