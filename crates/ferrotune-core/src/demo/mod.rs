@@ -161,7 +161,7 @@ pub(crate) fn write_png(path: &Path, img: &image::RgbImage) -> Result<u64> {
 }
 
 /// The image paths of the rows of `dir/<name>.json`, a file of [`sharegpt_row`]s, resolved against `dir`.
-pub(crate) fn dataset_images(dir: &Path, name: &str) -> Result<Vec<std::path::PathBuf>> {
+pub fn dataset_images(dir: &Path, name: &str) -> Result<Vec<std::path::PathBuf>> {
     let path = dir.join(format!("{name}.json"));
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let rows: Vec<Value> =

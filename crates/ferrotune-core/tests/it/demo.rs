@@ -467,15 +467,9 @@ fn vision_stage_learns_to_reconstruct_pictures_and_touches_only_the_tower() {
     write_random_init(&init, 3).unwrap();
     let opts = SceneOptions { n_train: 48, n_eval: 8, seed: 5, ..Default::default() };
     scenes::generate(&data, &opts).unwrap();
-    let pictures = |name: &str| -> Vec<std::path::PathBuf> {
-        read_json(&data.join(format!("{name}.json")))
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| data.join(r["images"][0].as_str().unwrap()))
-            .collect()
-    };
+    let pictures = |name: &str| ferrotune_core::demo::dataset_images(&data, name).unwrap();
     let (train, held_out) = (pictures("scenes"), pictures("scenes_eval"));
+    assert!(train.iter().chain(&held_out).all(|p| p.is_file()));
     assert_eq!((train.len(), held_out.len()), (48, 8));
     let stage = VisionStage { steps: 60, batch_size: 4, learning_rate: 2e-3, pool: 4 };
     let stop = std::sync::atomic::AtomicBool::new(false);
