@@ -36,7 +36,7 @@ impl Default for DemoOptions {
             n_train: 500,
             n_eval: 50,
             epochs: 5.0,
-            learning_rate: 5e-3,
+            learning_rate: 2e-3,
             seed: 42,
             progress: false,
             base: None,
@@ -81,7 +81,7 @@ pub fn train_yaml(base: &Path, data: &Path, out: &Path, opts: &DemoOptions) -> S
          learning_rate: {lr:e}\n\
          num_train_epochs: {ep:.1}\n\
          per_device_train_batch_size: 1\n\
-         gradient_accumulation_steps: 2\n\
+         gradient_accumulation_steps: 1\n\
          lr_scheduler_type: cosine\n\
          warmup_ratio: 0.05\n\
          bf16: true\n\
