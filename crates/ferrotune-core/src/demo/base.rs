@@ -228,8 +228,7 @@ pub fn write_bf16(from: &Path, out: &Path) -> Result<PathBuf> {
     crate::checkpoint::save_safetensors(&tensors, &weights)?;
     let mut cfg = crate::checkpoint::read_config_json(from)?;
     cfg["dtype"] = serde_json::json!("bfloat16");
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&cfg)? + "\n")
-        .with_context(|| format!("{}: cannot write", out.join("config.json").display()))?;
+    super::write_json(&out.join("config.json"), &cfg)?;
     Ok(weights)
 }
 

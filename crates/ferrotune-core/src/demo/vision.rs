@@ -178,7 +178,7 @@ pub fn pretrain(
     }
     let mut cfg = crate::checkpoint::read_config_json(model_dir)?;
     cfg["dtype"] = serde_json::json!("float32");
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&cfg)? + "\n")?;
+    super::write_json(&out.join("config.json"), &cfg)?;
     crate::checkpoint::save_safetensors(&model.state_dict(DType::F32)?, &out.join("model.safetensors"))?;
     Ok(VisionReport { held_out_before: before, held_out_after: after })
 }
