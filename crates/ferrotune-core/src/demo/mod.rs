@@ -159,22 +159,3 @@ pub(crate) fn write_png(path: &Path, img: &image::RgbImage) -> Result<u64> {
     std::fs::write(path, &bytes).with_context(|| format!("writing {}", path.display()))?;
     Ok(bytes.len() as u64)
 }
-
-/// The image paths of the rows of `dir/<name>.json`, a file of [`sharegpt_row`]s, resolved against `dir`.
-pub fn dataset_images(dir: &Path, name: &str) -> Result<Vec<std::path::PathBuf>> {
-    let path = dir.join(format!("{name}.json"));
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let rows: Vec<Value> =
-        serde_json::from_str(&text).with_context(|| format!("{}: not a JSON array", path.display()))?;
-    let mut out = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        let Some(images) = row.get("images").and_then(Value::as_array) else {
-            bail!("{}: row {i} has no \"images\" list", path.display());
-        };
-        for image in images {
-            let Some(rel) = image.as_str() else { bail!("{}: row {i}: an image path is not a string", path.display()) };
-            out.push(dir.join(rel));
-        }
-    }
-    Ok(out)
-}

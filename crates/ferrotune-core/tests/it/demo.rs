@@ -459,28 +459,43 @@ fn base_recipe_rebuilds_bit_for_bit() {
 }
 
 #[test]
-fn vision_stage_learns_to_reconstruct_pictures_and_touches_only_the_tower() {
+fn vision_stage_learns_to_reconstruct_and_name_shapes_and_touches_only_the_tower() {
     use ferrotune_core::demo::base::write_random_init;
-    use ferrotune_core::demo::vision::{pretrain, VisionStage};
+    use ferrotune_core::demo::vision::{pretrain, scene_pictures, VisionStage};
     let dir = tempfile::tempdir().unwrap();
     let (init, data, out) = (dir.path().join("init"), dir.path().join("data"), dir.path().join("out"));
     write_random_init(&init, 3).unwrap();
     let opts = SceneOptions { n_train: 48, n_eval: 8, seed: 5, ..Default::default() };
     scenes::generate(&data, &opts).unwrap();
-    let pictures = |name: &str| ferrotune_core::demo::dataset_images(&data, name).unwrap();
+    let pictures = |name: &str| scene_pictures(&data, name).unwrap();
     let (train, held_out) = (pictures("scenes"), pictures("scenes_eval"));
-    assert!(train.iter().chain(&held_out).all(|p| p.is_file()));
+    assert!(train.iter().chain(&held_out).all(|p| p.path.is_file()));
     assert_eq!((train.len(), held_out.len()), (48, 8));
-    let stage = VisionStage { steps: 60, batch_size: 4, learning_rate: 2e-3, pool: 4 };
+    // The labels are the rows' shape kinds.
+    let rows = read_json(&data.join("scenes.json"));
+    let kinds: Vec<&str> =
+        rows[0]["attributes"]["shapes"].as_array().unwrap().iter().map(|s| s["shape"].as_str().unwrap()).collect();
+    let named: Vec<&str> = train[0].shapes.as_ref().unwrap().iter().map(|&k| scenes::Shape::ALL[k].name()).collect();
+    assert_eq!(kinds, named);
+    let stage = VisionStage { steps: 60, batch_size: 4, learning_rate: 2e-3, pool: 4, shape_weight: 0.5 };
     let stop = std::sync::atomic::AtomicBool::new(false);
+    // Without labels the shape term has nothing to learn from: a clear error before any work.
+    let mut unlabelled = held_out.clone();
+    unlabelled[3].shapes = None;
+    let err = pretrain(&init, (&train, &unlabelled), &out, &stage, 1, &stop, false).unwrap_err().to_string();
+    assert!(err.contains("attributes.shapes"), "{err}");
+    assert!(!out.exists());
     let report = pretrain(&init, (&train, &held_out), &out, &stage, 1, &stop, false).unwrap();
-    // Held-out pictures the stage never trained on are reconstructed far better than by the random tower.
+    // Held-out pictures the stage never trained on are reconstructed far better than by the random tower, and
+    // the shape term's error falls too.
     assert!(
         report.held_out_after < 0.5 * report.held_out_before,
         "held-out reconstruction error {} → {}",
         report.held_out_before,
         report.held_out_after
     );
+    let (sb, sa) = (report.shapes_before.unwrap(), report.shapes_after.unwrap());
+    assert!(sa.loss < 0.9 * sb.loss, "held-out shape term {} → {}", sb.loss, sa.loss);
     // Every vision weight moved; nothing else did.
     let load = |d: &Path| ferrotune_core::checkpoint::Checkpoint::open(d).unwrap();
     let (a, b) = (load(&init), load(&out));
