@@ -17,7 +17,7 @@
 //!
 //! Measured with `tools/demo-base/vision_probe.py` (500 robots, 400 held out; head / arms / locomotion), on the
 //! tower after this stage:
-//! | tower | `readout`, attention pooling | `readout`, MLP | `lm --freeze-tower`, 300 steps |
+//! | tower | `readout`, attention pooling | `readout`, MLP | `lm --freeze-tower --batch 8`, 300 steps |
 //! |---|---|---|---|
 //! | reconstruction and shape term (weight 0.2) | 85 / 84 / 99% | 94 / 96 / 99% | 55 / 77 / 79% |
 //! | reconstruction alone | 77 / 78 / 99% | 92 / 95 / 100% | 29 / 23 / 81% |
@@ -37,7 +37,6 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::Distribution;
-
 use serde_json::Value;
 
 use super::scenes::Shape;
