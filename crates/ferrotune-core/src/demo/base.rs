@@ -90,8 +90,7 @@ impl Default for Recipe {
 
 /// Rebuilds the base from scratch into `out` (config.json + model.safetensors in bf16), working in `work`:
 /// random init → stage 0 (the vision tower and merger alone, reconstructing the scene pictures and naming their
-/// shape kinds: see
-/// [`super::vision`]) → stage 1 (one large shape per picture, short answers) → stage 2 (several shapes, captions,
+/// shape kinds: see [`super::vision`]) → stage 1 (one large shape per picture, short answers) → stage 2 (several shapes, captions,
 /// the stage-1 data, and text-only sentences about robots with no picture), full fine-tuning of the language
 /// model with the tower and merger frozen (unless `freeze_vision` is off).
 pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, progress: bool) -> Result<PathBuf> {

@@ -154,8 +154,7 @@ pub fn pretrain(
     let cells = p / stage.pool;
     let target_dim = merge * merge * vcfg.in_channels * cells * cells;
     let d = vcfg.out_hidden_size;
-    let vars: Vec<(String, Var, bool)> =
-        model.make_trainable()?.into_iter().filter(|(n, _, _)| n.starts_with("model.visual.")).collect();
+    let vars = model.make_trainable(|n| n.starts_with("model.visual."))?;
     // The heads thrown away afterwards, N(0, 0.02) like the model's init: a linear decoder from the merged token
     // to its pooled pixels, and for the shape term one query and one readout per shape kind.
     let mut rng = StdRng::seed_from_u64(seed);
@@ -170,19 +169,16 @@ pub fn pretrain(
     all.push(("decoder.weight".into(), dec_w.clone(), true));
     all.push(("decoder.bias".into(), dec_b.clone(), false));
     let kinds = Shape::ALL.len();
-    let (queries, read_w, read_b) = if labelled {
-        let heads = (
-            randn(&mut rng, kinds, d)?,
-            randn(&mut rng, kinds, d)?,
-            Var::from_tensor(&Tensor::zeros(kinds, DType::F32, &dev)?)?,
-        );
-        all.push(("shapes.queries".into(), heads.0.clone(), false));
-        all.push(("shapes.weight".into(), heads.1.clone(), true));
-        all.push(("shapes.bias".into(), heads.2.clone(), false));
-        heads
+    // Drawn after the decoder and only when on, so a stage without the shape term draws what it always drew.
+    let shape_head = if labelled {
+        let (queries, read_w) = (randn(&mut rng, kinds, d)?, randn(&mut rng, kinds, d)?);
+        let read_b = Var::from_tensor(&Tensor::zeros(kinds, DType::F32, &dev)?)?;
+        all.push(("shapes.queries".into(), queries.clone(), false));
+        all.push(("shapes.weight".into(), read_w.clone(), true));
+        all.push(("shapes.bias".into(), read_b.clone(), false));
+        Some((queries, read_w, read_b))
     } else {
-        let none = Var::from_tensor(&Tensor::zeros((kinds, d), DType::F32, &dev)?)?;
-        (none.clone(), none, Var::from_tensor(&Tensor::zeros(kinds, DType::F32, &dev)?)?)
+        None
     };
     let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.01, ..Default::default() }, all)?;
     let schedule = Schedule {
@@ -192,9 +188,9 @@ pub fn pretrain(
         total: stage.steps,
     };
 
-    // The losses of a batch of pictures: mean squared error of the reconstructed cells, and the shape term's
-    // binary cross-entropy with the number of pictures whose kinds it all got right.
-    let losses_of = |model: &Qwen3_5, batch: &[&Picture]| -> Result<(Tensor, Option<(Tensor, usize)>)> {
+    // The losses of a batch of pictures: mean squared error of the reconstructed cells and, with the shape term
+    // on, its binary cross-entropy with the logits and targets it came from (batch × kind).
+    let losses_of = |model: &Qwen3_5, batch: &[&Picture]| -> Result<(Tensor, Option<[Tensor; 3]>)> {
         let images = batch.iter().map(|p| crate::image::load_image(&p.path)).collect::<Result<Vec<_>>>()?;
         let px = proc.preprocess(&images)?;
         let n = px.num_patches();
@@ -211,9 +207,9 @@ pub fn pretrain(
             .mean(4)?
             .reshape((n / (merge * merge), target_dim))?;
         let mse = (pred - target)?.sqr()?.mean_all()?;
-        if !labelled {
+        let Some((queries, read_w, read_b)) = &shape_head else {
             return Ok((mse, None));
-        }
+        };
         let b = batch.len();
         let tokens = feats.dim(0)? / b;
         if tokens * b != feats.dim(0)? || px.image_grid_thw.iter().any(|g| g != &px.image_grid_thw[0]) {
@@ -235,10 +231,7 @@ pub fn pretrain(
         // softplus(x) - y·x, with softplus(x) = relu(x) + ln(1 + e^-|x|) to stay finite.
         let softplus = (logits.relu()? + (logits.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
         let bce = (softplus - (&y * &logits)?)?.mean_all()?;
-        let guessed = logits.ge(0.0)?.to_dtype(DType::F32)?;
-        let right = guessed.eq(&y)?.to_dtype(DType::F32)?.sum(1)?.to_vec1::<f32>()?;
-        let all_right = right.iter().filter(|&&r| r as usize == kinds).count();
-        Ok((mse, Some((bce, all_right))))
+        Ok((mse, Some([bce, logits, y])))
     };
     let held: Vec<&Picture> = held_out.iter().collect();
     let held_out_scores = |model: &Qwen3_5| -> Result<(f64, Option<ShapeScore>)> {
@@ -246,9 +239,11 @@ pub fn pretrain(
         for chunk in held.chunks(32) {
             let (mse, shapes) = losses_of(model, chunk)?;
             sum += mse.to_scalar::<f32>()? as f64 * chunk.len() as f64;
-            if let Some((loss, r)) = shapes {
+            if let Some([loss, logits, y]) = shapes {
                 bce += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
-                right += r;
+                // A picture counts when every kind's present/absent guess matches.
+                let hits = logits.ge(0.0)?.to_dtype(DType::F32)?.eq(&y)?.to_dtype(DType::F32)?.sum(1)?;
+                right += hits.to_vec1::<f32>()?.iter().filter(|&&h| h as usize == kinds).count();
             }
         }
         let n = held.len() as f64;
@@ -287,7 +282,7 @@ pub fn pretrain(
         let batch: Vec<&Picture> = (0..stage.batch_size).map(|_| &train[rng.random_range(0..train.len())]).collect();
         let (mse, shapes) = losses_of(&model, &batch)?;
         let loss = match &shapes {
-            Some((bce, _)) => (&mse + bce.affine(stage.shape_weight, 0.0)?)?,
+            Some([bce, ..]) => (&mse + bce.affine(stage.shape_weight, 0.0)?)?,
             None => mse.clone(),
         };
         let store = loss.backward()?;
@@ -297,7 +292,7 @@ pub fn pretrain(
         bar.inc(1);
         if step % 25 == 0 {
             let shapes = match &shapes {
-                Some((bce, _)) => format!(" shapes {:.4}", bce.to_scalar::<f32>()?),
+                Some([bce, ..]) => format!(" shapes {:.4}", bce.to_scalar::<f32>()?),
                 None => String::new(),
             };
             bar.set_message(format!("error {:.4}{shapes}", mse.to_scalar::<f32>()?));

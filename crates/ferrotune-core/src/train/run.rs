@@ -190,21 +190,15 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
             v
         }
         FinetuningType::Full => {
-            let all = model.make_trainable()?;
             let frozen = |n: &str| {
                 (plan.lora.freeze_vision_tower
                     && n.starts_with("model.visual.")
                     && !n.starts_with("model.visual.merger"))
                     || (plan.lora.freeze_multi_modal_projector && n.starts_with("model.visual.merger"))
             };
-            // Frozen weights go back to plain tensors: as variables the backward pass would compute their
-            // gradients (a frozen tower's whole backward) only to drop them.
-            for (name, t, _) in model.params_mut() {
-                if frozen(&name) {
-                    *t = t.detach();
-                }
-            }
-            all.into_iter().filter(|(n, _, _)| !frozen(n)).collect()
+            // Frozen weights stay plain tensors: as variables the backward pass would compute their gradients (a
+            // frozen tower's whole backward) only to drop them.
+            model.make_trainable(|n| !frozen(n))?
         }
     };
     // Full fine-tuning names weights `model.visual.…`, LoRA `base_model.model.model.visual.….lora_A.weight`: either

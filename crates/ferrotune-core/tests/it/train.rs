@@ -204,7 +204,7 @@ fn full_fine_tuning_gradients_equal_transformers() {
     let samples = Samples::load();
     let want = json("full_grads.json");
     let mut model = Qwen3_5::load(&tiny_checkpoint(), DType::F32, &Device::Cpu).unwrap();
-    let vars = model.make_trainable().unwrap();
+    let vars = model.make_trainable(|_| true).unwrap();
     let params: Vec<Var> = vars.iter().map(|(_, v, _)| v.clone()).collect();
     let mb = samples.micro_batch(&model, 0);
     for checkpointing in [false, true] {

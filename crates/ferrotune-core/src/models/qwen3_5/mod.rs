@@ -210,12 +210,18 @@ impl Qwen3_5 {
         Ok(out)
     }
 
-    /// Turns every parameter into a trainable f32 `Var` (full fine-tuning); returns them with their names and
-    /// whether weight decay applies (not to biases and norm weights, as HF groups them).
-    pub fn make_trainable(&mut self) -> Result<Vec<(String, candle_core::Var, bool)>> {
+    /// Turns every parameter into f32 and those `trained` selects by name into `Var`s (full fine-tuning);
+    /// returns those with their names and whether weight decay applies (not to biases and norm weights, as HF
+    /// groups them). The others stay plain tensors, so the backward pass computes no gradient for them.
+    pub fn make_trainable(&mut self, trained: impl Fn(&str) -> bool) -> Result<Vec<(String, candle_core::Var, bool)>> {
         let mut vars = Vec::new();
         for (name, t, kind) in self.params_mut() {
-            let var = candle_core::Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            let f32 = t.to_dtype(DType::F32)?;
+            if !trained(&name) {
+                *t = f32;
+                continue;
+            }
+            let var = candle_core::Var::from_tensor(&f32)?;
             *t = var.as_tensor().clone();
             let decay = !(name.ends_with(".bias") || kind == Stored::OnePlus || name.contains("norm"));
             vars.push((name, var, decay));
