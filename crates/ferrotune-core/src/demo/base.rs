@@ -32,6 +32,11 @@ const WEIGHTS: Option<(&[u8], &[u8])> = Some((
 #[cfg(not(demo_base))]
 const WEIGHTS: Option<(&[u8], &[u8])> = None;
 
+/// The embedded base's `config.json`, when this build has the base.
+pub fn embedded_config() -> Option<&'static [u8]> {
+    WEIGHTS.map(|(config, _)| config)
+}
+
 /// Where the recipe writes the base in a source checkout.
 pub fn assets_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo-base")

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result};
 use base64::Engine as _;
-use ferrotune_core::demo::base::{assets_dir, rebuild, Recipe};
+use ferrotune_core::demo::base::{assets_dir, embedded_config, rebuild, Recipe};
 use ferrotune_core::demo::pipeline::{run as run_demo, DemoOptions};
 
 use crate::cli::DemoArgs;
@@ -20,6 +20,11 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         let path = rebuild(&out, &work, &Recipe::default(), &STOP, progress)?;
         println!("wrote {}; rebuild ferrotune (cargo build --release) to embed it", path.display());
         return Ok(ExitCode::SUCCESS);
+    }
+    // The recipe above keeps the default threads: its bit-for-bit rebuild holds for a given thread count.
+    match &args.base {
+        Some(dir) => super::threads_for_checkpoint(dir),
+        None => super::threads_for_model(embedded_config()),
     }
     let opts = DemoOptions {
         out: args.out.clone(),

@@ -38,6 +38,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
             Plan::load(None, &overrides)?
         }
     };
+    super::threads_for_checkpoint(&plan.model_name_or_path);
     let prepared = ferrotune_core::data::prepare(&plan, &|_, _| {})?;
     if prepared.eval.is_empty() {
         bail!("no held-out rows to evaluate");

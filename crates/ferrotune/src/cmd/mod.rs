@@ -22,6 +22,26 @@ use crate::cli::ConfigInput;
 /// Rows above which the data pass shows a progress bar.
 const PROGRESS_FROM_ROWS: usize = 2000;
 
+/// One CPU compute thread for a small model (see [`ferrotune_core::device::ONE_THREAD_MAX_HIDDEN`]) unless
+/// `RAYON_NUM_THREADS` is set. Call it before any compute: candle reads the variable at every matrix product.
+pub fn threads_for_model(config_json: Option<&[u8]>) {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    if let Some(h) = config_json.and_then(ferrotune_core::device::small_model_hidden) {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+        eprintln!(
+            "small model (hidden size {h}): computing on 1 CPU thread, faster than several at this size \
+             (RAYON_NUM_THREADS=N chooses)"
+        );
+    }
+}
+
+/// [`threads_for_model`] for the checkpoint in `dir`.
+pub fn threads_for_checkpoint(dir: &std::path::Path) {
+    threads_for_model(std::fs::read(dir.join("config.json")).ok().as_deref());
+}
+
 /// Reads and validates the config, printing its notes.
 pub fn load_plan(input: &ConfigInput) -> Result<Plan> {
     if input.file.is_none() && input.overrides.is_empty() {

@@ -140,6 +140,7 @@ pub fn load_engine(m: &ModelArgs, s: &SamplingArgs) -> Result<Loaded> {
     }
     let adapters = adapter_dirs(m.adapter_name_or_path.as_deref())?;
     let dev = device(m.device.as_deref())?;
+    super::threads_for_checkpoint(model_dir);
     let dtype = match (ferrotune_core::export::parse_dtype(m.infer_dtype.as_deref().unwrap_or("auto"))?, &dev) {
         (_, Device::Cpu) => DType::F32, // bf16 arithmetic on CPUs is slower than f32, and less exact
         (Some(d), _) => d,

@@ -14,6 +14,7 @@ use crate::cli::ConfigArgs;
 pub fn run(args: ConfigArgs) -> Result<ExitCode> {
     let input = args.split();
     let plan = super::load_plan(&input)?;
+    super::threads_for_checkpoint(&plan.model_name_or_path);
     let device = input.device.as_deref().map(str::parse::<DeviceSpec>).transpose()?;
     if !plan.do_train {
         bail!("`do_train` is not true; set `do_train: true` to train");
