@@ -196,7 +196,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 50)]
     pub eval_rows: usize,
     /// Epochs of LoRA training
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 10.0)]
     pub epochs: f64,
     /// Rebuild the embedded base model from scratch (pretraining on scene captions; several minutes) and write
     /// it to the source tree's assets/demo-base

@@ -35,7 +35,9 @@ impl Default for DemoOptions {
             lang: Lang::Zh,
             n_train: 500,
             n_eval: 50,
-            epochs: 5.0,
+            // The LoRA still underfits at 5 epochs (training-set accuracy as low as held-out: head shape 76%,
+            // locomotion 79%); at 10 every core part is at 90% or more (200 held-out robots).
+            epochs: 10.0,
             learning_rate: 2e-3,
             seed: 42,
             progress: false,

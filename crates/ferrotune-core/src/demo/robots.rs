@@ -12,7 +12,8 @@
 //!
 //! The robot fills most of the frame so that a vision tower with 16×16-pixel patches (an 8×8 grid) can resolve
 //! every labelled attribute: body colour (torso and head), head shape (two patches tall), arms (grey limbs
-//! reaching the outer patch columns), locomotion (the bottom two patch rows), chest screen and antenna.
+//! reaching the outer patch columns), locomotion (the bottom two patch rows; four legs splay into the outer
+//! columns, two stay in the middle ones), chest screen and antenna.
 //! See [`crate::eval::attributes`] for the `attributes` field.
 
 use std::path::Path;
@@ -546,8 +547,10 @@ fn draw_locomotion(cv: &mut Canvas, loco: Locomotion, cx: f32, ty1: f32) {
             }
         }
         Locomotion::FourLegs => {
-            // Four thin legs splayed outwards (a quadruped seen from the front).
-            for (top_dx, foot_dx) in [(9.0, 11.0), (20.0, 31.0)] {
+            // Four thin legs, the outer pair splayed into the outer patch columns: two legs and four differ in
+            // which patches they fill, not only in detail inside the middle ones (where a LoRA on the demo's
+            // base told them apart at chance).
+            for (top_dx, foot_dx) in [(9.0, 11.0), (19.0, 40.0)] {
                 for s in [-1.0, 1.0] {
                     let (x0, x1) = (cx + s * top_dx, cx + s * foot_dx);
                     cv.line(x0, ty1 - 2.0, x1, ground - 3.0, 6.0, OUTLINE);
