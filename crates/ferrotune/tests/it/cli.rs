@@ -1,5 +1,5 @@
 //! The built binary as scripts run it: `chat --prompt` prints just the answer, YAML configs work like flags,
-//! `export` takes LLaMA-Factory's merge_lora YAML.
+//! `export` takes LLaMA-Factory's merge_lora YAML, a small model computes on one thread.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -110,6 +110,43 @@ fn chat_one_shot_prints_just_the_answer() {
     let out =
         ferrotune(&["chat", "--model_name_or_path", tiny().to_str().unwrap(), "--prompt", "x", "--image", "/nope.png"]);
     assert!(!out.status.success() && text(&out.stderr).contains("/nope.png"), "{}", text(&out.stderr));
+}
+
+/// A model as small as the test checkpoint computes on one CPU thread, and says so, unless RAYON_NUM_THREADS
+/// chooses.
+#[test]
+fn small_models_compute_on_one_thread_unless_told() {
+    let (img, model, adapter) = (fixtures().join("golden/model/img_a.png"), tiny(), adapter());
+    let args = [
+        "chat",
+        "--model_name_or_path",
+        model.to_str().unwrap(),
+        "--adapter_name_or_path",
+        adapter.to_str().unwrap(),
+        "--enable_thinking=false",
+        "--prompt",
+        "Describe the robot.",
+        "--image",
+        img.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "8",
+    ];
+    let run = |threads: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+        c.args(args).env_remove("RAYON_NUM_THREADS");
+        if let Some(t) = threads {
+            c.env("RAYON_NUM_THREADS", t);
+        }
+        let out = c.output().expect("run ferrotune");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stderr)
+    };
+    let auto = run(None);
+    assert!(auto.contains("small model (hidden size 64): computing on 1 CPU thread"), "{auto}");
+    let two = run(Some("2"));
+    assert!(two.contains("loaded ") && !two.contains("CPU thread"), "{two}");
 }
 
 #[test]
