@@ -69,7 +69,7 @@ pub struct BenchArgs {
     /// Measured iterations (after one warm-up)
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
-    /// Compute threads (also RAYON_NUM_THREADS)
+    /// Compute threads (also RAYON_NUM_THREADS; default: one for a model of hidden size up to 256, else all)
     #[arg(long)]
     pub threads: Option<usize>,
     /// LoRA rank (train)

@@ -19,6 +19,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     // The device first: no point generating a checkpoint for a GPU that is not there.
     let dev = ferrotune_core::device::parse_device(&args.device)?;
     let model = checkpoint(&args)?;
+    if args.threads.is_none() {
+        // The thread count train and serve would pick for this model.
+        super::threads_for_checkpoint(&model);
+    }
     // bf16 base weights on a GPU (as training with `bf16: true`), f32 on the CPU unless asked.
     let dtype = match (args.dtype.as_str(), args.bf16) {
         (_, true) | ("bf16", _) => DType::BF16,
