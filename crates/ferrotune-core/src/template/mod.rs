@@ -312,6 +312,14 @@ pub fn infer_seqlen(source_len: usize, target_len: usize, cutoff: usize) -> (usi
     (new_source, new_target)
 }
 
+/// The built-in template that a `chat_template.jinja` written by [`to_jinja`] (an adapter folder's, after
+/// training) was rendered from, and whether `options` render it identically; `None` for any other template.
+pub fn rendered_from(jinja: &str, options: &RenderOptions) -> Option<(&'static Template, bool)> {
+    let name = jinja.strip_prefix("{#- ferrotune: the `")?.split('`').next()?;
+    let t = TEMPLATES.iter().find(|t| t.name == name)?;
+    Some((t, to_jinja(t, options) == jinja))
+}
+
 /// A Jinja chat template that renders prompts exactly as `t` encodes them for training, for serving and export
 /// (one renderer everywhere: a model trained with a `_nothink` template must not be served with a thinking
 /// prompt). Content may be a string or parts (`{"type": "image"}` / `{"type": "text"}`); a reasoning template
@@ -374,6 +382,22 @@ pub fn to_jinja(t: &Template, options: &RenderOptions) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rendered_templates_name_their_source() {
+        let opts = RenderOptions::default();
+        for t in TEMPLATES {
+            let (found, same) = rendered_from(&to_jinja(t, &opts), &opts).unwrap();
+            assert!(found.name == t.name && same, "{}", t.name);
+        }
+        let t = by_name("qwen3_5_nothink").unwrap();
+        let other = RenderOptions { default_system: Some("Be brief.".into()), ..Default::default() };
+        let (found, same) = rendered_from(&to_jinja(t, &other), &opts).unwrap();
+        assert!(found.name == "qwen3_5_nothink" && !same);
+        // A checkpoint's own template, and a header naming no built-in one.
+        assert!(rendered_from("{%- for message in messages %}{{ message.content }}{% endfor %}", &opts).is_none());
+        assert!(rendered_from("{#- ferrotune: the `nope` template -#}", &opts).is_none());
+    }
 
     #[test]
     fn thought_removal() {

@@ -12,7 +12,7 @@ use crate::cli::EvalArgs;
 pub fn run(args: EvalArgs) -> Result<ExitCode> {
     // A plan gives the template, cutoff and image settings exactly as training used them.
     let mut overrides: Vec<String> = vec!["do_train=false".into()];
-    let plan = match &args.config {
+    let mut plan = match &args.config {
         Some(cfg) => {
             let mut p = Plan::load(Some(cfg), &overrides)?;
             if p.data.eval_datasets.is_empty() && p.data.val_size == ferrotune_core::config::ValSize::None {
@@ -39,13 +39,16 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         }
     };
     super::threads_for_checkpoint(&plan.model_name_or_path);
+    let adapters = if args.adapters.is_empty() { plan.adapter_name_or_path.clone() } else { args.adapters.clone() };
+    if plan.data.template.is_none() {
+        plan.data.template = trained_template(&plan, &adapters);
+    }
     let prepared = ferrotune_core::data::prepare(&plan, &|_, _| {})?;
     if prepared.eval.is_empty() {
         bail!("no held-out rows to evaluate");
     }
     let base = plan.model_name_or_path.clone();
     let mut candidates = vec![Candidate { name: "base".into(), model_dir: base.clone(), adapters: vec![] }];
-    let adapters = if args.adapters.is_empty() { plan.adapter_name_or_path.clone() } else { args.adapters.clone() };
     for a in &adapters {
         let name = a.file_name().and_then(|n| n.to_str()).unwrap_or("adapter").to_string();
         candidates.push(Candidate { name: format!("base+{name}"), model_dir: base.clone(), adapters: vec![a.clone()] });
@@ -71,4 +74,22 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         println!("predictions: {}", p.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// With no template named, the one the (last) adapter was trained with, read from the `chat_template.jinja`
+/// training wrote beside it, so that every model is asked with the prompts the adapter learned; `None` (the
+/// checkpoint's own format is picked) when no adapter carries a built-in one.
+fn trained_template(plan: &Plan, adapters: &[std::path::PathBuf]) -> Option<String> {
+    let dir = super::serving::template_of_adapters(adapters)?;
+    let jinja = std::fs::read_to_string(dir.join("chat_template.jinja")).ok()?;
+    let options = ferrotune_core::template::RenderOptions {
+        default_system: plan.data.default_system.clone(),
+        enable_thinking: plan.data.enable_thinking,
+        preserve_thinking: plan.data.preserve_thinking,
+    };
+    let (t, same) = ferrotune_core::template::rendered_from(&jinja, &options)?;
+    let differs =
+        if same { "" } else { "; it was trained with other template options (default_system, enable_thinking)" };
+    eprintln!("template: `{}` (the one {} was trained with{differs})", t.name, dir.display());
+    Some(t.name.to_string())
 }

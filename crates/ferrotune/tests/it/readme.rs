@@ -53,7 +53,7 @@ fn reference_run_checks_trains_evaluates_and_exports() {
     for f in ["adapter_model.safetensors", "adapter_config.json", "trainer_log.jsonl", "training_loss.png"] {
         assert!(adapter.join(f).exists(), "{f} missing after train");
     }
-    // Evaluate base vs base+adapter on the rows.
+    // Evaluate base vs base+adapter on the rows, as the README does.
     let model = fixtures().join("tiny-qwen3_5").display().to_string();
     let a = adapter.display().to_string();
     let (ok, out) = run(
@@ -68,8 +68,6 @@ fn reference_run_checks_trains_evaluates_and_exports() {
             "mllm_robot",
             "--dataset_dir",
             "data",
-            "--template",
-            "qwen",
             "--max_new_tokens",
             "8",
             "--output_dir",
@@ -78,6 +76,9 @@ fn reference_run_checks_trains_evaluates_and_exports() {
     );
     assert!(ok, "{out}");
     assert!(dir.join("eval/report.md").exists() && out.contains("bleu-4"), "{out}");
+    // With no --template, the prompts are those the adapter was trained with (the YAML's `template: qwen`), not
+    // the checkpoint's own format.
+    assert!(out.contains(&format!("template: `qwen` (the one {a} was trained with)")), "{out}");
     // Export the merged model.
     let (ok, out) =
         run(&dir, &["export", "--model_name_or_path", &model, "--adapter_name_or_path", &a, "--export_dir", "merged"]);
