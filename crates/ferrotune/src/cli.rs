@@ -223,7 +223,7 @@ pub struct EvalArgs {
     pub dataset: Option<String>,
     #[arg(long = "dataset_dir", default_value = "data")]
     pub dataset_dir: std::path::PathBuf,
-    /// Chat template (default: picked from the checkpoint)
+    /// Chat template (default: the one the adapter was trained with, else picked from the checkpoint)
     #[arg(long)]
     pub template: Option<String>,
     /// Evaluate at most this many rows
