@@ -23,8 +23,8 @@ use crate::cli::ConfigInput;
 const PROGRESS_FROM_ROWS: usize = 2000;
 
 /// One CPU compute thread for a small model (see [`ferrotune_core::device::ONE_THREAD_MAX_HIDDEN`]) unless
-/// `RAYON_NUM_THREADS` is set. Call it before any compute: candle sizes its thread pool from the variable on first
-/// use, and our own parallel loops use rayon's global pool, sized the same way.
+/// `RAYON_NUM_THREADS` is set. Call it before any compute: candle reads the variable at every matrix product, but
+/// rayon's global pool (our own parallel loops) is sized from it once, on first use.
 pub fn threads_for_model(config_json: Option<&[u8]>) {
     if std::env::var_os("RAYON_NUM_THREADS").is_some() {
         return;
