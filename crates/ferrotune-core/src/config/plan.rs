@@ -54,6 +54,18 @@ pub struct DataPlan {
     pub seed: u64,
 }
 
+impl DataPlan {
+    /// The template options these keys set (`default_system`, `enable_thinking`, `preserve_thinking`), as
+    /// encoding, the written chat template and eval's template check all use them.
+    pub fn render_options(&self) -> crate::template::RenderOptions {
+        crate::template::RenderOptions {
+            default_system: self.default_system.clone(),
+            enable_thinking: self.enable_thinking,
+            preserve_thinking: self.preserve_thinking,
+        }
+    }
+}
+
 /// `finetuning_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinetuningType {

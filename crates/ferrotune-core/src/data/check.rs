@@ -20,7 +20,7 @@ use super::info::{resolve, DatasetAttr, Tags};
 use super::media::{image_size, preresize, resolve_image, SmartResize, VisionTokens};
 use super::read::{read_rows, Row};
 use crate::config::{Plan, Steps};
-use crate::template::{choose, ChatEncoder, CheckpointInfo, Choice, RenderOptions};
+use crate::template::{choose, ChatEncoder, CheckpointInfo, Choice};
 use crate::tokenizer::Tokenizer;
 
 /// Why a row is not in the training set.
@@ -131,11 +131,7 @@ pub fn prepare(plan: &Plan, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<
     let choice = choose(d.template.as_deref(), &info)?;
     let tok = Tokenizer::from_path(&plan.model_name_or_path)?;
     let vision = if info.has_vision { Some(SmartResize::from_checkpoint(&plan.model_name_or_path)?) } else { None };
-    let options = RenderOptions {
-        default_system: d.default_system.clone(),
-        enable_thinking: d.enable_thinking,
-        preserve_thinking: d.preserve_thinking,
-    };
+    let options = d.render_options();
     let enc = ChatEncoder::new(choice.template, &tok, &options)?;
     let ctx = RowChecker {
         enc: &enc,

@@ -95,9 +95,9 @@ impl Default for Recipe {
 
 /// Rebuilds the base from scratch into `out` (config.json + model.safetensors in bf16), working in `work`:
 /// random init → stage 0 (the vision tower and merger alone, reconstructing the scene pictures and naming their
-/// shape kinds: see [`super::vision`]) → stage 1 (one large shape per picture, short answers) → stage 2 (several shapes, captions,
-/// the stage-1 data, and text-only sentences about robots with no picture), full fine-tuning of the language
-/// model with the tower and merger frozen (unless `freeze_vision` is off).
+/// shape kinds: see [`super::vision`]) → stage 1 (one large shape per picture, short answers) → stage 2 (several
+/// shapes, captions, the stage-1 data, and text-only sentences about robots with no picture), full fine-tuning
+/// of the language model with the tower and merger frozen (unless `freeze_vision` is off).
 pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, progress: bool) -> Result<PathBuf> {
     std::fs::create_dir_all(work).with_context(|| format!("{}: cannot create", work.display()))?;
     // 1. Random init of the demo architecture with the shipped tokenizer.

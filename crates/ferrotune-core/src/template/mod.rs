@@ -312,10 +312,13 @@ pub fn infer_seqlen(source_len: usize, target_len: usize, cutoff: usize) -> (usi
     (new_source, new_target)
 }
 
+/// How every template [`to_jinja`] writes begins, followed by the template's name.
+const JINJA_HEADER: &str = "{#- ferrotune: the `";
+
 /// The built-in template that a `chat_template.jinja` written by [`to_jinja`] (an adapter folder's, after
 /// training) was rendered from, and whether `options` render it identically; `None` for any other template.
 pub fn rendered_from(jinja: &str, options: &RenderOptions) -> Option<(&'static Template, bool)> {
-    let name = jinja.strip_prefix("{#- ferrotune: the `")?.split('`').next()?;
+    let name = jinja.strip_prefix(JINJA_HEADER)?.split('`').next()?;
     let t = TEMPLATES.iter().find(|t| t.name == name)?;
     Some((t, to_jinja(t, options) == jinja))
 }
@@ -327,7 +330,7 @@ pub fn rendered_from(jinja: &str, options: &RenderOptions) -> Option<(&'static T
 pub fn to_jinja(t: &Template, options: &RenderOptions) -> String {
     let esc = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'").replace('\n', "\\n");
     let mut j = String::new();
-    j.push_str("{#- ferrotune: the `");
+    j.push_str(JINJA_HEADER);
     j.push_str(t.name);
     j.push_str("` template (LLaMA-Factory semantics) as used in training -#}\n");
     j.push_str(

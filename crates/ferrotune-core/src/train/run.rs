@@ -575,11 +575,7 @@ fn finish(
     crate::checkpoint::copy_tokenizer_files(&plan.model_name_or_path, out)?;
     // The template the model was trained with, as a Jinja chat template, so serving and export render prompts
     // exactly as training did.
-    let render = crate::template::RenderOptions {
-        default_system: plan.data.default_system.clone(),
-        enable_thinking: plan.data.enable_thinking,
-        preserve_thinking: plan.data.preserve_thinking,
-    };
+    let render = plan.data.render_options();
     std::fs::write(out.join("chat_template.jinja"), crate::template::to_jinja(data.template.template, &render))
         .with_context(|| format!("{}: cannot write chat_template.jinja", out.display()))?;
     let steps_per_s = rs.global_step as f64 / runtime.max(1e-9);

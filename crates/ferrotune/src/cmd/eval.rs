@@ -82,12 +82,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
 fn trained_template(plan: &Plan, adapters: &[std::path::PathBuf]) -> Option<String> {
     let dir = super::serving::template_of_adapters(adapters)?;
     let jinja = std::fs::read_to_string(dir.join("chat_template.jinja")).ok()?;
-    let options = ferrotune_core::template::RenderOptions {
-        default_system: plan.data.default_system.clone(),
-        enable_thinking: plan.data.enable_thinking,
-        preserve_thinking: plan.data.preserve_thinking,
-    };
-    let (t, same) = ferrotune_core::template::rendered_from(&jinja, &options)?;
+    let (t, same) = ferrotune_core::template::rendered_from(&jinja, &plan.data.render_options())?;
     let differs =
         if same { "" } else { "; it was trained with other template options (default_system, enable_thinking)" };
     eprintln!("template: `{}` (the one {} was trained with{differs})", t.name, dir.display());
