@@ -139,6 +139,7 @@ fn synthetic(model: &Qwen3_5, seq_len: usize, image_side: usize, seed: u64) -> R
         labels: vec![labels],
         rope,
         images,
+        image_features: None,
     })
 }
 

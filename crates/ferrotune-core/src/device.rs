@@ -6,9 +6,10 @@
 use anyhow::{bail, Result};
 use candle_core::Device;
 
-/// Text hidden size up to which one CPU compute thread runs a model faster than several: each operation is too
+/// Text hidden size up to which one CPU compute thread runs a sample faster than several: each operation is too
 /// small to pay for handing work to other threads (`ferrotune train` of the demo's LoRA, one epoch, hidden size 192:
-/// 19 s on one thread against 32 s on two, on a 2-core machine).
+/// 19 s on one thread against 32 s on two, on a 2-core machine). The other cores then take other samples
+/// ([`crate::parallel`]).
 pub const ONE_THREAD_MAX_HIDDEN: usize = 256;
 
 /// The text hidden size of a checkpoint's `config.json` (nested `text_config` or flat) when it is at most

@@ -23,7 +23,12 @@ pub fn report() -> Vec<(String, String)> {
         "threads",
         match std::env::var("RAYON_NUM_THREADS") {
             Ok(v) => format!("{v} (RAYON_NUM_THREADS)"),
-            Err(_) => format!("{} (all cores; set RAYON_NUM_THREADS to change)", candle_core::utils::get_num_threads()),
+            Err(_) => format!(
+                "{} (all cores; models of hidden size up to {} compute each sample on one thread, samples side by \
+                 side; set RAYON_NUM_THREADS to change)",
+                candle_core::utils::get_num_threads(),
+                crate::device::ONE_THREAD_MAX_HIDDEN
+            ),
         },
     );
     push("memory", mem_total().unwrap_or_else(|| "unknown".into()));

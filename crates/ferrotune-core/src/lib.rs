@@ -19,6 +19,7 @@ pub mod infer;
 pub mod lora;
 pub mod models;
 pub mod nn;
+pub mod parallel;
 pub mod parity;
 pub mod plot;
 pub mod template;

@@ -375,7 +375,13 @@ impl PeftFixtures {
         let pos = model.rope_index(&ids, &grids)?;
         let rope = model.rope(&[&pos])?;
         let n = ids.len();
-        Ok(MicroBatch { input_ids: Tensor::from_vec(ids, (1, n), dev)?, labels: vec![labels], rope, images })
+        Ok(MicroBatch {
+            input_ids: Tensor::from_vec(ids, (1, n), dev)?,
+            labels: vec![labels],
+            rope,
+            images,
+            image_features: None,
+        })
     }
 
     /// The tiny model on `dev` with the fixture's LoRA init on `set`; the adapter vars with their PEFT names.

@@ -180,8 +180,9 @@ pub struct TrainPlan {
     pub compute_accuracy: bool,
     pub disable_shuffling: bool,
     pub include_num_input_tokens_seen: bool,
-    /// Per-layer activation recomputation in the backward pass (on unless `disable_gradient_checkpointing`).
-    pub gradient_checkpointing: bool,
+    /// Per-layer activation recomputation in the backward pass: `!disable_gradient_checkpointing` when the
+    /// config sets it; None lets training decide from the activations' size (LLaMA-Factory: always on).
+    pub gradient_checkpointing: Option<bool>,
 }
 
 impl TrainPlan {
@@ -534,7 +535,10 @@ impl Plan {
             compute_accuracy: raw.bool("compute_accuracy")?,
             disable_shuffling: raw.bool("disable_shuffling")?,
             include_num_input_tokens_seen: tokens_seen,
-            gradient_checkpointing: !raw.bool("disable_gradient_checkpointing")?,
+            gradient_checkpointing: match raw.get("disable_gradient_checkpointing") {
+                Some(_) => Some(!raw.bool("disable_gradient_checkpointing")?),
+                None => None,
+            },
         };
 
         // ---- generation and export ----

@@ -44,7 +44,7 @@ impl VisionIds {
 }
 
 /// Where a sample came from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RowRef {
     pub dataset: String,
     pub file: PathBuf,

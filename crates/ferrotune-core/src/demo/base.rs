@@ -320,7 +320,7 @@ fn train_stage(
     let run = crate::train::run::run(
         &plan,
         &prepared,
-        &crate::train::run::RunOptions { stop, progress, halt_after_step: None, device: None },
+        &crate::train::run::RunOptions { stop, progress, halt_after_step: None, device: None, workers: None },
     )?;
     if run.interrupted {
         bail!("pretraining was interrupted");

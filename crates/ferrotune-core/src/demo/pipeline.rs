@@ -82,7 +82,7 @@ pub fn train_yaml(base: &Path, data: &Path, out: &Path, opts: &DemoOptions) -> S
          cutoff_len: 512\n\
          learning_rate: {lr:e}\n\
          num_train_epochs: {ep:.1}\n\
-         per_device_train_batch_size: 1\n\
+         per_device_train_batch_size: 2\n\
          gradient_accumulation_steps: 1\n\
          lr_scheduler_type: cosine\n\
          warmup_ratio: 0.05\n\
@@ -149,7 +149,13 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool) -> Result<DemoResult> {
     let trained = crate::train::run::run(
         &plan,
         &prepared,
-        &crate::train::run::RunOptions { stop, progress: opts.progress, halt_after_step: None, device: None },
+        &crate::train::run::RunOptions {
+            stop,
+            progress: opts.progress,
+            halt_after_step: None,
+            device: None,
+            workers: None,
+        },
     )?;
     if trained.interrupted {
         bail!("training was interrupted; run `ferrotune demo` again to start over");

@@ -406,40 +406,45 @@ pub fn draw_robot(spec: &RobotSpec, rng: &mut impl Rng) -> RgbImage {
     }
 
     let head_bottom = ty0 - 4.0;
-    let head_top = draw_head(&mut cv, spec.head, cx, head_bottom, body);
     if spec.antenna {
-        cv.line(cx, head_top + 1.0, cx + 3.0, head_top - 10.0, 3.5, OUTLINE);
-        cv.line(cx, head_top + 1.0, cx + 3.0, head_top - 10.0, 2.0, METAL);
-        cv.circle(cx + 3.0, head_top - 11.0, 3.5, OUTLINE);
-        cv.circle(cx + 3.0, head_top - 11.0, 2.3, DARK_METAL);
+        // A mast rising from inside the head (drawn first, so the head covers its foot) to a ball in the empty
+        // upper right, at the same place whatever the head: above the tallest heads a mast on the crown left
+        // the frame (a triangular head's whole antenna, half of a round head's ball), and a thin one fell below
+        // what the tower's tokens keep.
+        let (bx, by) = (cx + 19.0, head_bottom - 36.0);
+        cv.line(cx + 6.0, head_bottom - 20.0, bx, by, 5.0, OUTLINE);
+        cv.line(cx + 6.0, head_bottom - 20.0, bx, by, 3.0, METAL);
+        cv.circle(bx, by, 5.5, OUTLINE);
+        cv.circle(bx, by, 4.2, DARK_METAL);
     }
+    draw_head(&mut cv, spec.head, cx, head_bottom, body);
     cv.finish()
 }
 
-/// Draws the head resting on y = `bottom`; returns the y of its top.
-fn draw_head(cv: &mut Canvas, head: Head, cx: f32, bottom: f32, body: Rgb8) -> f32 {
-    let (top, eye_y, eye_dx) = match head {
+/// Draws the head resting on y = `bottom`.
+fn draw_head(cv: &mut Canvas, head: Head, cx: f32, bottom: f32, body: Rgb8) {
+    let (eye_y, eye_dx) = match head {
         Head::Round => {
             let r = 17.0;
             cv.circle(cx, bottom - r, r + 1.5, OUTLINE);
             cv.circle(cx, bottom - r, r, body);
-            (bottom - 2.0 * r, bottom - r, 7.5)
+            (bottom - r, 7.5)
         }
         Head::Square => {
             cv.rounded_rect(cx - 19.5, bottom - 31.5, cx + 19.5, bottom + 1.5, 4.0, OUTLINE);
             cv.rounded_rect(cx - 18.0, bottom - 30.0, cx + 18.0, bottom, 3.0, body);
-            (bottom - 30.0, bottom - 16.0, 8.5)
+            (bottom - 16.0, 8.5)
         }
         Head::Triangular => {
             let pts = [(cx, bottom - 35.0), (cx + 23.0, bottom), (cx - 23.0, bottom)];
             cv.polygon(&pts, body);
             cv.polyline_closed(&pts, 3.0, OUTLINE);
-            (bottom - 35.0, bottom - 10.0, 6.5)
+            (bottom - 10.0, 6.5)
         }
         Head::Dome => {
             cv.half_ellipse(cx, bottom + 1.5, 23.5, 25.5, OUTLINE);
             cv.half_ellipse(cx, bottom, 22.0, 24.0, body);
-            (bottom - 24.0, bottom - 9.0, 8.0)
+            (bottom - 9.0, 8.0)
         }
     };
     for s in [-1.0, 1.0] {
@@ -448,7 +453,6 @@ fn draw_head(cv: &mut Canvas, head: Head, cx: f32, bottom: f32, body: Rgb8) -> f
         cv.circle(ex, eye_y, 3.0, [236, 244, 255]);
         cv.circle(ex + 0.6, eye_y, 1.5, OUTLINE);
     }
-    top
 }
 
 /// Arms as grey limbs from the torso's sides, ending in a two-fingered gripper or a plain ball.

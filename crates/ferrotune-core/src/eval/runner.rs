@@ -98,11 +98,12 @@ fn vision(engine: &Engine, s: &Sample) -> Result<Option<VisionInput>> {
 /// Evaluates one candidate: loss on the references, then a greedy answer per item (`max_new_tokens`).
 pub fn run_model(candidate: &Candidate, items: &[Item], max_new_tokens: usize, progress: bool) -> Result<ModelRun> {
     let adapters: Vec<&Path> = candidate.adapters.iter().map(PathBuf::as_path).collect();
+    let workers = crate::parallel::Workers::global();
     let engine = Engine::load(&candidate.model_dir, &adapters, AdapterMode::Merge, DType::F32, &Device::Cpu)
         .with_context(|| format!("loading {}", candidate.name))?;
     let pad = engine.tokenizer.token_id("<|endoftext|>").unwrap_or(0);
     let samples: Vec<Sample> = items.iter().map(|i| i.sample.clone()).collect();
-    let (eval_loss, _) = crate::train::run::evaluate(&engine.model, &engine.processor, &samples, 1, pad)?;
+    let (eval_loss, _) = crate::train::run::evaluate(&engine.model, &engine.processor, &samples, 1, pad, workers)?;
     let bar = ProgressBar::new(items.len() as u64);
     bar.set_draw_target(if progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
     bar.set_style(
@@ -112,15 +113,15 @@ pub fn run_model(candidate: &Candidate, items: &[Item], max_new_tokens: usize, p
     bar.set_message(format!("generating ({})", candidate.name));
     let req = GenerateRequest { sampling: SamplingParams::default(), max_tokens: max_new_tokens, stop: vec![] };
     let t0 = Instant::now();
-    let mut predictions = Vec::with_capacity(items.len());
-    let mut generated_tokens = 0;
-    for item in items {
+    // Greedy answers are independent per item: the sample workers take them side by side, in item order.
+    let answers = workers.map(items, |item| {
         let prompt = Prompt { ids: item.prompt_ids.clone(), images: vision(&engine, &item.sample)? };
         let g = engine.generate(&prompt, &req, |_| true)?;
-        generated_tokens += g.token_ids.len();
-        predictions.push(g.text.trim().to_string());
         bar.inc(1);
-    }
+        Ok((g.text.trim().to_string(), g.token_ids.len()))
+    })?;
+    let generated_tokens = answers.iter().map(|a| a.1).sum();
+    let predictions = answers.into_iter().map(|a| a.0).collect();
     bar.finish_and_clear();
     Ok(ModelRun {
         name: candidate.name.clone(),

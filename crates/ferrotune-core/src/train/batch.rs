@@ -1,20 +1,91 @@
 //! Samples to micro-batches: right padding, labels −100 on padding, images decoded, pre-resized as
 //! LLaMA-Factory does and run through the checkpoint's image processor, M-RoPE positions per row.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
-use crate::data::Sample;
-use crate::image::{load_image, resize_bicubic_pil, ImageProcessorConfig};
+use crate::data::{RowRef, Sample};
+use crate::image::{load_image, resize_bicubic_pil, ImageProcessorConfig, ProcessedImages};
 use crate::models::qwen3_5::{Qwen3_5, VisionInput};
 use crate::train::step::MicroBatch;
 
-/// Builds one micro-batch from `samples` (padded with `pad_id` on the right).
+/// Image features of a frozen vision tower, computed once per training sample and reused every epoch: the
+/// tower has no dropout and nothing in it trains, so its output for a picture never changes.
+pub struct FeatureCache {
+    budget: usize,
+    inner: Mutex<(usize, HashMap<RowRef, Features>)>,
+}
+
+/// A sample's image features (Σ tokens, D) and the grids they were computed on.
+#[derive(Clone)]
+struct Features {
+    tensor: Tensor,
+    grids: Vec<[usize; 3]>,
+}
+
+impl FeatureCache {
+    /// A cache that keeps at most `budget` bytes of features (samples beyond it are recomputed each time).
+    pub fn new(budget: usize) -> FeatureCache {
+        FeatureCache { budget, inner: Mutex::new((0, HashMap::new())) }
+    }
+
+    fn get(&self, key: &RowRef) -> Option<Features> {
+        self.inner.lock().ok()?.1.get(key).cloned()
+    }
+
+    fn put(&self, key: &RowRef, f: &Features) {
+        let bytes = f.tensor.elem_count() * f.tensor.dtype().size_in_bytes();
+        if let Ok(mut g) = self.inner.lock() {
+            if g.0 + bytes <= self.budget && !g.1.contains_key(key) {
+                g.0 += bytes;
+                g.1.insert(key.clone(), f.clone());
+            }
+        }
+    }
+
+    /// Bytes of features held.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().map_or(0, |g| g.0)
+    }
+}
+
+/// The pictures of one sample, decoded, pre-resized exactly as LLaMA-Factory does and run through the image
+/// processor.
+fn sample_pixels(processor: &ImageProcessorConfig, sample: &Sample) -> Result<ProcessedImages> {
+    let mut decoded = Vec::with_capacity(sample.images.len());
+    for (i, path) in sample.images.iter().enumerate() {
+        let img = load_image(path).with_context(|| format!("{} (image {i} of {})", path.display(), sample.source))?;
+        let (w, h) = sample.image_sizes.get(i).copied().unwrap_or((img.width(), img.height()));
+        decoded.push(if (w, h) == (img.width(), img.height()) {
+            img
+        } else {
+            resize_bicubic_pil(&img, h as usize, w as usize)
+        });
+    }
+    let processed = processor.preprocess(&decoded)?;
+    if processed.num_tokens != sample.image_tokens {
+        bail!(
+            "{}: the images give {:?} image tokens but the sample was encoded with {:?}; was the dataset checked \
+             against another checkpoint?",
+            sample.source,
+            processed.num_tokens,
+            sample.image_tokens
+        );
+    }
+    Ok(processed)
+}
+
+/// Builds one micro-batch from `samples` (padded with `pad_id` on the right). With a cache, the images of each
+/// sample go through the (frozen) vision tower once and the micro-batch carries their features.
 pub fn micro_batch(
     model: &Qwen3_5,
     processor: &ImageProcessorConfig,
     samples: &[&Sample],
     pad_id: u32,
+    cache: Option<&FeatureCache>,
 ) -> Result<MicroBatch> {
     let s = samples.iter().map(|x| x.input_ids.len()).max().unwrap_or(0);
     if s == 0 {
@@ -22,7 +93,8 @@ pub fn micro_batch(
     }
     let mut ids = Vec::with_capacity(samples.len() * s);
     let mut labels = Vec::with_capacity(samples.len());
-    let mut images = Vec::new();
+    let mut pixels = Vec::new();
+    let mut features = Vec::new();
     let mut positions = Vec::with_capacity(samples.len());
     let mut grids_all = Vec::new();
     for sample in samples {
@@ -32,29 +104,31 @@ pub fn micro_batch(
         lab.resize(s, -100);
         let mut grids = Vec::new();
         if !sample.images.is_empty() {
-            let mut decoded = Vec::with_capacity(sample.images.len());
-            for (i, path) in sample.images.iter().enumerate() {
-                let img =
-                    load_image(path).with_context(|| format!("{} (image {i} of {})", path.display(), sample.source))?;
-                let (w, h) = sample.image_sizes.get(i).copied().unwrap_or((img.width(), img.height()));
-                decoded.push(if (w, h) == (img.width(), img.height()) {
-                    img
-                } else {
-                    resize_bicubic_pil(&img, h as usize, w as usize)
-                });
+            match cache {
+                Some(c) => {
+                    let f = match c.get(&sample.source) {
+                        Some(f) => f,
+                        None => {
+                            let p = sample_pixels(processor, sample)?;
+                            let n = p.num_patches();
+                            let input = VisionInput {
+                                pixel_values: Tensor::from_vec(p.pixel_values, (n, p.feature_dim), &model.device)?,
+                                grids: p.image_grid_thw,
+                            };
+                            let f = Features { tensor: model.image_features(&input)?.detach(), grids: input.grids };
+                            c.put(&sample.source, &f);
+                            f
+                        }
+                    };
+                    grids = f.grids;
+                    features.push(f.tensor);
+                }
+                None => {
+                    let p = sample_pixels(processor, sample)?;
+                    grids = p.image_grid_thw.clone();
+                    pixels.push(p);
+                }
             }
-            let processed = processor.preprocess(&decoded)?;
-            if processed.num_tokens != sample.image_tokens {
-                bail!(
-                    "{}: the images give {:?} image tokens but the sample was encoded with {:?}; was the dataset \
-                     checked against another checkpoint?",
-                    sample.source,
-                    processed.num_tokens,
-                    sample.image_tokens
-                );
-            }
-            grids = processed.image_grid_thw.clone();
-            images.push(processed);
         }
         positions.push(model.rope_index(&row, &grids)?);
         grids_all.extend(grids);
@@ -63,20 +137,31 @@ pub fn micro_batch(
     }
     let pos_refs: Vec<_> = positions.iter().collect();
     let rope = model.rope(&pos_refs)?;
-    let vision = if images.is_empty() {
+    let images = if pixels.is_empty() {
         None
     } else {
-        let feat = images[0].feature_dim;
-        let pixels: Vec<f32> = images.into_iter().flat_map(|p| p.pixel_values).collect();
-        let n = pixels.len() / feat;
-        Some(VisionInput { pixel_values: Tensor::from_vec(pixels, (n, feat), &model.device)?, grids: grids_all })
+        let feat = pixels[0].feature_dim;
+        let values: Vec<f32> = pixels.into_iter().flat_map(|p| p.pixel_values).collect();
+        let n = values.len() / feat;
+        Some(VisionInput { pixel_values: Tensor::from_vec(values, (n, feat), &model.device)?, grids: grids_all })
+    };
+    let image_features = match features.len() {
+        0 => None,
+        1 => features.pop(),
+        _ => Some(Tensor::cat(&features, 0)?),
     };
     Ok(MicroBatch {
         input_ids: Tensor::from_vec(ids, (samples.len(), s), &model.device)?,
         labels,
         rope,
-        images: vision,
+        images,
+        image_features,
     })
+}
+
+/// Label tokens of a sample after the causal shift: what its mean loss averages over.
+pub fn label_tokens(sample: &Sample) -> usize {
+    sample.labels.iter().skip(1).filter(|&&l| l != -100).count()
 }
 
 /// The sample order of one epoch: a permutation seeded by (seed, epoch), or the file order when shuffling is

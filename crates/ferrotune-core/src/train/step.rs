@@ -11,6 +11,7 @@ use candle_core::{DType, Tensor, TensorId, Var, D};
 
 use crate::models::qwen3_5::{Qwen3_5, VisionInput};
 use crate::nn::linear::seed_dropout;
+use crate::parallel::Workers;
 
 /// Token ids, labels and images of one micro-batch (right-padded; labels −100 where not trained).
 pub struct MicroBatch {
@@ -21,13 +22,8 @@ pub struct MicroBatch {
     /// M-RoPE cos/sin (B, S, rot).
     pub rope: (Tensor, Tensor),
     pub images: Option<VisionInput>,
-}
-
-impl MicroBatch {
-    /// Number of label tokens after the causal shift (what the loss averages over).
-    pub fn label_tokens(&self) -> usize {
-        self.labels.iter().map(|row| row.iter().skip(1).filter(|&&l| l != -100).count()).sum()
-    }
+    /// The images' features from a frozen vision tower, computed earlier (used instead of `images`).
+    pub image_features: Option<Tensor>,
 }
 
 /// Gradients accumulated over micro-batches, by parameter.
@@ -37,6 +33,18 @@ pub struct GradAccum {
 }
 
 impl GradAccum {
+    /// Adds every gradient of `other` (unit by unit, in the order the caller merges them).
+    pub fn merge(&mut self, other: GradAccum) -> Result<()> {
+        for (id, g) in other.grads {
+            let sum = match self.grads.remove(&id) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            self.grads.insert(id, sum);
+        }
+        Ok(())
+    }
+
     fn add(&mut self, store: &candle_core::backprop::GradStore, params: &[Var]) -> Result<()> {
         for p in params {
             if let Some(g) = store.get(p.as_tensor()) {
@@ -81,9 +89,35 @@ pub struct StepOptions {
 
 /// Token embeddings with image features in place. Detached unless embeddings are trained.
 fn embed(model: &Qwen3_5, mb: &MicroBatch, tracked: bool) -> Result<Tensor> {
-    let feats = mb.images.as_ref().map(|v| model.image_features(v)).transpose()?;
+    let feats = match &mb.image_features {
+        Some(f) => Some(f.clone()),
+        None => mb.images.as_ref().map(|v| model.image_features(v)).transpose()?,
+    };
     let emb = model.embed(&mb.input_ids, feats.as_ref())?;
     Ok(if tracked { emb } else { emb.detach() })
+}
+
+/// The whole forward of a micro-batch: embeddings, every decoder layer, mean cross-entropy over its label tokens
+/// (and their number). `train` draws dropout masks; `tracked` keeps the graph into embeddings and the tower.
+pub fn forward_loss(
+    model: &Qwen3_5,
+    mb: &MicroBatch,
+    tracked: bool,
+    train: bool,
+    seed: u64,
+) -> Result<(Tensor, usize)> {
+    let mut x = embed(model, mb, tracked)?;
+    for (i, layer) in model.layers.iter().enumerate() {
+        if train {
+            seed_dropout(layer_seed(seed, i));
+        }
+        x = layer.forward(&x, &mb.rope, None, train)?;
+    }
+    head_loss(model, &x, &mb.labels)
+}
+
+fn layer_seed(seed: u64, layer: usize) -> u64 {
+    seed.wrapping_mul(1_000_003).wrapping_add(layer as u64)
 }
 
 /// Final norm, head and mean cross-entropy over the shifted label positions. `h`: (B, S, D).
@@ -128,14 +162,9 @@ pub fn forward_backward(
     acc: &mut GradAccum,
     opts: StepOptions,
 ) -> Result<StepStats> {
-    let layer_seed = |i: usize| opts.dropout_seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
+    let layer_seed = |i: usize| layer_seed(opts.dropout_seed, i);
     if !opts.checkpointing {
-        let mut x = embed(model, mb, opts.train_embeddings)?;
-        for (i, layer) in model.layers.iter().enumerate() {
-            seed_dropout(layer_seed(i));
-            x = layer.forward(&x, &mb.rope, None, true)?;
-        }
-        let (loss, n) = head_loss(model, &x, &mb.labels)?;
+        let (loss, n) = forward_loss(model, mb, opts.train_embeddings, true, opts.dropout_seed)?;
         let value = loss.to_scalar::<f32>()? as f64;
         if n > 0 {
             let store = (loss * opts.scale)?.backward()?;
@@ -178,4 +207,97 @@ pub fn forward_backward(
         acc.add(&store, params)?;
     }
     Ok(StepStats { loss: value, tokens: n })
+}
+
+/// A piece of an accumulation window that one worker computes: a whole micro-batch, or one sample of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unit {
+    /// Indices of its samples (into the training set).
+    pub samples: Vec<usize>,
+    /// Which micro-batch of the window it belongs to.
+    pub batch: usize,
+    /// Weight of its mean loss in its micro-batch's loss: its share of the micro-batch's label tokens (1 for a
+    /// whole micro-batch).
+    pub weight: f64,
+    /// Multiplier of its mean loss before backward: `weight / micro-batches in the window`.
+    pub scale: f64,
+    pub dropout_seed: u64,
+}
+
+/// The units of one accumulation window. With `split`, every sample of a micro-batch is its own unit, weighted by
+/// its share of the micro-batch's label tokens: the micro-batch's loss is the mean over all its label tokens, so
+/// these units' gradients sum to exactly the micro-batch's gradient (rows never see each other: attention and the
+/// Gated-DeltaNet recurrence are causal and padding sits on the right). Samples without label tokens add nothing
+/// and are left out. `seed(j)` is micro-batch j's dropout seed; its first sample keeps it.
+pub fn window_units(
+    batches: &[&[usize]],
+    label_tokens: impl Fn(usize) -> usize,
+    split: bool,
+    seed: impl Fn(usize) -> u64,
+) -> Vec<Unit> {
+    let n_batches = batches.len().max(1) as f64;
+    let mut units = Vec::new();
+    for (j, batch) in batches.iter().enumerate() {
+        let total: usize = batch.iter().map(|&i| label_tokens(i)).sum();
+        if !split || batch.len() == 1 || total == 0 {
+            units.push(Unit {
+                samples: batch.to_vec(),
+                batch: j,
+                weight: 1.0,
+                scale: 1.0 / n_batches,
+                dropout_seed: seed(j),
+            });
+            continue;
+        }
+        for (k, &i) in batch.iter().enumerate() {
+            let n = label_tokens(i);
+            if n == 0 {
+                continue;
+            }
+            let weight = n as f64 / total as f64;
+            units.push(Unit {
+                samples: vec![i],
+                batch: j,
+                weight,
+                scale: weight / n_batches,
+                dropout_seed: seed(j) ^ ((k as u64) << 40),
+            });
+        }
+    }
+    units
+}
+
+/// Forward and backward of a window's units on `workers`, `workers.count()` units at a time; each unit's gradient
+/// is added to `acc` in unit order, so the sum is the same for any number of workers. Returns each micro-batch's
+/// loss, or None when `stop` was set between units (the partial window's gradients are then incomplete).
+#[allow(clippy::too_many_arguments)]
+pub fn window_backward(
+    model: &Qwen3_5,
+    units: &[Unit],
+    n_batches: usize,
+    build: &(dyn Fn(&Qwen3_5, &[usize]) -> Result<MicroBatch> + Sync),
+    params: &[Var],
+    acc: &mut GradAccum,
+    opts: StepOptions,
+    workers: &Workers,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Option<Vec<f64>>> {
+    let mut losses = vec![0.0; n_batches];
+    for chunk in units.chunks(workers.count().max(1)) {
+        let done = workers.map(chunk, |u| {
+            let mb = build(model, &u.samples)?;
+            let mut local = GradAccum::default();
+            let so = StepOptions { scale: u.scale, dropout_seed: u.dropout_seed, ..opts };
+            let st = forward_backward(model, &mb, params, &mut local, so)?;
+            Ok((local, st.loss))
+        })?;
+        for (u, (local, loss)) in chunk.iter().zip(done) {
+            acc.merge(local)?;
+            losses[u.batch] += u.weight * loss;
+        }
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(losses))
 }

@@ -70,6 +70,7 @@ impl Samples {
             labels: vec![labels],
             rope,
             images,
+            image_features: None,
         }
     }
 }

@@ -56,7 +56,13 @@ fn train(cfg: &Path, overrides: &[&str], halt: Option<usize>) -> anyhow::Result<
     run(
         &plan,
         &data,
-        &RunOptions { stop: &stop, progress: false, halt_after_step: halt, device: Some(DeviceSpec::Cpu) },
+        &RunOptions {
+            stop: &stop,
+            progress: false,
+            halt_after_step: halt,
+            device: Some(DeviceSpec::Cpu),
+            workers: None,
+        },
     )
 }
 
@@ -220,4 +226,120 @@ fn lora_all_adapts_and_trains_the_vision_tower_and_merger_when_unfrozen() {
             assert!(max > 0.0, "{m}: lora_B is still zero after training (no gradient reached it)");
         }
     }
+}
+
+/// LoRA gradients of one accumulation window (two micro-batches of four rows: different lengths, images and a
+/// text-only row in each), summed over its units.
+fn window_grads(
+    cfg: &Path,
+    split: bool,
+    workers: &ferrotune_core::parallel::Workers,
+    cached: bool,
+    checkpointing: bool,
+) -> (Vec<Vec<f32>>, Vec<f64>) {
+    use candle_core::{Device, Tensor};
+    use ferrotune_core::image::ImageProcessorConfig;
+    use ferrotune_core::lora::{self, Init};
+    use ferrotune_core::models::qwen3_5::Qwen3_5;
+    use ferrotune_core::train::batch::{label_tokens, micro_batch, FeatureCache};
+    use ferrotune_core::train::step::{window_backward, window_units, GradAccum, StepOptions};
+
+    let plan = Plan::load(Some(cfg), &[]).unwrap();
+    let data = prepare(&plan, &|_, _| {}).unwrap();
+    let dev = Device::Cpu;
+    let mut model = Qwen3_5::load(&plan.model_name_or_path, candle_core::DType::F32, &dev).unwrap();
+    let spec = ferrotune_core::train::run::lora_spec(&plan);
+    lora::attach(model.lora_candidates(false, false), &spec, &Init::Default { seed: 7 }, &dev).unwrap();
+    let mut params = Vec::new();
+    for (i, (_, lin)) in model.linears_mut().into_iter().enumerate() {
+        if let Some(l) = &lin.lora {
+            // B starts at zero (no gradient reaches A then): give it values so that both matrices are checked.
+            let n = l.b.elem_count();
+            let v: Vec<f32> = (0..n).map(|k| 0.02 * ((k as f32 * 0.37 + i as f32).sin())).collect();
+            l.b.set(&Tensor::from_vec(v, l.b.shape(), &dev).unwrap()).unwrap();
+            params.extend([l.a.clone(), l.b.clone()]);
+        }
+    }
+    let processor = ImageProcessorConfig::from_dir(&plan.model_name_or_path).unwrap();
+    let cache = cached.then(|| FeatureCache::new(1 << 30));
+    let train = &data.train;
+    let build = |m: &Qwen3_5, idx: &[usize]| {
+        let samples: Vec<_> = idx.iter().map(|&i| &train[i]).collect();
+        micro_batch(m, &processor, &samples, 0, cache.as_ref())
+    };
+    let batches: [&[usize]; 2] = [&[0, 1, 2, 3], &[4, 5, 6, 7]];
+    let units = window_units(&batches, |i| label_tokens(&train[i]), split, |j| j as u64);
+    assert_eq!(units.len(), if split { 8 } else { 2 });
+    let mut acc = GradAccum::default();
+    let so = StepOptions { scale: 1.0, checkpointing, train_embeddings: false, dropout_seed: 0 };
+    let stop = AtomicBool::new(false);
+    let losses = window_backward(&model, &units, 2, &build, &params, &mut acc, so, workers, &stop).unwrap().unwrap();
+    let grads = acc
+        .take(&params)
+        .into_iter()
+        .map(|g| g.expect("every LoRA matrix gets a gradient").flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    (grads, losses)
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>().sqrt();
+    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+    d / n.max(1e-30)
+}
+
+#[test]
+fn samples_computed_apart_and_side_by_side_give_the_batch_gradient() {
+    use ferrotune_core::parallel::Workers;
+    let dir = scratch("side-by-side");
+    let cfg = setup(&dir, &tiny_checkpoint(), "");
+    let one = Workers::new(1).unwrap();
+    let two = Workers::new(2).unwrap();
+    // The reference: each micro-batch as one padded batch, on one thread.
+    let (want, want_loss) = window_grads(&cfg, false, &one, false, true);
+    let (apart, apart_loss) = window_grads(&cfg, true, &one, false, true);
+    let (side, side_loss) = window_grads(&cfg, true, &two, true, false);
+    assert!(want.iter().all(|g| g.iter().any(|x| *x != 0.0)), "every LoRA matrix must get a non-zero gradient");
+    let worst = want.iter().zip(&apart).map(|(w, a)| rel_l2(a, w)).fold(0.0, f64::max);
+    eprintln!("samples apart vs padded batch: worst relative L2 over {} LoRA tensors {worst:e}", want.len());
+    for (k, w) in want.iter().enumerate() {
+        let e = rel_l2(&apart[k], w);
+        assert!(e < 2e-5, "LoRA tensor {k}: samples apart differ from the padded batch by {e:e} (relative L2)");
+        // Two workers, cached image features and no recomputation: the same numbers, bit for bit.
+        assert_eq!(side[k], apart[k], "LoRA tensor {k}: two workers (cached features, no checkpointing) differ");
+    }
+    for (a, b) in apart_loss.iter().zip(&want_loss) {
+        assert!((a - b).abs() < 1e-6 * b.abs(), "micro-batch loss {a} against {b}");
+    }
+    assert_eq!(side_loss, apart_loss);
+}
+
+#[test]
+fn two_sample_workers_train_the_same_adapter_as_one() {
+    use ferrotune_core::parallel::Workers;
+    let mut outs = Vec::new();
+    for n in [1, 2] {
+        let dir = scratch(&format!("workers-{n}"));
+        let cfg = setup(&dir, &tiny_checkpoint(), "overwrite_output_dir: true\n");
+        let plan = Plan::load(Some(&cfg), &["per_device_train_batch_size=3".to_string()]).unwrap();
+        let data = prepare(&plan, &|_, _| {}).unwrap();
+        let stop = AtomicBool::new(false);
+        let workers = Workers::new(n).unwrap();
+        let o = run(
+            &plan,
+            &data,
+            &RunOptions {
+                stop: &stop,
+                progress: false,
+                halt_after_step: None,
+                device: Some(DeviceSpec::Cpu),
+                workers: Some(&workers),
+            },
+        )
+        .unwrap();
+        outs.push((o.step_losses, read(&dir.join("out/adapter_model.safetensors"))));
+    }
+    assert_eq!(outs[0].0.len(), 4, "12 rows, batch 3, accumulation 2, 2 epochs");
+    assert_eq!(outs[0].0, outs[1].0, "losses per step");
+    assert!(outs[0].1 == outs[1].1, "the adapters differ");
 }

@@ -22,18 +22,22 @@ use crate::cli::ConfigInput;
 /// Rows above which the data pass shows a progress bar.
 const PROGRESS_FROM_ROWS: usize = 2000;
 
-/// One CPU compute thread for a small model (see [`ferrotune_core::device::ONE_THREAD_MAX_HIDDEN`]) unless
-/// `RAYON_NUM_THREADS` is set. Call it before any compute: candle reads the variable at every matrix product, but
-/// rayon's global pool (our own parallel loops) is sized from it once, on first use.
+/// One CPU compute thread per sample for a small model (see [`ferrotune_core::device::ONE_THREAD_MAX_HIDDEN`]),
+/// with as many samples computed side by side as there are cores, unless `RAYON_NUM_THREADS` is set. Call it
+/// before any compute: candle reads the variable at every matrix product, but rayon's global pool (our own
+/// parallel loops) is sized from it once, on first use.
 pub fn threads_for_model(config_json: Option<&[u8]>) {
     if std::env::var_os("RAYON_NUM_THREADS").is_some() {
         return;
     }
     if let Some(h) = config_json.and_then(ferrotune_core::device::small_model_hidden) {
         std::env::set_var("RAYON_NUM_THREADS", "1");
+        let cores = ferrotune_core::parallel::cores();
+        ferrotune_core::parallel::set_global(cores);
         eprintln!(
-            "small model (hidden size {h}): computing on 1 CPU thread, faster than several at this size \
-             (RAYON_NUM_THREADS=N chooses)"
+            "small model (hidden size {h}): one CPU thread per sample, {cores} sample{} at a time (one operation is \
+             too small to share between cores; RAYON_NUM_THREADS=N computes each sample on N threads instead)",
+            if cores == 1 { "" } else { "s" }
         );
     }
 }

@@ -41,7 +41,13 @@ pub fn run(args: ConfigArgs) -> Result<ExitCode> {
         }
         eprintln!("\nCtrl-C: saving a checkpoint after the current step (press again to abort)");
     });
-    let opts = RunOptions { stop: &STOP, progress: std::io::stderr().is_terminal(), halt_after_step: None, device };
+    let opts = RunOptions {
+        stop: &STOP,
+        progress: std::io::stderr().is_terminal(),
+        halt_after_step: None,
+        device,
+        workers: None,
+    };
     let outcome = trainer::run(&plan, &prepared, &opts)?;
     if outcome.interrupted {
         return Ok(ExitCode::from(130));

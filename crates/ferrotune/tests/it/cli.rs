@@ -112,8 +112,8 @@ fn chat_one_shot_prints_just_the_answer() {
     assert!(!out.status.success() && text(&out.stderr).contains("/nope.png"), "{}", text(&out.stderr));
 }
 
-/// A model as small as the test checkpoint computes on one CPU thread, and says so, unless RAYON_NUM_THREADS
-/// chooses.
+/// A model as small as the test checkpoint computes each sample on one CPU thread (samples side by side on the
+/// cores), and says so, unless RAYON_NUM_THREADS chooses.
 #[test]
 fn small_models_compute_on_one_thread_unless_told() {
     let model = tiny();
@@ -129,7 +129,7 @@ fn small_models_compute_on_one_thread_unless_told() {
         text(&out.stderr)
     };
     let auto = run(None);
-    assert!(auto.contains("small model (hidden size 64): computing on 1 CPU thread"), "{auto}");
+    assert!(auto.contains("small model (hidden size 64): one CPU thread per sample"), "{auto}");
     let two = run(Some("2"));
     assert!(two.contains("loaded ") && !two.contains("CPU thread"), "{two}");
 }
