@@ -324,7 +324,12 @@ pub fn describe(spec: &RobotSpec, lang: Lang, rng: &mut impl Rng) -> String {
             };
             let loco = spec.locomotion.zh();
             let screen = if spec.screen { "胸前有一块显示屏" } else { "胸前没有显示屏" };
-            let ant = if spec.antenna { "头顶有一根天线" } else { "头顶没有天线" };
+            // Not "头顶有一根天线 / 头顶没有天线": the tokenizer fuses 顶's last bytes with 有一, so that choice
+            // fell on two tokens found nowhere else, which the base (pretrained on these sentences without
+            // pictures) learned as near-twins (cosine 0.96 between their embeddings, 0.17 for the screen's
+            // choice) and no decoder LoRA told apart (antenna at chance in every run). After 上 the choice is
+            // 有一 / 没, the tokens of the other attributes.
+            let ant = if spec.antenna { "头顶上有一根天线" } else { "头顶上没有天线" };
             let bg = spec.background.zh();
             match t {
                 0 => format!("这是一个{c}的服务机器人，它有{h}的头部，{arms}，{loco}。它{screen}，{ant}。背景是{bg}。"),

@@ -277,8 +277,17 @@ fn pictures_show_their_attributes() {
     assert!(region_differs(&grip[0], &grip[1], 0, 40, 128, 100) >= 20, "grippers");
     let screen = [false, true].map(|screen| draw(&RobotSpec { screen, ..base.clone() }));
     assert!(region_differs(&screen[0], &screen[1], 44, 50, 84, 78) >= 200, "screen");
-    let antenna = [false, true].map(|antenna| draw(&RobotSpec { antenna, ..base.clone() }));
-    assert!(region_differs(&antenna[0], &antenna[1], 50, 0, 80, 30) >= 20, "antenna");
+    // The antenna shows in the upper right (the merged token at row 0, column 2) with every head, inside the frame
+    // even at the highest position a robot takes: the top pixel row is never touched.
+    for head in Head::ALL {
+        for dy in [-3.0, 3.0] {
+            let spec = RobotSpec { head, dy, ..base.clone() };
+            let antenna = [false, true].map(|antenna| draw(&RobotSpec { antenna, ..spec.clone() }));
+            let d = region_differs(&antenna[0], &antenna[1], 64, 0, 96, 32);
+            assert!(d >= 80, "antenna on a {} head (dy {dy}): {d} pixels differ", head.name());
+            assert_eq!(region_differs(&antenna[0], &antenna[1], 0, 0, 128, 1), 0, "antenna cut by the frame");
+        }
+    }
 }
 
 #[test]
