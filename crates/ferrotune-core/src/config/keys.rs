@@ -145,7 +145,8 @@ pub static KEYS: &[KeyDef] = &[
         Model,
         Bool,
         "false",
-        "Keep every layer's activations instead of recomputing them in the backward pass (faster, more memory).",
+        "Keep every layer's activations instead of recomputing them in the backward pass (faster, more memory). \
+         Unset: recompute only when the longest micro-batch's activations would pass 512 MiB.",
     ),
     inert("use_reentrant_gc", Model, "true", "ferrotune manages activation memory itself"),
     inert("infer_backend", Model, "\"huggingface\"", OWN_ENGINE),

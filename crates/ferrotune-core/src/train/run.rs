@@ -257,7 +257,8 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
             workers.count()
         );
     }
-    let cache = (!train_embeddings).then(|| FeatureCache::new(FEATURE_CACHE_BYTES));
+    // Host memory only: on a GPU the tower's forward is cheap and its memory is what limits a run.
+    let cache = (!train_embeddings && device.is_cpu()).then(|| FeatureCache::new(FEATURE_CACHE_BYTES));
     if cache.is_some() && train.iter().any(|s| !s.images.is_empty()) {
         println!(
             "  Image features = computed once per picture and reused (the vision tower is frozen; up to {} MB kept)",
