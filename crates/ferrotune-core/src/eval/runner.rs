@@ -5,11 +5,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::data::Sample;
-use crate::image::{load_image, resize_bicubic_pil};
 use crate::infer::{AdapterMode, Engine, GenerateRequest, Prompt, SamplingParams};
 use crate::models::qwen3_5::VisionInput;
 use crate::tokenizer::Tokenizer;
@@ -79,20 +78,8 @@ fn vision(engine: &Engine, s: &Sample) -> Result<Option<VisionInput>> {
     if s.images.is_empty() {
         return Ok(None);
     }
-    let mut imgs = Vec::new();
-    for (i, p) in s.images.iter().enumerate() {
-        let img = load_image(p)?;
-        let (w, h) = s.image_sizes.get(i).copied().unwrap_or((img.width(), img.height()));
-        imgs.push(if (w, h) == (img.width(), img.height()) {
-            img
-        } else {
-            resize_bicubic_pil(&img, h as usize, w as usize)
-        });
-    }
-    let processed = engine.processor.preprocess(&imgs)?;
-    let n = processed.num_patches();
-    let pixel_values = Tensor::from_vec(processed.pixel_values, (n, processed.feature_dim), &engine.model.device)?;
-    Ok(Some(VisionInput { pixel_values, grids: processed.image_grid_thw }))
+    let pixels = crate::train::batch::sample_pixels(&engine.processor, s)?;
+    Ok(Some(crate::train::batch::vision_input(pixels, &engine.model.device)?))
 }
 
 /// Evaluates one candidate: loss on the references, then a greedy answer per item (`max_new_tokens`).

@@ -45,16 +45,11 @@ impl FeatureCache {
             }
         }
     }
-
-    /// Bytes of features held.
-    pub fn bytes(&self) -> usize {
-        self.inner.lock().map_or(0, |g| g.0)
-    }
 }
 
 /// The pictures of one sample, decoded, pre-resized exactly as LLaMA-Factory does and run through the image
 /// processor.
-fn sample_pixels(processor: &ImageProcessorConfig, sample: &Sample) -> Result<ProcessedImages> {
+pub(crate) fn sample_pixels(processor: &ImageProcessorConfig, sample: &Sample) -> Result<ProcessedImages> {
     let mut decoded = Vec::with_capacity(sample.images.len());
     for (i, path) in sample.images.iter().enumerate() {
         let img = load_image(path).with_context(|| format!("{} (image {i} of {})", path.display(), sample.source))?;
@@ -76,6 +71,15 @@ fn sample_pixels(processor: &ImageProcessorConfig, sample: &Sample) -> Result<Pr
         );
     }
     Ok(processed)
+}
+
+/// The vision tower's input for processed pictures, on `device`.
+pub(crate) fn vision_input(p: ProcessedImages, device: &candle_core::Device) -> Result<VisionInput> {
+    let n = p.num_patches();
+    Ok(VisionInput {
+        pixel_values: Tensor::from_vec(p.pixel_values, (n, p.feature_dim), device)?,
+        grids: p.image_grid_thw,
+    })
 }
 
 /// Builds one micro-batch from `samples` (padded with `pad_id` on the right). With a cache, the images of each
@@ -109,12 +113,7 @@ pub fn micro_batch(
                     let f = match c.get(&sample.source) {
                         Some(f) => f,
                         None => {
-                            let p = sample_pixels(processor, sample)?;
-                            let n = p.num_patches();
-                            let input = VisionInput {
-                                pixel_values: Tensor::from_vec(p.pixel_values, (n, p.feature_dim), &model.device)?,
-                                grids: p.image_grid_thw,
-                            };
+                            let input = vision_input(sample_pixels(processor, sample)?, &model.device)?;
                             let f = Features { tensor: model.image_features(&input)?.detach(), grids: input.grids };
                             c.put(&sample.source, &f);
                             f

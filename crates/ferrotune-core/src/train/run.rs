@@ -7,7 +7,7 @@
 //! the learning rate is stepped once per optimizer step.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -251,7 +251,7 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
     let longest = train.iter().map(|s| s.input_ids.len()).max().unwrap_or(0) * if split { 1 } else { bs };
     let (checkpointing, why) = checkpointing_choice(t.gradient_checkpointing, &model.cfg.text, longest);
     println!("  Gradient checkpointing = {}{why}", if checkpointing { "on" } else { "off" });
-    if workers.count() > 1 && split {
+    if workers.count() > 1 {
         println!(
             "  Sample workers = {} (the samples of a step computed side by side, one thread each)",
             workers.count()
@@ -393,11 +393,6 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
                 let tokens: usize = batch.iter().map(|&i| train[i].input_ids.len()).sum();
                 window_tokens += tokens;
                 rs.tokens_seen += tokens as u64;
-            }
-            if opts.stop.load(Ordering::Relaxed) {
-                acc.take(&params);
-                interrupted = true;
-                break 'epochs;
             }
             // Optimizer step: clip, AdamW at this step's rate, schedule advances.
             let mut grads = acc.take(&params);

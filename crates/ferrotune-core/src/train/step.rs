@@ -217,10 +217,8 @@ pub struct Unit {
     /// Which micro-batch of the window it belongs to.
     pub batch: usize,
     /// Weight of its mean loss in its micro-batch's loss: its share of the micro-batch's label tokens (1 for a
-    /// whole micro-batch).
+    /// whole micro-batch). Before backward the loss is also divided by the window's number of micro-batches.
     pub weight: f64,
-    /// Multiplier of its mean loss before backward: `weight / micro-batches in the window`.
-    pub scale: f64,
     pub dropout_seed: u64,
 }
 
@@ -235,18 +233,11 @@ pub fn window_units(
     split: bool,
     seed: impl Fn(usize) -> u64,
 ) -> Vec<Unit> {
-    let n_batches = batches.len().max(1) as f64;
     let mut units = Vec::new();
     for (j, batch) in batches.iter().enumerate() {
         let total: usize = batch.iter().map(|&i| label_tokens(i)).sum();
         if !split || batch.len() == 1 || total == 0 {
-            units.push(Unit {
-                samples: batch.to_vec(),
-                batch: j,
-                weight: 1.0,
-                scale: 1.0 / n_batches,
-                dropout_seed: seed(j),
-            });
+            units.push(Unit { samples: batch.to_vec(), batch: j, weight: 1.0, dropout_seed: seed(j) });
             continue;
         }
         for (k, &i) in batch.iter().enumerate() {
@@ -255,13 +246,7 @@ pub fn window_units(
                 continue;
             }
             let weight = n as f64 / total as f64;
-            units.push(Unit {
-                samples: vec![i],
-                batch: j,
-                weight,
-                scale: weight / n_batches,
-                dropout_seed: seed(j) ^ ((k as u64) << 40),
-            });
+            units.push(Unit { samples: vec![i], batch: j, weight, dropout_seed: seed(j) ^ ((k as u64) << 40) });
         }
     }
     units
@@ -287,7 +272,7 @@ pub fn window_backward(
         let done = workers.map(chunk, |u| {
             let mb = build(model, &u.samples)?;
             let mut local = GradAccum::default();
-            let so = StepOptions { scale: u.scale, dropout_seed: u.dropout_seed, ..opts };
+            let so = StepOptions { scale: u.weight / n_batches as f64, dropout_seed: u.dropout_seed, ..opts };
             let st = forward_backward(model, &mb, params, &mut local, so)?;
             Ok((local, st.loss))
         })?;
