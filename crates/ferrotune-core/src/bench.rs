@@ -140,6 +140,7 @@ fn synthetic(model: &Qwen3_5, seq_len: usize, image_side: usize, seed: u64) -> R
         rope,
         images,
         image_features: None,
+        segments: None,
     })
 }
 

@@ -381,6 +381,7 @@ impl PeftFixtures {
             rope,
             images,
             image_features: None,
+            segments: None,
         })
     }
 

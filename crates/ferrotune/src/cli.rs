@@ -48,13 +48,15 @@ pub struct GpuCheckArgs {
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// What to measure: train, forward or decode
-    #[arg(value_parser = ["train", "forward", "decode"])]
+    /// What to measure: train, forward or decode; packing runs the training loop on the demo's robot data
+    /// unpacked, with packing and with neat_packing (rows of at most --seq tokens) and compares tokens/s
+    #[arg(value_parser = ["train", "forward", "decode", "packing"])]
     pub what: String,
     /// Checkpoint folder; without it a random-init checkpoint of --preset is generated (and cached)
     #[arg(long)]
     pub model: Option<std::path::PathBuf>,
-    /// Size of the generated checkpoint: tiny (the test fixture), 100m, 135m or 1b
+    /// Size of the generated checkpoint: tiny (the test fixture), 100m, 135m or 1b (packing: also demo, the
+    /// demo's embedded base)
     #[arg(long, default_value = "135m")]
     pub preset: String,
     /// Where generated checkpoints are cached
@@ -66,7 +68,7 @@ pub struct BenchArgs {
     /// Side of one square image per sample in pixels (0: text only)
     #[arg(long, default_value_t = 0)]
     pub image: usize,
-    /// Measured iterations (after one warm-up)
+    /// Measured iterations (after one warm-up); packing: optimizer steps of each run
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
     /// Compute threads (also RAYON_NUM_THREADS; default: one for a model of hidden size up to 256, else all)

@@ -211,11 +211,28 @@ pub static KEYS: &[KeyDef] = &[
         Data,
         Float,
         "0.0",
-        "Held-out evaluation split: a fraction in (0, 1) or a row count (> 1). Which rows go there follows \
-         ferrotune's seeded shuffle, not numpy's; the count is LLaMA-Factory's.",
+        "Held-out evaluation split: a fraction in (0, 1) or a row count (> 1). The rows and their order are \
+         LLaMA-Factory's (datasets' train_test_split: numpy's permutation seeded with `seed`).",
     ),
     used("mix_strategy", Data, Str, "\"concat\"", "How several datasets combine; only `concat` is implemented."),
-    used("packing", Data, Bool, "null", "Sequence packing; not implemented (false or null only)."),
+    used(
+        "packing",
+        Data,
+        Bool,
+        "null",
+        "Concatenates samples into rows of up to cutoff_len - 1 tokens (LLaMA-Factory's greedy knapsack), each row \
+         one training sample. As in LLaMA-Factory the packed samples form one sequence: attention crosses them, \
+         the Gated-DeltaNet states run on from one into the next and M-RoPE positions continue. See neat_packing.",
+    ),
+    used(
+        "neat_packing",
+        Data,
+        Bool,
+        "false",
+        "Packing with every packed sample independent: block-diagonal attention, the Gated-DeltaNet conv and \
+         recurrent states restarted at each sample, M-RoPE positions restarted; the same losses and gradients \
+         as the samples one by one. Implies packing.",
+    ),
     used("default_system", Data, Str, "null", "Replaces the template's default system prompt."),
     used_opt(
         "enable_thinking",
@@ -582,12 +599,11 @@ pub static UNIMPLEMENTED: &[Unimplemented] = &[
         ],
     },
     Unimplemented {
-        feature: "dataset streaming, interleaving, packing and tokenized caches",
+        feature: "dataset streaming, interleaving and tokenized caches",
         hint: "remove the key; datasets are read in full and concatenated",
         keys: &[
             ("streaming", "false"),
             ("interleave_probs", "null"),
-            ("neat_packing", "false"),
             ("tokenized_path", "null"),
             ("eval_on_each_dataset", "false"),
             ("tool_format", "null"),

@@ -14,8 +14,8 @@ pub mod steps;
 pub mod suggest;
 
 pub use plan::{
-    DataPlan, ExportPlan, FinetuningType, GenerationPlan, Interval, LoraPlan, LoraTarget, Plan, Resume, Scheduler,
-    TrainPlan, ValSize,
+    DataPlan, ExportPlan, FinetuningType, GenerationPlan, Interval, LoraPlan, LoraTarget, Packing, Plan, Resume,
+    Scheduler, TrainPlan, ValSize,
 };
 pub use raw::{Origin, RawConfig, Setting};
 pub use steps::{StepInputs, Steps};

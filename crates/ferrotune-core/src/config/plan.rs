@@ -50,8 +50,32 @@ pub struct DataPlan {
     pub preserve_thinking: bool,
     pub image_max_pixels: u64,
     pub image_min_pixels: u64,
-    /// Seed for the validation split and dataset sampling (`seed`, or `data_seed` when given).
+    /// `packing` / `neat_packing`.
+    pub packing: Packing,
+    /// Seed of the validation split and dataset sampling: `seed` (LLaMA-Factory splits with the training seed;
+    /// `data_seed` seeds only the sampler).
     pub seed: u64,
+}
+
+/// Sequence packing of training rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Packing {
+    Off,
+    /// One sequence per packed row (LLaMA-Factory's `packing`).
+    Plain,
+    /// Every packed sample independent (`neat_packing`).
+    Neat,
+}
+
+impl DataPlan {
+    /// The token limit of one sample: `cutoff_len`, one less when packing (LLaMA-Factory's rule).
+    pub fn sample_cutoff(&self) -> usize {
+        if self.packing == Packing::Off {
+            self.cutoff_len
+        } else {
+            self.cutoff_len - 1
+        }
+    }
 }
 
 impl DataPlan {
@@ -342,9 +366,12 @@ impl Plan {
         if train_on_prompt && mask_history {
             bail!("{}: `mask_history` cannot be combined with `train_on_prompt`", raw.place("mask_history"));
         }
-        if raw.opt_bool("packing")? == Some(true) {
-            bail!("{}: sequence packing is not implemented; remove `packing`", raw.place("packing"));
-        }
+        // LLaMA-Factory: neat_packing implies packing; packing is off for SFT unless set.
+        let packing = match (raw.bool("neat_packing")?, raw.opt_bool("packing")?.unwrap_or(false)) {
+            (true, _) => Packing::Neat,
+            (false, true) => Packing::Plain,
+            (false, false) => Packing::Off,
+        };
         let mix = raw.str("mix_strategy")?;
         if mix != "concat" {
             bail!("{}: mix_strategy `{mix}` is not implemented; datasets are concatenated", raw.place("mix_strategy"));
@@ -365,7 +392,7 @@ impl Plan {
             eval_datasets,
             dataset_dir,
             media_dir,
-            cutoff_len: raw.usize_at_least("cutoff_len", 1)?,
+            cutoff_len: raw.usize_at_least("cutoff_len", if packing == Packing::Off { 1 } else { 2 })?,
             train_on_prompt,
             mask_history,
             max_samples: raw.opt_usize_at_least("max_samples", 1)?,
@@ -375,7 +402,8 @@ impl Plan {
             preserve_thinking: raw.bool("preserve_thinking")?,
             image_max_pixels,
             image_min_pixels,
-            seed: data_seed.unwrap_or(seed),
+            packing,
+            seed,
         };
 
         // ---- LoRA ----

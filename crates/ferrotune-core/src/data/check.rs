@@ -19,7 +19,7 @@ use super::encode::{encode, EncodeOptions, Encoded, Lengths, RowRef, Sample, Vis
 use super::info::{resolve, DatasetAttr, Tags};
 use super::media::{image_size, preresize, resolve_image, SmartResize, VisionTokens};
 use super::read::{read_rows, Row};
-use crate::config::{Plan, Steps};
+use crate::config::{Packing, Plan, Steps};
 use crate::template::{choose, ChatEncoder, CheckpointInfo, Choice};
 use crate::tokenizer::Tokenizer;
 
@@ -101,6 +101,8 @@ pub struct Report {
     pub longest: Vec<(RowRef, usize)>,
     pub train_samples: usize,
     pub eval_samples: usize,
+    /// With packing: (training samples, the rows they were packed into).
+    pub packed: Option<(usize, usize)>,
     pub steps: Option<Steps>,
 }
 
@@ -141,7 +143,7 @@ pub fn prepare(plan: &Plan, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<
         max_pixels: d.image_max_pixels,
         min_pixels: d.image_min_pixels,
         opts: EncodeOptions {
-            cutoff_len: d.cutoff_len,
+            cutoff_len: d.sample_cutoff(),
             train_on_prompt: d.train_on_prompt,
             mask_history: d.mask_history,
         },
@@ -229,21 +231,28 @@ pub fn prepare(plan: &Plan, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<
     }
     progress(total_rows, total_rows);
 
-    // Held-out split (val_size): a seeded shuffle picks the rows; the count follows datasets' train_test_split.
+    // Packing comes before the split, as in LLaMA-Factory (its packed rows are what val_size holds out).
+    if d.packing != Packing::Off {
+        let neat = d.packing == Packing::Neat;
+        let (samples, cap) = (train.len(), d.sample_cutoff());
+        train = super::pack::pack(train, cap, neat);
+        eval = super::pack::pack(eval, cap, neat);
+        report.packed = Some((samples, train.len()));
+    }
+
+    // Held-out split (val_size) as datasets' train_test_split(test_size, seed) does it: numpy's permutation of the
+    // rows, its first rows held out; both splits keep the permuted order (the training order under
+    // disable_shuffling).
     let held = d.val_size.held_out(train.len());
     if held > 0 {
         if held >= train.len() {
             anyhow::bail!("val_size leaves no training samples ({} usable rows)", train.len());
         }
-        let mut order: Vec<usize> = (0..train.len()).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(d.seed));
-        let mut is_eval = vec![false; train.len()];
-        for &i in &order[..held] {
-            is_eval[i] = true;
-        }
-        let (e, t): (Vec<_>, Vec<_>) = train.into_iter().zip(is_eval).partition(|(_, e)| *e);
-        eval.extend(e.into_iter().map(|(s, _)| s));
-        train = t.into_iter().map(|(s, _)| s).collect();
+        let order = super::numpy_rng::permutation(d.seed, train.len());
+        let mut slots: Vec<Option<Sample>> = train.into_iter().map(Some).collect();
+        let mut take = |i: usize| slots[i].take().expect("a permutation names each row once");
+        eval.extend(order[..held].iter().map(|&i| take(i)));
+        train = order[held..].iter().map(|&i| take(i)).collect();
     }
 
     report.text_tokens = Dist::of(all_lengths.iter().map(|(_, l)| l.total - l.image).collect());
@@ -323,8 +332,15 @@ impl RowChecker<'_> {
                         ),
                     ));
                 }
-                let sample =
-                    Sample { input_ids, labels, images, image_sizes: sizes, image_tokens: tokens, source: at.clone() };
+                let sample = Sample {
+                    input_ids,
+                    labels,
+                    images,
+                    image_sizes: sizes,
+                    image_tokens: tokens,
+                    source: at.clone(),
+                    segments: vec![],
+                };
                 Ok(KeptRow { sample, lengths, placeholders_added: conv.placeholders_added })
             }
             Encoded::ImageOverCutoff { needed, image_tokens } => Err((
@@ -452,6 +468,13 @@ impl fmt::Display for Report {
             }
         }
         writeln!(f)?;
+        if let Some((samples, rows)) = self.packed {
+            writeln!(
+                f,
+                "packing: {samples} samples packed into {rows} rows of at most {} tokens",
+                self.cutoff_len - 1
+            )?;
+        }
         writeln!(f, "samples: {} train, {} eval", self.train_samples, self.eval_samples)?;
         if let Some(s) = &self.steps {
             writeln!(

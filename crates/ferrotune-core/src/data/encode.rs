@@ -73,7 +73,11 @@ pub struct Sample {
     pub image_sizes: Vec<(u32, u32)>,
     /// `<|image_pad|>` count of each image (the processor's grid of the pre-resized image must give this).
     pub image_tokens: Vec<usize>,
+    /// The first sample of a packed row; a row packed from several samples takes the place of the first.
     pub source: RowRef,
+    /// A row of `neat_packing`: the token lengths of the samples packed into it, in order (they sum to the row's
+    /// length), which the model keeps independent. Empty for an unpacked sample and for plain `packing`.
+    pub segments: Vec<usize>,
 }
 
 /// Lengths of an encoded sample before truncation, for the report.

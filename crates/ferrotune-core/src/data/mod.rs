@@ -13,6 +13,8 @@ pub mod convert;
 pub mod encode;
 pub mod info;
 pub mod media;
+pub mod numpy_rng;
+pub mod pack;
 pub mod read;
 
 pub use check::{prepare, IssueKind, Prepared, Report, RowIssue};

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 use crate::data::{RowRef, Sample};
 use crate::image::{load_image, resize_bicubic_pil, ImageProcessorConfig, ProcessedImages};
-use crate::models::qwen3_5::{Qwen3_5, VisionInput};
+use crate::models::qwen3_5::{Qwen3_5, RopePositions, Segments, VisionInput};
 use crate::train::step::MicroBatch;
 
 /// Image features of a frozen vision tower, computed once per training sample and reused every epoch: the
@@ -129,7 +129,11 @@ pub fn micro_batch(
                 }
             }
         }
-        positions.push(model.rope_index(&row, &grids)?);
+        positions.push(if sample.segments.is_empty() {
+            model.rope_index(&row, &grids)?
+        } else {
+            packed_positions(model, &row, &sample.segments, &grids)?
+        });
         grids_all.extend(grids);
         ids.extend(row);
         labels.push(lab);
@@ -149,13 +153,46 @@ pub fn micro_batch(
         1 => features.pop(),
         _ => Some(Tensor::cat(&features, 0)?),
     };
+    let segments = if samples.iter().any(|x| !x.segments.is_empty()) {
+        let rows = samples.iter().map(|x| x.segments.clone()).collect();
+        Some(Segments::new(rows, s, &model.device)?)
+    } else {
+        None
+    };
     Ok(MicroBatch {
         input_ids: Tensor::from_vec(ids, (samples.len(), s), &model.device)?,
         labels,
         rope,
         images,
         image_features,
+        segments,
     })
+}
+
+/// M-RoPE positions of a neat-packed row: each sample's positions start at 0 (with its own images), the
+/// padding after them continues from the last sample.
+fn packed_positions(model: &Qwen3_5, row: &[u32], segments: &[usize], grids: &[[usize; 3]]) -> Result<RopePositions> {
+    let image = model.cfg.image_token_id;
+    let mut axes: [Vec<i64>; 3] = Default::default();
+    let (mut start, mut next_grid) = (0, 0);
+    let mut last_max = -1;
+    for &n in segments {
+        let ids = row.get(start..start + n).context("packed segments are longer than the row")?;
+        // One grid per run of image tokens.
+        let runs = ids.iter().enumerate().filter(|&(i, &t)| t == image && (i == 0 || ids[i - 1] != image)).count();
+        let g = grids.get(next_grid..next_grid + runs).context("a packed row has fewer image grids than images")?;
+        let p = model.rope_index(ids, g)?;
+        last_max = p.axes.iter().flat_map(|a| a.iter().copied()).max().unwrap_or(-1);
+        for (dst, src) in axes.iter_mut().zip(p.axes) {
+            dst.extend(src);
+        }
+        start += n;
+        next_grid += runs;
+    }
+    for a in axes.iter_mut() {
+        a.extend((0..(row.len() - start) as i64).map(|i| last_max + 1 + i));
+    }
+    Ok(RopePositions { delta: 0, axes })
 }
 
 /// Label tokens of a sample after the causal shift: what its mean loss averages over.

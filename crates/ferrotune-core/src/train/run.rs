@@ -55,6 +55,8 @@ pub struct Outcome {
     pub interrupted: bool,
     /// (step, loss) of every optimizer step, for tests and reports.
     pub step_losses: Vec<(usize, f64)>,
+    /// Tokens of the training rows seen (padding excluded), resumed steps included.
+    pub tokens_seen: u64,
 }
 
 /// The training device and compute dtype with a note for the log: `--device` when given, else the first GPU
@@ -239,7 +241,8 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
     let sched = Schedule { kind, peak: t.learning_rate, warmup: steps.warmup_steps, total };
     println!("***** Running training *****");
     println!("  Num examples = {}", train.len());
-    println!("  Num Epochs = {}", t.num_train_epochs);
+    // HF's count: ceil(num_train_epochs), or the epochs that max_steps spans when it is set.
+    println!("  Num Epochs = {}", steps.epochs);
     println!("  Instantaneous batch size per device = {bs}");
     println!("  Total train batch size (w. parallel, distributed & accumulation) = {}", bs * accum);
     println!("  Gradient Accumulation steps = {accum}");
@@ -288,7 +291,7 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
         if plan.finetuning_type == FinetuningType::Lora { "adapter_model.safetensors" } else { "model.safetensors" };
     let mut state = TrainerState {
         max_steps: total,
-        num_train_epochs: t.num_train_epochs,
+        num_train_epochs: steps.epochs as f64,
         logging_steps: t.logging_steps,
         save_steps: t.save_steps,
         eval_steps: t.eval_steps,
@@ -493,6 +496,7 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
         output_dir: out_dir.clone(),
         interrupted,
         step_losses,
+        tokens_seen: rs.tokens_seen,
     })
 }
 

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, TensorId, Var, D};
 
-use crate::models::qwen3_5::{Qwen3_5, VisionInput};
+use crate::models::qwen3_5::{Qwen3_5, Segments, VisionInput};
 use crate::nn::linear::seed_dropout;
 use crate::parallel::Workers;
 
@@ -24,6 +24,8 @@ pub struct MicroBatch {
     pub images: Option<VisionInput>,
     /// The images' features from a frozen vision tower, computed earlier (used instead of `images`).
     pub image_features: Option<Tensor>,
+    /// Rows of `neat_packing`: where their samples start and end.
+    pub segments: Option<Segments>,
 }
 
 /// Gradients accumulated over micro-batches, by parameter.
@@ -111,7 +113,7 @@ pub fn forward_loss(
         if train {
             seed_dropout(layer_seed(seed, i));
         }
-        x = layer.forward(&x, &mb.rope, None, train)?;
+        x = layer.forward(&x, &mb.rope, None, train, mb.segments.as_ref())?;
     }
     head_loss(model, &x, &mb.labels)
 }
@@ -177,7 +179,7 @@ pub fn forward_backward(
     let mut inputs = vec![embed(model, mb, false)?];
     for (i, layer) in model.layers.iter().enumerate() {
         seed_dropout(layer_seed(i));
-        let x = layer.forward(inputs.last().expect("non-empty"), &mb.rope, None, true)?.detach();
+        let x = layer.forward(inputs.last().expect("non-empty"), &mb.rope, None, true, mb.segments.as_ref())?.detach();
         inputs.push(x);
     }
     // 2. Head segment.
@@ -195,7 +197,7 @@ pub fn forward_backward(
     for (i, layer) in model.layers.iter().enumerate().rev() {
         seed_dropout(layer_seed(i));
         let x = Var::from_tensor(&inputs[i])?;
-        let y = layer.forward(x.as_tensor(), &mb.rope, None, true)?;
+        let y = layer.forward(x.as_tensor(), &mb.rope, None, true, mb.segments.as_ref())?;
         let store = (y * &dy)?.sum_all()?.backward()?;
         acc.add(&store, params)?;
         dy = store.get(x.as_tensor()).cloned().ok_or_else(|| anyhow::anyhow!("no gradient reached layer {i}"))?;

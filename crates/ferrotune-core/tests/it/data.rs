@@ -225,3 +225,19 @@ fn openai_formatting_merges_tool_results() {
     );
     assert!(text.starts_with("<|im_start|>system\nUse tools.<|im_end|>"), "{text}");
 }
+
+/// `val_size` holds out the rows datasets' `train_test_split` does: numpy's `default_rng(seed).permutation(n)`
+/// (tests/fixtures/golden/recipes/numpy_permutation.json, written by numpy itself).
+#[test]
+fn held_out_rows_follow_numpys_permutation() {
+    let path = crate::common::fixtures().join("golden/recipes/numpy_permutation.json");
+    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = golden["cases"].as_array().unwrap();
+    assert!(cases.len() >= 20);
+    for c in cases {
+        let (seed, n) = (c["seed"].as_u64().unwrap(), c["n"].as_u64().unwrap() as usize);
+        let want: Vec<usize> =
+            c["permutation"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        assert_eq!(ferrotune_core::data::numpy_rng::permutation(seed, n), want, "seed {seed}, n {n}");
+    }
+}

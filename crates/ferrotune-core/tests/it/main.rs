@@ -14,6 +14,7 @@ mod image;
 mod loading;
 mod metrics;
 mod model;
+mod packing;
 mod parity;
 mod template;
 mod train;

@@ -71,6 +71,7 @@ impl Samples {
             rope,
             images,
             image_features: None,
+            segments: None,
         }
     }
 }

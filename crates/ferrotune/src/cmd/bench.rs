@@ -16,6 +16,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         // Both candle's matmul and our rayon loops read this before their pools start.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
+    if args.what == "packing" {
+        return packing(&args);
+    }
     // The device first: no point generating a checkpoint for a GPU that is not there.
     let dev = ferrotune_core::device::parse_device(&args.device)?;
     let model = checkpoint(&args)?;
@@ -82,6 +85,85 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     if args.json {
         println!("{json}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bench packing`: the real training loop for `--steps` optimizer steps on the demo's robot data, unpacked,
+/// with `packing` and with `neat_packing` (rows of at most `--seq` tokens), on the demo's base (`--preset demo`)
+/// or a checkpoint; tokens per second counts the samples' tokens, padding excluded.
+fn packing(args: &BenchArgs) -> Result<ExitCode> {
+    use ferrotune_core::demo::pipeline::{train_yaml, DemoOptions};
+    use ferrotune_core::demo::robots::{generate, RobotOptions};
+    let work = args.cache.join("packing-bench");
+    let base = if args.model.is_none() && args.preset == "demo" {
+        let b = work.join("demo-base");
+        if !b.join("config.json").exists() {
+            ferrotune_core::demo::base::write_embedded(&b)?;
+        }
+        b
+    } else {
+        checkpoint(args)?
+    };
+    if args.threads.is_none() {
+        super::threads_for_checkpoint(&base);
+    }
+    let data = work.join("data");
+    let opts = DemoOptions { out: work.clone(), ..DemoOptions::default() };
+    if !data.join("dataset_info.json").exists() {
+        generate(&data, &RobotOptions { n_train: 200, n_eval: 10, seed: opts.seed, lang: opts.lang })?;
+    }
+    let yaml = work.join("train.yaml");
+    std::fs::write(&yaml, train_yaml(&base, &data, &work.join("out"), &opts))?;
+    println!("model: {}, data: {} (demo robots), rows of at most {} tokens", base.display(), data.display(), args.seq);
+    let mut results = Vec::new();
+    for (name, packing, neat) in [("unpacked", false, false), ("packing", true, false), ("neat_packing", true, true)] {
+        let overrides: Vec<String> = [
+            format!("packing={packing}"),
+            format!("neat_packing={neat}"),
+            format!("cutoff_len={}", args.seq),
+            format!("max_steps={}", args.steps),
+            "val_size=0".into(),
+            "do_eval=false".into(),
+            "eval_strategy=no".into(),
+            "save_steps=1000000".into(),
+            format!("logging_steps={}", args.steps),
+            "plot_loss=false".into(),
+            format!("output_dir={}", work.join(format!("out-{name}")).display()),
+            "overwrite_output_dir=true".into(),
+        ]
+        .into();
+        let plan = ferrotune_core::config::Plan::load(Some(&yaml), &overrides)?;
+        let prepared = ferrotune_core::data::prepare(&plan, &|_, _| {})?;
+        let rows = prepared.train.len();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let t0 = std::time::Instant::now();
+        let cpu0 = bench::cpu_seconds();
+        let outcome = ferrotune_core::train::run::run(
+            &plan,
+            &prepared,
+            &ferrotune_core::train::run::RunOptions {
+                stop: &stop,
+                progress: false,
+                halt_after_step: None,
+                device: None,
+                workers: None,
+            },
+        )?;
+        let (wall, cpu) = (t0.elapsed().as_secs_f64(), bench::cpu_seconds() - cpu0);
+        results.push((name, rows, outcome.global_step, outcome.tokens_seen, wall, cpu));
+    }
+    println!("\n| run | training rows | steps | tokens | wall s | tokens/s | CPU-s per 1k tokens |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, rows, steps, tokens, wall, cpu) in &results {
+        println!(
+            "| {name} | {rows} | {steps} | {tokens} | {wall:.1} | {:.1} | {:.2} |",
+            *tokens as f64 / wall,
+            cpu / (*tokens as f64 / 1000.0)
+        );
+    }
+    if let Some(rss) = bench::peak_rss_bytes() {
+        println!("peak RSS of the whole run: {:.0} MB", rss as f64 / 1e6);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 pub use config::{Config, LayerType};
-pub use text::{DecoderLayer, LayerCache, Stored};
+pub use text::{DecoderLayer, LayerCache, Segments, Stored};
 pub use vision::VisionModel;
 
 use crate::checkpoint::{read_config_json, Checkpoint, Weights};
@@ -333,7 +333,7 @@ impl Qwen3_5 {
         let mut hidden = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, rope, c, false)?;
+            x = layer.forward(&x, rope, c, false, None)?;
             if collect {
                 hidden.push(x.clone());
             }

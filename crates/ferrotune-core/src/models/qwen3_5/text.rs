@@ -118,6 +118,7 @@ impl Attention {
         sin: &Tensor,
         cache: Option<&mut LayerCache>,
         train: bool,
+        segments: Option<&Segments>,
     ) -> candle_core::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
@@ -162,7 +163,11 @@ impl Attention {
             }
         };
         let (k, v) = (expand(&k)?, expand(&v)?);
-        let mask = if s > 1 { Some(ops::causal_mask(s, offset, x.device())?) } else { None };
+        let mask = match segments {
+            Some(seg) if offset == 0 => Some(seg.mask.clone()),
+            _ if s > 1 => Some(ops::causal_mask(s, offset, x.device())?),
+            _ => None,
+        };
         let o = ops::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), mask.as_ref())?;
         // 6. (B, H, S, hd) -> (B, S, H·hd), sigmoid output gate, o_proj.
         let o = o.transpose(1, 2)?.reshape((b, s, h * hd))?;
@@ -221,27 +226,74 @@ impl GatedDeltaNet {
         })
     }
 
-    /// x: (B, S, D). With a cache holding a state, continues from it; the cache is updated either way.
-    pub fn forward(&self, x: &Tensor, cache: Option<&mut LayerCache>, train: bool) -> candle_core::Result<Tensor> {
+    /// x: (B, S, D). With a cache holding a state, continues from it; the cache is updated either way. With
+    /// `segments` (no cache) every packed sample starts from zero conv and recurrent states.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cache: Option<&mut LayerCache>,
+        train: bool,
+        segments: Option<&Segments>,
+    ) -> candle_core::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let (hk, hv, dk, dv) = (self.hk, self.hv, self.dk, self.dv);
-        let dtype = x.dtype();
+        let (hv, dv) = (self.hv, self.dv);
         let mixed = self.in_proj_qkv.forward_t(x, train)?; // (B, S, conv_dim): [q | k | v]
         let z = self.in_proj_z.forward_t(x, train)?; // (B, S, Hv·dv)
         let bb = self.in_proj_b.forward_t(x, train)?; // (B, S, Hv)
         let a = self.in_proj_a.forward_t(x, train)?;
-
-        let (prev_conv, prev_state) = match cache.as_deref() {
-            Some(LayerCache::DeltaNet { conv, state }) => (Some(conv.clone()), Some(state.clone())),
-            _ => (None, None),
+        let o = match (segments, cache) {
+            (Some(seg), None) => {
+                // Each packed sample (and the padding after them) on its own, then put back in place.
+                let mut rows = Vec::with_capacity(b);
+                for (r, pieces) in seg.pieces(s).iter().enumerate() {
+                    let mut outs = Vec::with_capacity(pieces.len());
+                    for &(start, len) in pieces {
+                        let cut = |t: &Tensor| t.narrow(0, r, 1)?.narrow(1, start, len);
+                        outs.push(self.recurrence(&cut(&mixed)?, &cut(&bb)?, &cut(&a)?, None, None)?.0);
+                    }
+                    rows.push(Tensor::cat(&outs, 1)?);
+                }
+                Tensor::cat(&rows, 0)?
+            }
+            (_, cache) => {
+                let (prev_conv, prev_state) = match cache.as_deref() {
+                    Some(LayerCache::DeltaNet { conv, state }) => (Some(conv.clone()), Some(state.clone())),
+                    _ => (None, None),
+                };
+                let (o, conv_state, state) =
+                    self.recurrence(&mixed, &bb, &a, prev_conv.as_ref(), prev_state.as_ref())?;
+                if let Some(c) = cache {
+                    *c = LayerCache::DeltaNet { conv: conv_state, state };
+                }
+                o
+            }
         };
+        // 6. Gated RMSNorm per head with z; out_proj.
+        let z = z.reshape((b, s, hv, dv))?;
+        let o = ops::rms_norm_gated(&o, &self.norm, &z, self.eps)?.reshape((b, s, hv * dv))?;
+        self.out_proj.forward_t(&o, train)
+    }
+
+    /// Steps 1–5 on one run of tokens: conv + SiLU, gates, the delta rule. mixed (B, S, conv_dim), bb and a
+    /// (B, S, Hv). Returns o (B, S, Hv, dv) in mixed's dtype, the conv state and the recurrent state.
+    fn recurrence(
+        &self,
+        mixed: &Tensor,
+        bb: &Tensor,
+        a: &Tensor,
+        prev_conv: Option<&Tensor>,
+        prev_state: Option<&Tensor>,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (b, s, _) = mixed.dims3()?;
+        let (hk, hv, dk, dv) = (self.hk, self.hv, self.dk, self.dv);
+        let dtype = mixed.dtype();
         // 1. Causal depthwise conv over time + SiLU.
-        let (mixed, conv_state) = gdn::causal_conv1d_silu(&mixed, &self.conv1d, prev_conv.as_ref())?;
+        let (mixed, conv_state) = gdn::causal_conv1d_silu(mixed, &self.conv1d, prev_conv)?;
         let q = mixed.narrow(2, 0, hk * dk)?.reshape((b, s, hk, dk))?;
         let k = mixed.narrow(2, hk * dk, hk * dk)?.reshape((b, s, hk, dk))?;
         let v = mixed.narrow(2, 2 * hk * dk, hv * dv)?.reshape((b, s, hv, dv))?;
         // 2. beta = sigmoid(b); g = −exp(A_log)·softplus(a + dt_bias), in f32.
-        let beta = ops::sigmoid(&bb)?.to_dtype(DType::F32)?;
+        let beta = ops::sigmoid(bb)?.to_dtype(DType::F32)?;
         let g = ops::softplus(&a.to_dtype(DType::F32)?.broadcast_add(&self.dt_bias)?)?
             .broadcast_mul(&self.a_log.exp()?.neg()?)?;
         // 3. Value head j reads key head j / (Hv/Hk) (repeat_interleave on the head dim).
@@ -264,18 +316,67 @@ impl GatedDeltaNet {
         let beta = beta.transpose(1, 2)?.contiguous()?.reshape((b * hv, s))?;
         // 5. The delta rule: step form for single-token decode, chunked otherwise.
         let (o, state) = if s == 1 && prev_state.is_some() {
-            gdn::delta_rule_recurrent(&q, &k, &v, &g, &beta, prev_state.as_ref())?
+            gdn::delta_rule_recurrent(&q, &k, &v, &g, &beta, prev_state)?
         } else {
-            gdn::delta_rule_chunked(&q, &k, &v, &g, &beta, prev_state.as_ref())?
+            gdn::delta_rule_chunked(&q, &k, &v, &g, &beta, prev_state)?
         };
-        if let Some(c) = cache {
-            *c = LayerCache::DeltaNet { conv: conv_state, state };
-        }
-        // 6. (B·Hv, S, dv) -> (B, S, Hv, dv); gated RMSNorm per head with z; out_proj.
+        // (B·Hv, S, dv) -> (B, S, Hv, dv)
         let o = o.reshape((b, hv, s, dv))?.transpose(1, 2)?.to_dtype(dtype)?;
-        let z = z.reshape((b, s, hv, dv))?;
-        let o = ops::rms_norm_gated(&o, &self.norm, &z, self.eps)?.reshape((b, s, hv * dv))?;
-        self.out_proj.forward_t(&o, train)
+        Ok((o, conv_state, state))
+    }
+}
+
+/// The packed samples of a micro-batch's rows (`neat_packing`), kept independent by the decoder: attention
+/// block-diagonal, the Gated-DeltaNet states restarted at each sample.
+#[derive(Clone, Debug)]
+pub struct Segments {
+    /// Per row, the lengths of its samples in order; the rest of the row (padding) is one more piece.
+    pub rows: Vec<Vec<usize>>,
+    /// Additive attention mask (B, 1, S, S): 0 where a query may see a key (same sample, not later), −inf elsewhere.
+    pub mask: Tensor,
+}
+
+impl Segments {
+    /// Segments of rows of length `s` (each row's lengths must sum to at most `s`).
+    pub fn new(rows: Vec<Vec<usize>>, s: usize, device: &candle_core::Device) -> candle_core::Result<Segments> {
+        let mut ids = Vec::with_capacity(rows.len() * s);
+        for (r, lens) in rows.iter().enumerate() {
+            let used: usize = lens.iter().sum();
+            if used > s {
+                candle_core::bail!("packed row {r}: samples of {used} tokens in a row of {s}");
+            }
+            for (j, &n) in lens.iter().enumerate() {
+                ids.extend(std::iter::repeat_n(j as u32, n));
+            }
+            ids.extend(std::iter::repeat_n(lens.len() as u32, s - used));
+        }
+        let b = rows.len();
+        let ids = Tensor::from_vec(ids, (b, s), device)?;
+        let same = ids.unsqueeze(2)?.broadcast_eq(&ids.unsqueeze(1)?)?; // (B, S, S)
+        let zero = Tensor::zeros((b, s, s), DType::F32, device)?;
+        let ninf = Tensor::full(f32::NEG_INFINITY, (b, s, s), device)?;
+        let apart = same.where_cond(&zero, &ninf)?;
+        let mask = apart.broadcast_add(&ops::causal_mask(s, 0, device)?)?.unsqueeze(1)?;
+        Ok(Segments { rows, mask })
+    }
+
+    /// Per row, the (start, length) pieces that cover it: each sample, then the padding if any.
+    pub fn pieces(&self, s: usize) -> Vec<Vec<(usize, usize)>> {
+        self.rows
+            .iter()
+            .map(|lens| {
+                let mut start = 0;
+                let mut v: Vec<(usize, usize)> = Vec::with_capacity(lens.len() + 1);
+                for &n in lens.iter().filter(|&&n| n > 0) {
+                    v.push((start, n));
+                    start += n;
+                }
+                if start < s {
+                    v.push((start, s - start));
+                }
+                v
+            })
+            .collect()
     }
 }
 
@@ -313,18 +414,19 @@ impl DecoderLayer {
         })
     }
 
-    /// Pre-norm residual block. x: (B, S, D).
+    /// Pre-norm residual block. x: (B, S, D); `segments` keeps packed samples apart.
     pub fn forward(
         &self,
         x: &Tensor,
         rope: &(Tensor, Tensor),
         cache: Option<&mut LayerCache>,
         train: bool,
+        segments: Option<&Segments>,
     ) -> candle_core::Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
         let h = match &self.mixer {
-            Mixer::Full(attn) => attn.forward(&h, &rope.0, &rope.1, cache, train)?,
-            Mixer::Linear(gdn) => gdn.forward(&h, cache, train)?,
+            Mixer::Full(attn) => attn.forward(&h, &rope.0, &rope.1, cache, train, segments)?,
+            Mixer::Linear(gdn) => gdn.forward(&h, cache, train, segments)?,
         };
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, train)?;
