@@ -251,3 +251,32 @@ fn batch_products_that_overflow_are_errors() {
     let p = crate::common::plan(&[("lora_rank", json!(i64::MAX))]);
     assert_eq!(p.lora.alpha, i64::MAX as f64 * 2.0);
 }
+
+/// Random values for the numeric keys (one or several at once) through `data check`'s code: Ok or an error,
+/// never a panic. `ferrotune bench config-fuzz --cases 10000` runs more.
+#[test]
+fn numeric_keys_never_panic() {
+    use ferrotune_core::config::fuzz::{fuzz, numeric_keys, FuzzSetup};
+    assert!(numeric_keys().len() >= 30, "{:?}", numeric_keys());
+    let setup = FuzzSetup {
+        checkpoint: tiny(),
+        dataset_dir: fixtures().join("data"),
+        output_dir: scratch("fuzz").join("out-never-created"),
+    };
+    let cases = 300;
+    let report = fuzz(&setup, cases, 20240611);
+    eprintln!(
+        "config fuzz: {} cases, {} ok, {} errors, {} panics in {:.1} s",
+        report.cases,
+        report.ok,
+        report.err,
+        report.panics.len(),
+        report.seconds
+    );
+    let panics: Vec<String> =
+        report.panics.iter().map(|p| format!("{}\n--- panicked: {}", p.yaml, p.message)).collect();
+    assert!(panics.is_empty(), "{} panic(s):\n{}", panics.len(), panics.join("\n\n"));
+    // Both outcomes occur: the base config is valid, and the edge values are refused.
+    assert!(report.ok > cases / 10 && report.err > cases / 10, "{report:?}");
+    assert!(!setup.output_dir.exists(), "data check wrote nothing");
+}
