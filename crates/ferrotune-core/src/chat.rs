@@ -95,8 +95,19 @@ impl ChatTemplate {
         for (k, v) in &opts.extra {
             ctx.insert(k.clone(), v.clone());
         }
-        tmpl.render(Value::from(minijinja::value::Serde(&ctx)))
-            .map_err(|e| anyhow::anyhow!("rendering the chat template ({}): {e}", self.path.display()))
+        let text = tmpl
+            .render(Value::from(minijinja::value::Serde(&ctx)))
+            .map_err(|e| anyhow::anyhow!("rendering the chat template ({}): {e}", self.path.display()))?;
+        if text.is_empty() {
+            bail!(
+                "{}: the chat template rendered nothing for these {} message(s), so there is no prompt to give the \
+                 model\n  hint: the template must write the conversation (e.g. `{{%- for message in messages %}}...`); \
+                 copy chat_template.jinja from the base model's checkpoint, or fix the template",
+                self.path.display(),
+                messages.as_array().map_or(0, Vec::len)
+            );
+        }
+        Ok(text)
     }
 }
 

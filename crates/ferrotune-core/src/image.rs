@@ -162,14 +162,29 @@ impl ImageProcessorConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        for (key, v) in [
-            ("patch_size", self.patch_size),
-            ("temporal_patch_size", self.temporal_patch_size),
-            ("merge_size", self.merge_size),
+        // Sizes are divided by and multiplied together: each must be at least 1, and a token's side (patch x
+        // merge) at most 2^16 pixels, which no image processor comes near, so that no product overflows.
+        for (key, v, usual) in [
+            ("patch_size", self.patch_size, 16),
+            ("temporal_patch_size", self.temporal_patch_size, 2),
+            ("merge_size", self.merge_size, 2),
         ] {
-            if v == 0 {
-                bail!("`{key}` must be at least 1");
+            if v == 0 || v > 1 << 16 {
+                bail!(
+                    "`{key}` is {v}; it must be between 1 and 65536 (Qwen3.5 checkpoints have {usual})\n  hint: the \
+                     file is damaged or hand-edited; copy preprocessor_config.json from the base model's checkpoint"
+                );
             }
+        }
+        if self.factor() > 1 << 16 {
+            bail!(
+                "patch_size {} x merge_size {} = {} pixels per token side; Qwen3.5 checkpoints have 16 x 2 = 32\n  \
+                 hint: the file is damaged or hand-edited; copy preprocessor_config.json from the base model's \
+                 checkpoint",
+                self.patch_size,
+                self.merge_size,
+                self.factor()
+            );
         }
         if self.min_pixels > self.max_pixels {
             bail!(
@@ -353,11 +368,11 @@ pub fn smart_resize(
     }
     let mut h = (hf / ff).round_ties_even() as usize * factor;
     let mut w = (wf / ff).round_ties_even() as usize * factor;
-    if h * w > max_pixels {
+    if h.saturating_mul(w) > max_pixels {
         let beta = (hf * wf / max_pixels as f64).sqrt();
         h = factor.max((hf / beta / ff).floor() as usize * factor);
         w = factor.max((wf / beta / ff).floor() as usize * factor);
-    } else if h * w < min_pixels {
+    } else if h.saturating_mul(w) < min_pixels {
         let beta = (min_pixels as f64 / (hf * wf)).sqrt();
         h = (hf * beta / ff).ceil() as usize * factor;
         w = (wf * beta / ff).ceil() as usize * factor;
@@ -639,6 +654,18 @@ mod tests {
         assert!(err(r#"{"size": {"shortest_edge": 4096}}"#).contains("longest_edge"));
         assert!(err(r#"{"resample": 2}"#).contains("resample"));
         assert!(err(r#"{"merge_size": 0}"#).contains("merge_size"));
+        for key in ["patch_size", "temporal_patch_size", "merge_size"] {
+            let e = err(&format!(r#"{{"{key}": 0}}"#));
+            assert!(e.contains(&format!("`{key}` is 0")) && e.contains("hint:"), "{e}");
+        }
+        assert!(err(r#"{"patch_size": 4096, "merge_size": 4096}"#).contains("pixels per token side"));
+        // Read from a file, the error names it.
+        let dir = std::env::temp_dir().join(format!("ferrotune-image-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("preprocessor_config.json"), r#"{"temporal_patch_size": 0}"#).unwrap();
+        let e = format!("{:#}", ImageProcessorConfig::from_dir(&dir).unwrap_err());
+        assert!(e.contains("preprocessor_config.json") && e.contains("`temporal_patch_size` is 0"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
         assert!(err(r#"{"size": {"shortest_edge": 9, "longest_edge": 8}}"#).contains("shortest_edge"));
     }
 

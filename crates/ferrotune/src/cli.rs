@@ -49,9 +49,17 @@ pub struct GpuCheckArgs {
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// What to measure: train, forward or decode; packing runs the training loop on the demo's robot data
-    /// unpacked, with packing and with neat_packing (rows of at most --seq tokens) and compares tokens/s
-    #[arg(value_parser = ["train", "forward", "decode", "packing"])]
+    /// unpacked, with packing and with neat_packing (rows of at most --seq tokens) and compares tokens/s;
+    /// config-fuzz: random values for every numeric config key through `data check` on the tiny fixture,
+    /// counting Ok, errors and panics (exits non-zero on a panic)
+    #[arg(value_parser = ["train", "forward", "decode", "packing", "config-fuzz"])]
     pub what: String,
+    /// Cases to run (config-fuzz)
+    #[arg(long, default_value_t = 10_000)]
+    pub cases: usize,
+    /// Seed of the generated configs (config-fuzz)
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Checkpoint folder; without it a random-init checkpoint of --preset is generated (and cached)
     #[arg(long)]
     pub model: Option<std::path::PathBuf>,

@@ -7,6 +7,7 @@
 //!
 //! [`keys`] is the one table that defines every key.
 
+pub mod fuzz;
 pub mod keys;
 pub mod plan;
 pub mod raw;

@@ -411,7 +411,7 @@ impl Plan {
         let alpha = match raw.opt_i64("lora_alpha")? {
             Some(a) if a <= 0 => bail!("{}: `lora_alpha` must be positive", raw.place("lora_alpha")),
             Some(a) => a as f64,
-            None => (rank * 2) as f64,
+            None => rank as f64 * 2.0,
         };
         let dropout = raw.f64("lora_dropout")?;
         if !(0.0..1.0).contains(&dropout) {
@@ -452,18 +452,43 @@ impl Plan {
         if do_eval && data.eval_datasets.is_empty() && data.val_size == ValSize::None {
             bail!("evaluation (do_eval / eval_strategy) needs `eval_dataset` or `val_size`");
         }
+        // Zero intervals are refused as HF `TrainingArguments` refuses them (`logging strategy steps requires
+        // non-zero --logging_steps`, `evaluation strategy steps requires either non-zero --eval_steps or
+        // --logging_steps`). HF silently never saves with `save_steps: 0`; that is refused here too.
         let logging_strategy = interval(raw, "logging_strategy", false)?;
         let logging_steps = steps_value(raw, "logging_steps")?;
         if logging_strategy == Interval::Steps && logging_steps == 0.0 {
-            bail!("{}: `logging_steps` must be positive", raw.place("logging_steps"));
+            bail!(
+                "{}: `logging_steps` is 0, but `logging_strategy: steps` logs every logging_steps steps\n  hint: set \
+                 logging_steps to a positive number of steps (e.g. 10) or a fraction below 1 of the total (e.g. \
+                 0.05), or `logging_strategy: no`",
+                raw.place("logging_steps")
+            );
         }
         let save_strategy = interval(raw, "save_strategy", false)?;
         let save_steps = steps_value(raw, "save_steps")?;
+        if save_strategy == Interval::Steps && save_steps == 0.0 {
+            bail!(
+                "{}: `save_steps` is 0, but `save_strategy: steps` saves a checkpoint every save_steps steps\n  hint: \
+                 set save_steps to a positive number of steps (e.g. 500) or a fraction below 1 of the total, or \
+                 `save_strategy: no` to write only the final weights",
+                raw.place("save_steps")
+            );
+        }
         let mut eval_steps = match raw.opt_f64("eval_steps")? {
             Some(_) => Some(steps_value(raw, "eval_steps")?),
             None => None,
         };
         if eval_strategy == Interval::Steps && eval_steps.is_none_or(|s| s == 0.0) {
+            if logging_steps == 0.0 {
+                let key = if raw.get("eval_steps").is_some() { "eval_steps" } else { "logging_steps" };
+                bail!(
+                    "{}: `eval_strategy: steps` needs a non-zero `eval_steps` or `logging_steps` (eval_steps, when \
+                     unset or 0, takes the value of logging_steps, which is 0)\n  hint: set eval_steps to a positive \
+                     number of steps (e.g. 50) or a fraction below 1 of the total",
+                    raw.place(key)
+                );
+            }
             eval_steps = Some(logging_steps); // HF falls back to logging_steps
         }
         let warmup_steps = raw.f64("warmup_steps")?;
@@ -528,13 +553,23 @@ impl Plan {
         if max_steps <= 0 && num_train_epochs <= 0.0 {
             bail!("{}: `num_train_epochs` must be positive (or set max_steps)", raw.place("num_train_epochs"));
         }
+        let per_device_train_batch_size = raw.usize_at_least("per_device_train_batch_size", 1)?;
+        let gradient_accumulation_steps = raw.usize_at_least("gradient_accumulation_steps", 1)?;
+        if per_device_train_batch_size.checked_mul(gradient_accumulation_steps).is_none() {
+            bail!(
+                "{}: per_device_train_batch_size {per_device_train_batch_size} x gradient_accumulation_steps \
+                 {gradient_accumulation_steps} samples per optimizer step is more than this machine can count\n  \
+                 hint: lower gradient_accumulation_steps (LLaMA-Factory's examples use 1 to 16)",
+                raw.place("gradient_accumulation_steps")
+            );
+        }
         let train = TrainPlan {
             output_dir,
             overwrite_output_dir,
             resume,
-            per_device_train_batch_size: raw.usize_at_least("per_device_train_batch_size", 1)?,
+            per_device_train_batch_size,
             per_device_eval_batch_size: raw.usize_at_least("per_device_eval_batch_size", 1)?,
-            gradient_accumulation_steps: raw.usize_at_least("gradient_accumulation_steps", 1)?,
+            gradient_accumulation_steps,
             learning_rate: non_negative_f64(raw, "learning_rate")?,
             weight_decay: non_negative_f64(raw, "weight_decay")?,
             adam_beta1: raw.f64("adam_beta1")?,

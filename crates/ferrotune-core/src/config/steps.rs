@@ -45,8 +45,15 @@ pub struct Steps {
 impl Steps {
     pub fn compute(i: &StepInputs) -> Result<Steps> {
         if i.per_device_batch == 0 || i.grad_accum == 0 {
-            bail!("batch size and gradient accumulation must be at least 1");
+            bail!("per_device_train_batch_size and gradient_accumulation_steps must be at least 1");
         }
+        let Some(effective_batch) = i.per_device_batch.checked_mul(i.grad_accum) else {
+            bail!(
+                "per_device_train_batch_size {} x gradient_accumulation_steps {} overflows; lower them",
+                i.per_device_batch,
+                i.grad_accum
+            );
+        };
         if i.samples == 0 {
             bail!("there are no training samples");
         }
@@ -76,7 +83,7 @@ impl Steps {
         let ratio = |x: f64| if x < 1.0 { (total_steps as f64 * x).ceil() as usize } else { x as usize };
         Ok(Steps {
             samples: i.samples,
-            effective_batch: i.per_device_batch * i.grad_accum,
+            effective_batch,
             batches_per_epoch,
             steps_per_epoch,
             epochs,

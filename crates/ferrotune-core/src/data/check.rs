@@ -19,7 +19,7 @@ use super::encode::{encode, EncodeOptions, Encoded, Lengths, RowRef, Sample, Vis
 use super::info::{resolve, DatasetAttr, Tags};
 use super::media::{image_size, preresize, resolve_image, SmartResize, VisionTokens};
 use super::read::{read_rows, Row};
-use crate::config::{Packing, Plan, Steps};
+use crate::config::{Packing, Plan, RawConfig, Steps};
 use crate::template::{choose, ChatEncoder, CheckpointInfo, Choice};
 use crate::tokenizer::Tokenizer;
 
@@ -122,6 +122,14 @@ pub struct Prepared {
     pub eval: Vec<Sample>,
     pub template: Choice,
     pub report: Report,
+}
+
+/// `ferrotune data check`: validates the config into a plan, then [`prepare`]s its data (the report includes
+/// the optimizer steps its training samples make). The command prints the plan's notes and the report.
+pub fn check_config(raw: &RawConfig, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<(Plan, Prepared)> {
+    let plan = Plan::from_raw(raw)?;
+    let prepared = prepare(&plan, progress)?;
+    Ok((plan, prepared))
 }
 
 /// Reads, validates and encodes the plan's datasets. Problems with single rows go into the report; problems

@@ -46,14 +46,35 @@ impl SmartResize {
         };
         let field =
             |keys: &[&str]| num(keys).with_context(|| format!("{}: missing `{}`", path.display(), keys.join("` or `")));
+        // A side of one token (patch x merge) above 2^16 pixels is no image processor's; keeping both below it
+        // keeps every product of sizes here far from overflowing.
+        let size = |key: &str, usual: u32| -> Result<u32> {
+            let v = field(&[key])?;
+            if v == 0 || v > 1 << 16 {
+                bail!(
+                    "{}: `{key}` is {v}; it must be between 1 and 65536 (Qwen3.5 checkpoints have {usual})\n  hint: the \
+                     file is damaged or hand-edited; copy preprocessor_config.json from the base model's checkpoint",
+                    path.display()
+                );
+            }
+            Ok(v as u32)
+        };
         let s = SmartResize {
-            patch_size: field(&["patch_size"])? as u32,
-            merge_size: field(&["merge_size"])? as u32,
+            patch_size: size("patch_size", 16)?,
+            merge_size: size("merge_size", 2)?,
             min_pixels: field(&["size.shortest_edge", "min_pixels"])?,
             max_pixels: field(&["size.longest_edge", "max_pixels"])?,
         };
-        if s.patch_size == 0 || s.merge_size == 0 {
-            bail!("{}: patch_size and merge_size must be positive", path.display());
+        if s.factor() > 1 << 16 {
+            bail!(
+                "{}: patch_size {} x merge_size {} = {} pixels per token side; Qwen3.5 checkpoints have 16 x 2 = 32\n  \
+                 hint: the file is damaged or hand-edited; copy preprocessor_config.json from the base model's \
+                 checkpoint",
+                path.display(),
+                s.patch_size,
+                s.merge_size,
+                s.factor()
+            );
         }
         Ok(s)
     }
@@ -93,7 +114,7 @@ impl VisionTokens for SmartResize {
         let (h, w) = self.resize(height, width)?;
         let p = u64::from(self.patch_size);
         let m = u64::from(self.merge_size);
-        Ok(((h / p) * (w / p) / (m * m)) as usize)
+        Ok(((h / p).saturating_mul(w / p) / (m * m)) as usize)
     }
 }
 
@@ -163,6 +184,22 @@ mod tests {
         // Qwen2.5-VL (patch 14): 588x448, 336 tokens.
         let q25 = SmartResize { patch_size: 14, merge_size: 2, min_pixels: 3136, max_pixels: 12845056 };
         assert_eq!(q25.image_tokens(w, h).unwrap(), 336);
+    }
+
+    #[test]
+    fn zero_or_huge_sizes_in_preprocessor_config_name_the_file_and_key() {
+        let dir = std::env::temp_dir().join(format!("ferrotune-media-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (key, v) in [("patch_size", 0u64), ("merge_size", 0), ("patch_size", 1 << 32), ("merge_size", 1 << 40)] {
+            let mut json = serde_json::json!({"patch_size": 16, "merge_size": 2,
+                "size": {"shortest_edge": 65536, "longest_edge": 16777216}});
+            json[key] = v.into();
+            std::fs::write(dir.join("preprocessor_config.json"), json.to_string()).unwrap();
+            let err = format!("{:#}", SmartResize::from_checkpoint(&dir).unwrap_err());
+            assert!(err.contains("preprocessor_config.json") && err.contains(&format!("`{key}` is {v}")), "{err}");
+            assert!(err.contains("hint:"), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod numpy_rng;
 pub mod pack;
 pub mod read;
 
-pub use check::{prepare, IssueKind, Prepared, Report, RowIssue};
+pub use check::{check_config, prepare, IssueKind, Prepared, Report, RowIssue};
 pub use convert::Conversation;
 pub use encode::{EncodeOptions, RowRef, Sample, IGNORE_INDEX};
 pub use info::DatasetAttr;

@@ -166,6 +166,9 @@ impl Engine {
 
     /// Like [`Engine::prompt`] for already rendered text containing one image placeholder per image.
     pub fn prompt_from_text(&self, text: &str, images: &[RgbImage]) -> Result<Prompt> {
+        if text.is_empty() {
+            bail!("the prompt is empty: the model needs at least one token to continue from");
+        }
         if images.is_empty() {
             return Ok(Prompt { ids: self.tokenizer.encode(text)?, images: None });
         }
@@ -188,6 +191,9 @@ impl Engine {
     /// Runs the prompt through the model, filling `cache`; returns the last position's logits and the rope delta.
     pub fn prefill(&self, prompt: &Prompt, cache: &mut Cache) -> Result<(Vec<f32>, RopePositions)> {
         let m = &self.model;
+        if prompt.ids.is_empty() {
+            bail!("the prompt has no tokens: the model needs at least one token to continue from");
+        }
         let grids: &[[usize; 3]] = prompt.images.as_ref().map_or(&[], |v| &v.grids);
         let pos = m.rope_index(&prompt.ids, grids)?;
         let rope = m.rope(&[&pos])?;

@@ -41,7 +41,7 @@ impl ResumeState {
     fn from_json(v: &Value, path: &Path) -> Result<Self> {
         let u = |k: &str| v.get(k).and_then(|x| x.as_u64()).with_context(|| format!("{}: no `{k}`", path.display()));
         let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).with_context(|| format!("{}: no `{k}`", path.display()));
-        Ok(Self {
+        let s = Self {
             global_step: u("global_step")? as usize,
             total_steps: u("total_steps")? as usize,
             seed: u("seed")?,
@@ -49,7 +49,17 @@ impl ResumeState {
             last_logged_step: u("last_logged_step")? as usize,
             train_loss_sum: f("train_loss_sum")?,
             tokens_seen: u("tokens_seen")?,
-        })
+        };
+        if s.last_logged_step > s.global_step {
+            bail!(
+                "{}: `last_logged_step` {} is after `global_step` {}; the file is damaged: resume from another \
+                 checkpoint-N, or start over with overwrite_output_dir: true",
+                path.display(),
+                s.last_logged_step,
+                s.global_step
+            );
+        }
+        Ok(s)
     }
 }
 
@@ -180,4 +190,28 @@ pub fn load(dir: &Path, file_name: &str, device: &Device) -> Result<Loaded> {
     };
     let trainer_state = TrainerState::load(&dir.join("trainer_state.json"))?;
     Ok(Loaded { weights, optimizer, trainer_state, resume })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_logged_step_after_the_global_step_is_an_error() {
+        let rs = ResumeState {
+            global_step: 4,
+            total_steps: 10,
+            seed: 1,
+            pending_loss: 0.0,
+            last_logged_step: 2,
+            train_loss_sum: 0.0,
+            tokens_seen: 0,
+        };
+        let path = Path::new("checkpoint-4/ferrotune_state.json");
+        assert_eq!(ResumeState::from_json(&rs.to_json(), path).unwrap(), rs);
+        let mut bad = rs.to_json();
+        bad["last_logged_step"] = 9.into();
+        let err = format!("{:#}", ResumeState::from_json(&bad, path).unwrap_err());
+        assert!(err.contains("ferrotune_state.json") && err.contains("`last_logged_step` 9"), "{err}");
+    }
 }

@@ -2,8 +2,9 @@
 //! denominator) and gradient-norm clipping as `torch.nn.utils.clip_grad_norm_`. State is f32.
 
 use std::collections::HashMap;
+use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 
 #[derive(Clone, Copy, Debug)]
@@ -88,16 +89,50 @@ impl AdamW {
         Ok(out)
     }
 
-    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        for p in &mut self.params {
+    /// Restores the moments and the step from a checkpoint's optimizer tensors; `file` (the
+    /// `optimizer.safetensors` they were read from) is named in errors. Every tensor is checked for its shape and
+    /// dtype before use.
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, file: &Path) -> Result<()> {
+        let redo = "the checkpoint is damaged or from another configuration: resume from another checkpoint-N, or \
+                    start over with overwrite_output_dir: true";
+        let mut moments = Vec::with_capacity(self.params.len());
+        for p in &self.params {
             let dev = p.var.device().clone();
             let get = |k: String| -> Result<Tensor> {
-                Ok(state.get(&k).with_context(|| format!("optimizer state has no {k}"))?.to_device(&dev)?)
+                let t = state.get(&k).with_context(|| format!("{}: no tensor `{k}`; {redo}", file.display()))?;
+                if t.dims() != p.var.dims() {
+                    bail!(
+                        "{}: tensor `{k}` has shape {:?}, but the parameter {} has shape {:?}; {redo}",
+                        file.display(),
+                        t.dims(),
+                        p.name,
+                        p.var.dims()
+                    );
+                }
+                if t.dtype() != DType::F32 {
+                    bail!("{}: tensor `{k}` is {:?}; optimizer moments are F32; {redo}", file.display(), t.dtype());
+                }
+                Ok(t.to_device(&dev)?)
             };
-            p.m = get(format!("{}.exp_avg", p.name))?;
-            p.v = get(format!("{}.exp_avg_sq", p.name))?;
+            moments.push((get(format!("{}.exp_avg", p.name))?, get(format!("{}.exp_avg_sq", p.name))?));
         }
-        self.step = state.get("step").context("optimizer state has no step")?.to_vec1::<i64>()?[0] as u64;
+        let step = state.get("step").with_context(|| format!("{}: no tensor `step`; {redo}", file.display()))?;
+        let bad_step = |why: String| anyhow::anyhow!("{}: tensor `step` {why}; {redo}", file.display());
+        if step.dtype() != DType::I64 || step.dims() != [1] {
+            return Err(bad_step(format!(
+                "is {:?} of shape {:?}; it must hold one I64 (the optimizer steps taken)",
+                step.dtype(),
+                step.dims()
+            )));
+        }
+        let n = step.to_vec1::<i64>()?[0]; // one element: checked above
+        if n < 0 {
+            return Err(bad_step(format!("is {n}; the steps taken cannot be negative")));
+        }
+        for (p, (m, v)) in self.params.iter_mut().zip(moments) {
+            (p.m, p.v) = (m, v);
+        }
+        self.step = n as u64;
         Ok(())
     }
 }
@@ -132,4 +167,55 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
         }
     }
     Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn one_param() -> AdamW {
+        let var = Var::from_tensor(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        AdamW::new(AdamWConfig::default(), vec![("w".into(), var, true)]).unwrap()
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let mut a = one_param();
+        a.step = 7;
+        let state = a.state_tensors().unwrap();
+        let mut b = one_param();
+        b.load_state(&state, Path::new("optimizer.safetensors")).unwrap();
+        assert_eq!(b.step, 7);
+    }
+
+    #[test]
+    fn a_bad_step_or_moment_names_the_file_and_tensor() {
+        let file = Path::new("out/checkpoint-5/optimizer.safetensors");
+        let good = one_param().state_tensors().unwrap();
+        let with = |k: &str, t: Tensor| {
+            let mut s = good.clone();
+            s.insert(k.into(), t);
+            s
+        };
+        let cpu = &Device::Cpu;
+        let cases = [
+            ("step", with("step", Tensor::from_vec(Vec::<i64>::new(), 0, cpu).unwrap())),
+            ("step", with("step", Tensor::new(&[1i64, 2], cpu).unwrap())),
+            ("step", with("step", Tensor::new(&[1f32], cpu).unwrap())),
+            ("step", with("step", Tensor::new(&[-3i64], cpu).unwrap())),
+            ("w.exp_avg", with("w.exp_avg", Tensor::zeros(3, DType::F32, cpu).unwrap())),
+            ("w.exp_avg_sq", with("w.exp_avg_sq", Tensor::zeros((2, 3), DType::BF16, cpu).unwrap())),
+        ];
+        for (tensor, state) in cases {
+            let mut a = one_param();
+            let err = format!("{:#}", a.load_state(&state, file).unwrap_err());
+            assert!(err.contains(&file.display().to_string()) && err.contains(&format!("`{tensor}`")), "{err}");
+            assert_eq!(a.step, 0, "a failed load leaves the optimizer as it was");
+        }
+        let mut missing = good.clone();
+        missing.remove("step");
+        let err = format!("{:#}", one_param().load_state(&missing, file).unwrap_err());
+        assert!(err.contains("no tensor `step`"), "{err}");
+    }
 }

@@ -320,7 +320,7 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
             var.set(&w.to_dtype(var.dtype())?)?;
         }
         match &loaded.optimizer {
-            Some(o) => opt.load_state(o)?,
+            Some(o) => opt.load_state(o, &dir.join("optimizer.safetensors"))?,
             None => bail!(
                 "{}: no optimizer.safetensors (saved with save_only_model?); cannot resume exactly",
                 dir.display()
@@ -440,7 +440,7 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
                 rs.last_logged_step = rs.global_step;
             }
             if let Some(every) = steps.eval_steps {
-                if !data.eval.is_empty() && (rs.global_step % every == 0 || done) {
+                if !data.eval.is_empty() && ((every > 0 && rs.global_step % every == 0) || done) {
                     let (eval_loss, secs) =
                         evaluate(&model, &processor, &data.eval, t.per_device_eval_batch_size, pad_id, workers)?;
                     let mut m = Map::new();

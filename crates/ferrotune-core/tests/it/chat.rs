@@ -42,3 +42,14 @@ fn template_errors_surface_with_the_templates_message() {
     let err = tmpl.render(&msgs, &RenderOptions::default()).unwrap_err().to_string();
     assert!(err.contains("No user query found"), "{err}");
 }
+
+#[test]
+fn a_template_that_renders_nothing_is_an_error_naming_it() {
+    // A template whose every line is a tag renders to "" (e.g. a loop over a key the messages do not have).
+    let source = "{%- for m in messages %}{%- if m.text %}{{ m.text }}{%- endif %}{%- endfor %}".to_string();
+    let tmpl = ChatTemplate::new(source, "broken/chat_template.jinja".into()).unwrap();
+    let msgs = serde_json::json!([{"role": "user", "content": "hi"}]);
+    let err = format!("{:#}", tmpl.render(&msgs, &RenderOptions::default()).unwrap_err());
+    assert!(err.contains("broken/chat_template.jinja") && err.contains("rendered nothing"), "{err}");
+    assert!(err.contains("hint:") && err.contains("copy chat_template.jinja"), "{err}");
+}

@@ -200,3 +200,83 @@ fn known_but_unimplemented_keys_say_so() {
     }
     assert!(same_as_default(&Value::Null, "null"));
 }
+
+/// The plan's error for `pairs` on top of the tiny checkpoint, as `{:#}`.
+fn plan_error(pairs: &[(&str, Value)]) -> String {
+    match Plan::from_raw(&crate::common::raw_config(pairs)) {
+        Ok(_) => panic!("{pairs:?} was accepted"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn zero_intervals_are_errors_at_plan_time() {
+    use serde_json::json;
+    let eval = [("dataset", json!("mllm_rc")), ("val_size", json!(0.1)), ("eval_strategy", json!("steps"))];
+    // logging_steps 0 with eval steps (eval_steps falls back to it): HF "requires non-zero --eval_steps or
+    // --logging_steps". Before, this passed and divided by zero in the training loop.
+    let mut pairs = eval.to_vec();
+    pairs.extend([("logging_steps", json!(0)), ("logging_strategy", json!("no"))]);
+    let err = plan_error(&pairs);
+    assert!(err.contains("`logging_steps`") && err.contains("non-zero `eval_steps` or `logging_steps`"), "{err}");
+    pairs.push(("eval_steps", json!(0)));
+    let err = plan_error(&pairs);
+    assert!(err.contains("`eval_steps`") && err.contains("hint:"), "{err}");
+    // With the default logging_strategy (steps) logging_steps 0 is refused on its own, as in HF.
+    let err = plan_error(&[("logging_steps", json!(0))]);
+    assert!(err.contains("`logging_steps` is 0") && err.contains("logging_strategy: no"), "{err}");
+    // save_steps 0 saves never in HF (silently); here it is an error that says how to ask for that.
+    let err = plan_error(&[("save_steps", json!(0))]);
+    assert!(err.contains("`save_steps` is 0") && err.contains("save_strategy: no"), "{err}");
+    // The same keys with their strategy off, or an eval_steps of its own, are fine.
+    crate::common::plan(&[("save_steps", json!(0)), ("save_strategy", json!("no"))]);
+    let mut pairs = eval.to_vec();
+    pairs.extend([("logging_steps", json!(0)), ("logging_strategy", json!("no")), ("eval_steps", json!(5))]);
+    let p = crate::common::plan(&pairs);
+    assert_eq!(p.train.steps(10).unwrap().eval_steps, Some(5));
+    // A place is named when the key came from a file.
+    let yaml = format!("model_name_or_path: {}\nsave_steps: 0\n", tiny().display());
+    let err =
+        format!("{:#}", Plan::from_raw(&RawConfig::parse(&yaml, Path::new("t.yaml"), false).unwrap()).unwrap_err());
+    assert!(err.contains("t.yaml:2:1: `save_steps`"), "{err}");
+}
+
+#[test]
+fn batch_products_that_overflow_are_errors() {
+    use serde_json::json;
+    let err =
+        plan_error(&[("per_device_train_batch_size", json!(i64::MAX)), ("gradient_accumulation_steps", json!(4))]);
+    assert!(err.contains("`gradient_accumulation_steps`") && err.contains("hint:"), "{err}");
+    // lora_alpha defaults to 2 x rank, in floating point.
+    let p = crate::common::plan(&[("lora_rank", json!(i64::MAX))]);
+    assert_eq!(p.lora.alpha, i64::MAX as f64 * 2.0);
+}
+
+/// Random values for the numeric keys (one or several at once) through `data check`'s code: Ok or an error,
+/// never a panic. `ferrotune bench config-fuzz --cases 10000` runs more.
+#[test]
+fn numeric_keys_never_panic() {
+    use ferrotune_core::config::fuzz::{fuzz, numeric_keys, FuzzSetup};
+    assert!(numeric_keys().len() >= 30, "{:?}", numeric_keys());
+    let setup = FuzzSetup {
+        checkpoint: tiny(),
+        dataset_dir: fixtures().join("data"),
+        output_dir: scratch("fuzz").join("out-never-created"),
+    };
+    let cases = 300;
+    let report = fuzz(&setup, cases, 20240611);
+    eprintln!(
+        "config fuzz: {} cases, {} ok, {} errors, {} panics in {:.1} s",
+        report.cases,
+        report.ok,
+        report.err,
+        report.panics.len(),
+        report.seconds
+    );
+    let panics: Vec<String> =
+        report.panics.iter().map(|p| format!("{}\n--- panicked: {}", p.yaml, p.message)).collect();
+    assert!(panics.is_empty(), "{} panic(s):\n{}", panics.len(), panics.join("\n\n"));
+    // Both outcomes occur: the base config is valid, and the edge values are refused.
+    assert!(report.ok > cases / 10 && report.err > cases / 10, "{report:?}");
+    assert!(!setup.output_dir.exists(), "data check wrote nothing");
+}

@@ -12,6 +12,9 @@ use ferrotune_core::models::qwen3_5::init::{write_random_checkpoint, Sizes};
 use crate::cli::BenchArgs;
 
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
+    if args.what == "config-fuzz" {
+        return config_fuzz(&args);
+    }
     if let Some(t) = args.threads {
         // Both candle's matmul and our rayon loops read this before their pools start.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
@@ -166,6 +169,38 @@ fn packing(args: &BenchArgs) -> Result<ExitCode> {
         println!("peak RSS of the whole run: {:.0} MB", rss as f64 / 1e6);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `bench config-fuzz`: seeded random configs through `data check`'s code on the tiny fixture; every case must
+/// end in Ok or an error. Prints the counts and the config of every panic; a panic makes the exit status 1.
+/// Run it from a debug build (`cargo run -p ferrotune -- bench config-fuzz`): only there does an integer
+/// overflow panic instead of wrapping silently.
+fn config_fuzz(args: &BenchArgs) -> Result<ExitCode> {
+    use ferrotune_core::config::fuzz::{fuzz, FuzzSetup};
+    let scratch = std::env::temp_dir().join(format!("ferrotune-config-fuzz-{}", std::process::id()));
+    let setup = FuzzSetup {
+        checkpoint: repo_file("tests/fixtures/tiny-qwen3_5")?,
+        dataset_dir: repo_file("tests/fixtures/data")?,
+        output_dir: scratch.join("out-never-created"),
+    };
+    // Each panic's message and place go to stderr (the default hook); its config is printed here.
+    let report = fuzz(&setup, args.cases, args.seed);
+    for p in &report.panics {
+        println!("--- panicked ({}) on this config:\n{}", p.message, p.yaml);
+    }
+    println!(
+        "config-fuzz: {} cases (seed {}), {} ok, {} errors, {} panics, {:.1} s",
+        report.cases,
+        args.seed,
+        report.ok,
+        report.err,
+        report.panics.len(),
+        report.seconds
+    );
+    if setup.output_dir.exists() {
+        bail!("{}: data check wrote into output_dir", setup.output_dir.display());
+    }
+    Ok(if report.panics.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn anchor_name(what: &str) -> &'static str {

@@ -8,11 +8,12 @@ use crate::cli::ConfigArgs;
 
 pub fn check(args: ConfigArgs) -> Result<ExitCode> {
     let input = args.split();
-    let plan = super::load_plan(&input)?;
+    let raw = super::load_raw(&input)?;
+    // The same function the config fuzzer (`bench config-fuzz`) runs.
+    let (plan, prepared) = super::with_progress(|progress| ferrotune_core::data::check_config(&raw, progress))?;
     for n in &plan.notes {
         println!("note: {n}");
     }
-    let prepared = super::prepare_with_progress(&plan)?;
     let report = &prepared.report;
     print!("{report}");
     let errors = report.errors(input.strict);

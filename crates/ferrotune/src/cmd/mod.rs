@@ -13,7 +13,7 @@ pub mod serving;
 pub mod train;
 
 use anyhow::Result;
-use ferrotune_core::config::Plan;
+use ferrotune_core::config::{Plan, RawConfig};
 use ferrotune_core::data::{prepare, Prepared};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -47,16 +47,31 @@ pub fn threads_for_checkpoint(dir: &std::path::Path) {
     threads_for_model(std::fs::read(dir.join("config.json")).ok().as_deref());
 }
 
-/// Reads and validates the config, printing its notes.
+/// Reads and validates the config.
 pub fn load_plan(input: &ConfigInput) -> Result<Plan> {
+    Plan::from_raw(&load_raw(input)?)
+}
+
+/// Reads the config file and applies the overrides (stage one; [`Plan::from_raw`] validates).
+pub fn load_raw(input: &ConfigInput) -> Result<RawConfig> {
     if input.file.is_none() && input.overrides.is_empty() {
         anyhow::bail!("give a config file (train.yaml) or --key value flags; `ferrotune train --help` lists the keys");
     }
-    Plan::load(input.file.as_deref(), &input.overrides)
+    let mut raw = match input.file.as_deref() {
+        Some(p) => RawConfig::from_file(p)?,
+        None => RawConfig::new(),
+    };
+    raw.apply_args(&input.overrides)?;
+    Ok(raw)
 }
 
 /// Runs the data pass with a progress bar on stderr for large datasets.
 pub fn prepare_with_progress(plan: &Plan) -> Result<Prepared> {
+    with_progress(|progress| prepare(plan, progress))
+}
+
+/// Runs `f` with a row-progress callback that draws a bar on stderr for large datasets.
+pub fn with_progress<T>(f: impl FnOnce(&(dyn Fn(usize, usize) + Sync)) -> Result<T>) -> Result<T> {
     let bar = ProgressBar::hidden();
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} rows ({per_sec}, {eta} left)")
@@ -71,7 +86,7 @@ pub fn prepare_with_progress(plan: &Plan) -> Result<Prepared> {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     };
-    let prepared = prepare(plan, &progress);
+    let out = f(&progress);
     bar.finish_and_clear();
-    prepared
+    out
 }

@@ -196,8 +196,13 @@ impl Config {
         let rope_theta = rope_key("rope_theta").and_then(|x| x.as_f64()).unwrap_or(10000.0);
         let partial = rope_key("partial_rotary_factor").and_then(|x| x.as_f64()).unwrap_or(0.25);
         let mrope_section = match rope_key("mrope_section") {
-            Some(serde_json::Value::Array(a)) => a.iter().map(|x| x.as_u64().unwrap_or(0) as usize).collect(),
-            _ => vec![11, 11, 10],
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_u64().map(|n| n as usize))
+                .collect::<Option<Vec<_>>>()
+                .context("`mrope_section` must be a list of non-negative integers (T, H, W)")?,
+            Some(_) => bail!("`mrope_section` must be a list of three integers (T, H, W)"),
+            None => vec![11, 11, 10],
         };
         let mrope_interleaved = rope_key("mrope_interleaved").and_then(|x| x.as_bool()).unwrap_or(true);
         let hidden = usize_or(t, "hidden_size", 4096)?;
@@ -228,26 +233,82 @@ impl Config {
         })
     }
 
-    /// Rejects configurations the model code cannot run, naming the keys.
+    /// Rejects configurations the model code cannot run (a size it divides by or subtracts from, heads that do
+    /// not divide, rotary sections that do not add up), naming config.json, the key and the fix.
     pub fn validate(&self) -> Result<()> {
+        const FIX: &str = "config.json is damaged or hand-edited; copy it from the base model's checkpoint";
         let t = &self.text;
+        let v = &self.vision;
+        // (key, value, the Qwen3.5 default config.json usually holds, the largest value accepted). Sizes are
+        // divided by and multiplied together: the ceilings (far above any Qwen model's) keep every product of
+        // them inside 64 bits.
+        const DIM: usize = 1 << 20;
+        const SIDE: usize = 1 << 10;
+        let sizes = [
+            ("text_config.vocab_size", t.vocab_size, 248320, DIM),
+            ("text_config.hidden_size", t.hidden_size, 4096, DIM),
+            ("text_config.intermediate_size", t.intermediate_size, 12288, DIM),
+            ("text_config.num_hidden_layers", t.num_hidden_layers, 32, SIDE),
+            ("text_config.num_attention_heads", t.num_attention_heads, 16, SIDE),
+            ("text_config.num_key_value_heads", t.num_key_value_heads, 4, SIDE),
+            ("text_config.head_dim", t.head_dim, 256, DIM),
+            ("text_config.linear_conv_kernel_dim", t.linear_conv_kernel_dim, 4, SIDE),
+            ("text_config.linear_key_head_dim", t.linear_key_head_dim, 128, DIM),
+            ("text_config.linear_value_head_dim", t.linear_value_head_dim, 128, DIM),
+            ("text_config.linear_num_key_heads", t.linear_num_key_heads, 16, SIDE),
+            ("text_config.linear_num_value_heads", t.linear_num_value_heads, 32, SIDE),
+            ("vision_config.hidden_size", v.hidden_size, d_vhidden(), DIM),
+            ("vision_config.intermediate_size", v.intermediate_size, d_vinter(), DIM),
+            ("vision_config.num_heads", v.num_heads, d_vheads(), SIDE),
+            ("vision_config.in_channels", v.in_channels, d_three(), SIDE),
+            ("vision_config.patch_size", v.patch_size, d_patch(), SIDE),
+            ("vision_config.spatial_merge_size", v.spatial_merge_size, d_two(), SIDE),
+            ("vision_config.temporal_patch_size", v.temporal_patch_size, d_two(), SIDE),
+            ("vision_config.out_hidden_size", v.out_hidden_size, d_vout(), DIM),
+            ("vision_config.num_position_embeddings", v.num_position_embeddings, d_npos(), DIM),
+        ];
+        for (key, value, usual, most) in sizes {
+            if value == 0 || value > most {
+                bail!(
+                    "config.json: `{key}` is {value}; it must be between 1 and {most} (Qwen3.5 checkpoints have \
+                     {usual})\n  hint: {FIX}"
+                );
+            }
+        }
+        if t.partial_rotary_factor <= 0.0 || t.partial_rotary_factor > 1.0 {
+            bail!(
+                "config.json: `text_config.partial_rotary_factor` is {}; it must be in (0, 1] (Qwen3.5 checkpoints \
+                 have 0.25)\n  hint: {FIX}",
+                t.partial_rotary_factor
+            );
+        }
+        if t.rms_norm_eps < 0.0 {
+            bail!(
+                "config.json: `text_config.rms_norm_eps` is {}; it must not be negative\n  hint: {FIX}",
+                t.rms_norm_eps
+            );
+        }
         if t.layer_types.len() != t.num_hidden_layers {
             bail!(
-                "text_config: layer_types lists {} layers but num_hidden_layers is {}",
+                "config.json: `text_config.layer_types` lists {} layers but `text_config.num_hidden_layers` is {}\n  \
+                 hint: {FIX}",
                 t.layer_types.len(),
                 t.num_hidden_layers
             );
         }
-        if t.num_key_value_heads == 0 || t.num_attention_heads % t.num_key_value_heads != 0 {
+        if t.num_attention_heads % t.num_key_value_heads != 0 {
             bail!(
-                "text_config: num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                "config.json: `text_config.num_attention_heads` {} is not a multiple of \
+                 `text_config.num_key_value_heads` {} (each key/value head serves a whole group of query heads)\n  \
+                 hint: {FIX}",
                 t.num_attention_heads,
                 t.num_key_value_heads
             );
         }
-        if t.linear_num_key_heads == 0 || t.linear_num_value_heads % t.linear_num_key_heads != 0 {
+        if t.linear_num_value_heads % t.linear_num_key_heads != 0 {
             bail!(
-                "text_config: linear_num_value_heads {} is not a multiple of linear_num_key_heads {}",
+                "config.json: `text_config.linear_num_value_heads` {} is not a multiple of \
+                 `text_config.linear_num_key_heads` {}\n  hint: {FIX}",
                 t.linear_num_value_heads,
                 t.linear_num_key_heads
             );
@@ -255,38 +316,129 @@ impl Config {
         let rot = t.rotary_dim();
         if rot % 2 != 0 || rot > t.head_dim {
             bail!(
-                "text_config: head_dim {} × partial_rotary_factor {} gives an odd or too large rotary dim",
+                "config.json: `text_config.head_dim` {} x `partial_rotary_factor` {} gives a rotary dim of {rot}, \
+                 which must be even and at most head_dim\n  hint: {FIX}",
                 t.head_dim,
                 t.partial_rotary_factor
             );
         }
-        if t.mrope_section.iter().sum::<usize>() != rot / 2 {
+        if t.mrope_section.len() != 3 {
             bail!(
-                "text_config: mrope_section {:?} must sum to the rotary half-dim {} (head_dim {} × partial_rotary_factor {} / 2)",
+                "config.json: `text_config.rope_parameters.mrope_section` must have 3 entries (T, H, W), got {:?}\n  \
+                 hint: {FIX}",
+                t.mrope_section
+            );
+        }
+        if t.mrope_section.iter().try_fold(0usize, |a, &b| a.checked_add(b)) != Some(rot / 2) {
+            bail!(
+                "config.json: `text_config.rope_parameters.mrope_section` {:?} must sum to the rotary half-dim {} \
+                 (head_dim {} x partial_rotary_factor {} / 2)\n  hint: {FIX}",
                 t.mrope_section,
                 rot / 2,
                 t.head_dim,
                 t.partial_rotary_factor
             );
         }
-        if t.mrope_section.len() != 3 {
-            bail!("text_config: mrope_section must have 3 entries (T, H, W), got {:?}", t.mrope_section);
-        }
-        let v = &self.vision;
-        if v.num_heads == 0 || v.hidden_size % v.num_heads != 0 {
-            bail!("vision_config: hidden_size {} is not a multiple of num_heads {}", v.hidden_size, v.num_heads);
+        if v.hidden_size % v.num_heads != 0 {
+            bail!(
+                "config.json: `vision_config.hidden_size` {} is not a multiple of `vision_config.num_heads` {}\n  \
+                 hint: {FIX}",
+                v.hidden_size,
+                v.num_heads
+            );
         }
         let side = (v.num_position_embeddings as f64).sqrt() as usize;
-        if side * side != v.num_position_embeddings {
-            bail!("vision_config: num_position_embeddings {} is not a square", v.num_position_embeddings);
+        if side.checked_mul(side) != Some(v.num_position_embeddings) {
+            bail!(
+                "config.json: `vision_config.num_position_embeddings` {} is not a square (the position grid is \
+                 side x side)\n  hint: {FIX}",
+                v.num_position_embeddings
+            );
         }
         if v.out_hidden_size != t.hidden_size {
             bail!(
-                "vision_config.out_hidden_size {} differs from text_config.hidden_size {}",
+                "config.json: `vision_config.out_hidden_size` {} differs from `text_config.hidden_size` {} (the \
+                 merger feeds image features into the decoder)\n  hint: {FIX}",
                 v.out_hidden_size,
                 t.hidden_size
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tiny checkpoint's config.json with `edit` applied.
+    fn tiny_with(edit: impl FnOnce(&mut serde_json::Value)) -> Result<Config> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny-qwen3_5/config.json");
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        edit(&mut json);
+        Config::from_json(&json)
+    }
+
+    #[test]
+    fn the_fixture_is_valid() {
+        tiny_with(|_| {}).unwrap();
+    }
+
+    #[test]
+    fn zero_and_out_of_range_sizes_name_config_json_and_the_key() {
+        let cases: &[(&str, &str, serde_json::Value)] = &[
+            ("text_config", "linear_conv_kernel_dim", 0.into()),
+            ("text_config", "num_attention_heads", 0.into()),
+            ("text_config", "num_key_value_heads", 0.into()),
+            ("text_config", "head_dim", 0.into()),
+            ("text_config", "linear_num_value_heads", 0.into()),
+            ("text_config", "linear_key_head_dim", 0.into()),
+            ("text_config", "vocab_size", 0.into()),
+            ("text_config", "hidden_size", 0.into()),
+            ("text_config", "head_dim", (1u64 << 40).into()),
+            ("vision_config", "spatial_merge_size", 0.into()),
+            ("vision_config", "patch_size", 0.into()),
+            ("vision_config", "temporal_patch_size", 0.into()),
+            ("vision_config", "in_channels", 0.into()),
+            ("vision_config", "num_heads", 0.into()),
+            ("vision_config", "num_position_embeddings", 0.into()),
+            ("vision_config", "num_position_embeddings", u64::MAX.into()),
+        ];
+        for (section, key, value) in cases {
+            let err = format!("{:#}", tiny_with(|j| j[*section][*key] = value.clone()).unwrap_err());
+            assert!(err.contains("config.json") && err.contains(&format!("`{section}.{key}`")), "{key}: {err}");
+            assert!(err.contains("hint:"), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn heads_that_do_not_divide_are_an_error() {
+        let err = format!("{:#}", tiny_with(|j| j["text_config"]["num_key_value_heads"] = 3.into()).unwrap_err());
+        assert!(err.contains("`text_config.num_attention_heads` 4 is not a multiple of"), "{err}");
+        let err = format!("{:#}", tiny_with(|j| j["text_config"]["linear_num_key_heads"] = 3.into()).unwrap_err());
+        assert!(err.contains("`text_config.linear_num_value_heads` 4"), "{err}");
+        let err = format!("{:#}", tiny_with(|j| j["vision_config"]["num_heads"] = 3.into()).unwrap_err());
+        assert!(err.contains("`vision_config.hidden_size` 64 is not a multiple"), "{err}");
+    }
+
+    #[test]
+    fn rotary_settings_are_checked() {
+        // rope_parameters wins over the top-level key, as in transformers: edit it there.
+        let err = format!(
+            "{:#}",
+            tiny_with(|j| j["text_config"]["rope_parameters"]["partial_rotary_factor"] = 0.0.into()).unwrap_err()
+        );
+        assert!(err.contains("`text_config.partial_rotary_factor` is 0"), "{err}");
+        let err = format!(
+            "{:#}",
+            tiny_with(|j| j["text_config"]["rope_parameters"]["mrope_section"] = serde_json::json!([8])).unwrap_err()
+        );
+        assert!(err.contains("mrope_section") && err.contains("3 entries"), "{err}");
+        let err = format!(
+            "{:#}",
+            tiny_with(|j| j["text_config"]["rope_parameters"]["mrope_section"] = serde_json::json!([3, "x", 2]))
+                .unwrap_err()
+        );
+        assert!(err.contains("mrope_section"), "{err}");
     }
 }

@@ -70,7 +70,7 @@ impl Qwen3_5 {
     /// Loads a checkpoint directory, converting weights to `dtype` (f32 on CPU; the file's dtype otherwise).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let json = read_config_json(dir)?;
-        let cfg = Config::from_json(&json).with_context(|| format!("{}", dir.join("config.json").display()))?;
+        let cfg = Config::from_json(&json).with_context(|| format!("checkpoint {}", dir.display()))?;
         let ckpt = Checkpoint::open(dir)?;
         Self::from_checkpoint(&ckpt, cfg, dtype, device)
     }
