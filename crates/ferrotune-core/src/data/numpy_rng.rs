@@ -46,9 +46,9 @@ fn seed_sequence_words(seed: u64, n_words: usize) -> Vec<u32> {
         }
     }
     for &e in entropy.iter().skip(POOL) {
-        for dst in 0..POOL {
+        for p in pool.iter_mut() {
             let h = hashmix(e, &mut hash_const);
-            pool[dst] = mix(pool[dst], h);
+            *p = mix(*p, h);
         }
     }
     let mut hc = INIT_B;
