@@ -101,8 +101,8 @@ pub struct Report {
     pub longest: Vec<(RowRef, usize)>,
     pub train_samples: usize,
     pub eval_samples: usize,
-    /// With packing: (training samples, the rows they were packed into).
-    pub packed: Option<(usize, usize)>,
+    /// With packing: (training samples, the rows they were packed into, tokens a row holds at most).
+    pub packed: Option<(usize, usize, usize)>,
     pub steps: Option<Steps>,
 }
 
@@ -245,7 +245,7 @@ pub fn prepare(plan: &Plan, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<
         let (samples, cap) = (train.len(), d.sample_cutoff());
         train = super::pack::pack(train, cap, neat);
         eval = super::pack::pack(eval, cap, neat);
-        report.packed = Some((samples, train.len()));
+        report.packed = Some((samples, train.len(), cap));
     }
 
     // Held-out split (val_size) as datasets' train_test_split(test_size, seed) does it: numpy's permutation of the
@@ -476,12 +476,8 @@ impl fmt::Display for Report {
             }
         }
         writeln!(f)?;
-        if let Some((samples, rows)) = self.packed {
-            writeln!(
-                f,
-                "packing: {samples} samples packed into {rows} rows of at most {} tokens",
-                self.cutoff_len - 1
-            )?;
+        if let Some((samples, rows, cap)) = self.packed {
+            writeln!(f, "packing: {samples} samples packed into {rows} rows of at most {cap} tokens")?;
         }
         writeln!(f, "samples: {} train, {} eval", self.train_samples, self.eval_samples)?;
         if let Some(s) = &self.steps {

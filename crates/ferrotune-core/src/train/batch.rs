@@ -182,7 +182,8 @@ fn packed_positions(model: &Qwen3_5, row: &[u32], segments: &[usize], grids: &[[
         let runs = ids.iter().enumerate().filter(|&(i, &t)| t == image && (i == 0 || ids[i - 1] != image)).count();
         let g = grids.get(next_grid..next_grid + runs).context("a packed row has fewer image grids than images")?;
         let p = model.rope_index(ids, g)?;
-        last_max = p.axes.iter().flat_map(|a| a.iter().copied()).max().unwrap_or(-1);
+        last_max = p.delta + n as i64 - 1; // delta = max + 1 − len
+
         for (dst, src) in axes.iter_mut().zip(p.axes) {
             dst.extend(src);
         }
