@@ -87,7 +87,7 @@ fi
 step env 20 "$BIN" env
 step parity 100 "$BIN" gpu-check --device cuda
 if [ -x "$OUT/bin/ferrotune-it" ]; then
-  step cuda-tests 45 env FERROTUNE_REQUIRE_GPU=1 "$OUT/bin/ferrotune-it" cuda:: --test-threads 1
+  step cuda-tests 45 "$OUT/bin/ferrotune-it" cuda:: --test-threads 1
 fi
 # 3. A random-init ~1B qwen3_5 checkpoint (written once, then reused), checked by one short forward on the GPU.
 step model 60 "$BIN" bench forward --preset 1b --cache "$OUT/models" --device cuda --seq 64 --steps 1

@@ -4,10 +4,14 @@ Exports base + the PEFT adapter of tests/fixtures/golden/peft/adapter with the b
 and auto = the stored bf16), loads each export with transformers, and compares its logits on a prompt with two
 images: the float32 export against PeftModel(base, adapter) in float32; the bf16 export against PEFT's
 merge_and_unload() rounded to bf16 the same way (A_log stays f32, as stored), and, for information, against the
-unmerged float32 reference. Also checks that the processor and chat template load from the export. Writes
-tests/fixtures/golden/export_check.json, which a Rust test reads.
+unmerged float32 reference. Also checks that the processor and chat template load from the export.
 
-Run: cargo build -p ferrotune && tools/golden/.venv/bin/python tools/golden/check_export.py [path/to/ferrotune]
+Writes the check's measurements as JSON to --out (the Rust test `export_loads_in_transformers` runs this script
+on the binary it was built with and asserts on them), and transformers' own numbers, which do not depend on
+ferrotune, to tests/fixtures/golden/export_reference.json: how far the adapter moves the logits, and how far
+rounding PEFT's merged weights to bf16 moves them (the bound of the bf16 export test).
+
+Run: cargo build -p ferrotune && tools/golden/.venv/bin/python tools/golden/check_export.py [path/to/ferrotune] [--out FILE]
 """
 
 import json
@@ -24,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 CKPT = os.path.join(ROOT, "tests", "fixtures", "tiny-qwen3_5")
 IMGS = os.path.join(ROOT, "tests", "fixtures", "golden", "model")
 ADAPTER = os.path.join(ROOT, "tests", "fixtures", "golden", "peft", "adapter")
-OUT = os.path.join(ROOT, "tests", "fixtures", "golden", "export_check.json")
+REFERENCE = os.path.join(ROOT, "tests", "fixtures", "golden", "export_reference.json")
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Describe the robot."}]}]
 
 
@@ -40,7 +44,13 @@ def main():
     from peft import PeftModel
     from transformers import AutoProcessor, Qwen3_5ForConditionalGeneration
 
-    binary = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target", "debug", "ferrotune")
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binary", nargs="?", default=os.path.join(ROOT, "target", "debug", "ferrotune"))
+    ap.add_argument("--out", help="where to write the check's JSON (default: print only)")
+    args = ap.parse_args()
+    binary = args.binary
     processor = AutoProcessor.from_pretrained(CKPT)
     batch = inputs(processor)
     base, base_info = Qwen3_5ForConditionalGeneration.from_pretrained(CKPT, dtype=torch.float32, output_loading_info=True)
@@ -61,6 +71,10 @@ def main():
     result = {"transformers": transformers.__version__, "peft": peft.__version__,
               "adapter_effect": float((want - base_logits).abs().max()),
               "bf16_rounding_effect": float((want_bf16 - want).abs().max())}
+    with open(REFERENCE, "w") as f:
+        json.dump({k: result[k] for k in ["transformers", "peft", "adapter_effect", "bf16_rounding_effect"]}, f,
+                  indent=1)
+        f.write("\n")
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for dtype, reference, tol in [("float32", want, 1e-4), ("auto", want_bf16, 1e-3)]:
@@ -93,11 +107,12 @@ def main():
             ok = ok and row_ok
             result[dtype] = row
             print(dtype, "max |logit diff| =", diff, "ok" if row_ok else "FAILED")
-    result["ok"] = ok
-    with open(OUT, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    print("wrote", OUT, "ok" if ok else "FAILED")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    print(json.dumps(result, indent=1))
+    print("export check", "passed" if ok else "FAILED")
     sys.exit(0 if ok else 1)
 
 

@@ -428,10 +428,8 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
                 || done;
             if log_now && rs.global_step > rs.last_logged_step {
                 let mut m = Map::new();
-                m.insert(
-                    "loss".into(),
-                    json!(round(rs.pending_loss / (rs.global_step - rs.last_logged_step) as f64, 4)),
-                );
+                // Unrounded, as transformers 5 logs it.
+                m.insert("loss".into(), json!(rs.pending_loss / (rs.global_step - rs.last_logged_step) as f64));
                 m.insert("grad_norm".into(), json!(grad_norm));
                 m.insert("learning_rate".into(), json!(lr));
                 let tokens = t.include_num_input_tokens_seen.then_some(rs.tokens_seen);
@@ -510,7 +508,7 @@ fn log_event(
     tokens: Option<u64>,
     say: &dyn Fn(String),
 ) -> Result<()> {
-    m.insert("epoch".into(), json!(round(state.epoch, 4)));
+    m.insert("epoch".into(), json!(state.epoch));
     say(console_line(&m));
     let mut entry = m.clone();
     entry.insert("step".into(), json!(state.global_step));
@@ -546,11 +544,13 @@ pub fn evaluate(
         per_batch[*j].0 += loss * tokens as f64;
         per_batch[*j].1 += tokens;
     }
+    // transformers 5 repeats each batch's loss `per_device_eval_batch_size` times, a short last batch included, and
+    // averages: the mean of the batch losses.
     let (mut sum, mut n) = (0.0, 0usize);
-    for (b, (weighted, tokens)) in batches.iter().zip(per_batch) {
+    for (weighted, tokens) in per_batch {
         if tokens > 0 {
-            sum += weighted / tokens as f64 * b.len() as f64;
-            n += b.len();
+            sum += weighted / tokens as f64;
+            n += 1;
         }
     }
     Ok((if n > 0 { sum / n as f64 } else { f64::NAN }, t0.elapsed().as_secs_f64()))
@@ -679,6 +679,9 @@ fn finish(
     let mut final_entry = results.clone();
     final_entry.insert("step".into(), json!(rs.global_step));
     state.log_history.push(Value::Object(final_entry));
+    // LLaMA-Factory's LogCallback writes a line for the summary log too: no metric of its own, just the progress.
+    let (step, total) = (rs.global_step, state.max_steps);
+    append_trainer_log(&out.join("trainer_log.jsonl"), step, total, &Map::new(), state.epoch, runtime, None)?;
     state.save(&out.join("trainer_state.json"))?;
     write_json_atomic(&out.join("train_results.json"), &Value::Object(results.clone()))?;
     let mut all = results;

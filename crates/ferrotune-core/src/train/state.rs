@@ -121,13 +121,20 @@ pub fn append_trainer_log(
     let mut line = Map::new();
     line.insert("current_steps".into(), step.into());
     line.insert("total_steps".into(), total.into());
-    for (k, v) in metrics {
-        let key = if k == "learning_rate" { "lr" } else { k.as_str() };
-        if k != "grad_norm" {
-            line.insert(key.into(), v.clone());
+    // LogCallback's keys only (the eval timings and grad_norm stay in trainer_state.json).
+    for (from, to) in [
+        ("loss", "loss"),
+        ("eval_loss", "eval_loss"),
+        ("predict_loss", "predict_loss"),
+        ("reward", "reward"),
+        ("rewards/accuracies", "accuracy"),
+        ("learning_rate", "lr"),
+    ] {
+        if let Some(v) = metrics.get(from) {
+            line.insert(to.into(), v.clone());
         }
     }
-    line.insert("epoch".into(), json!(round(epoch, 2)));
+    line.insert("epoch".into(), json!(epoch));
     let pct = if total > 0 { round(step as f64 / total as f64 * 100.0, 2) } else { 0.0 };
     line.insert("percentage".into(), json!(pct));
     line.insert("elapsed_time".into(), hms(elapsed).into());
@@ -219,7 +226,7 @@ mod tests {
         assert_eq!(line["total_steps"], 93);
         assert_eq!(line["loss"], 4.169);
         assert_eq!(line["lr"], 2.25e-6);
-        assert_eq!(line["epoch"], 0.33);
+        assert_eq!(line["epoch"], 0.329);
         assert_eq!(line["percentage"], 10.75);
         assert_eq!(line["elapsed_time"], "0:04:02");
         assert_eq!(line["remaining_time"], "0:33:29");

@@ -118,13 +118,18 @@ fn every_tensor_and_file_carried_over_in_the_stored_dtype() {
     for f in ["generation_config.json", "tokenizer.json", "chat_template.jinja", "preprocessor_config.json"] {
         assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(tiny_checkpoint().join(f)).unwrap(), "{f}");
     }
-    // It loads in ferrotune; its logits differ from the f32 reference only by the bf16 rounding of the merged
-    // weights (transformers measures the same, see `transformers_loads_the_export`).
+    // It loads in ferrotune; its logits move from the f32 base + adapter by what rounding the merged weights to
+    // bf16 moves them, as transformers measures on the same prompt with PEFT's merge (tools/golden/check_export.py;
+    // both sides compute in f32, so the two shifts agree to the f32 logits bound, twice over).
     let e = load(&out, &[], AdapterMode::Merge);
     let reference = logits(&load(&tiny_checkpoint(), &[&adapter()], AdapterMode::Separate));
     let d = crate::common::max_abs_diff(&logits(&e), &reference, "bf16 export");
-    eprintln!("export bf16 (auto): max |logit diff| vs base + adapter in f32 = {d:e}");
-    assert!(d.is_finite() && d < 1.0, "{d}");
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("golden/export_reference.json")).unwrap())
+            .unwrap();
+    let want = t["bf16_rounding_effect"].as_f64().unwrap();
+    eprintln!("export bf16 (auto): max |logit diff| vs base + adapter in f32 = {d:e}; transformers: {want:e}");
+    assert!((d - want).abs() <= 2e-4, "bf16 export shifts the logits by {d}, transformers' bf16 merge by {want}");
     // No staging folder is left behind.
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers.len(), 1, "{leftovers:?}");
@@ -204,24 +209,4 @@ fn two_adapters_sum() {
     let got = Checkpoint::open(&out).unwrap().load(&key, &Device::Cpu).unwrap();
     let want = (base + (lb.matmul(la).unwrap() * (2.0 * a.spec.scale())).unwrap()).unwrap();
     assert_close(&got, &want, 1e-6, &key);
-}
-
-/// tools/golden/check_export.py loaded an exported tiny model in transformers and compared its logits with
-/// transformers + PEFT on the base and the adapter.
-#[test]
-fn transformers_loads_the_export() {
-    let text = std::fs::read_to_string(fixtures().join("golden/export_check.json")).unwrap();
-    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(r["ok"], true, "{r}");
-    let f32_diff = r["float32"]["max_abs_logit_diff"].as_f64().unwrap();
-    assert!(f32_diff <= 1e-4, "transformers: exported f32 vs PEFT logits differ by {f32_diff}");
-    assert_eq!(r["float32"]["missing_keys"].as_array().unwrap().len(), 0);
-    // transformers sets aside the same unused tensors (mtp.*) as when it loads the base.
-    assert_eq!(r["float32"]["unexpected_keys"], r["float32"]["base_unexpected_keys"]);
-    assert_eq!(r["float32"]["chat_template_equal"], true);
-    // The bf16 export equals PEFT's merge_and_unload() rounded to bf16.
-    let bf16_diff = r["auto"]["max_abs_logit_diff"].as_f64().unwrap();
-    assert!(bf16_diff <= 1e-3, "transformers: exported bf16 vs PEFT merge rounded to bf16 differ by {bf16_diff}");
-    assert_eq!(r["auto"]["config_dtype"], "bfloat16");
-    eprintln!("transformers check: f32 export max diff {f32_diff:e}, bf16 export vs PEFT merge in bf16 {bf16_diff:e}");
 }

@@ -249,15 +249,11 @@ fn state_dict_round_trips_the_checkpoint() {
     }
 }
 
-/// PEFT loads an adapter written by `ferrotune train` without warnings (tools/golden/check_adapter.py records
-/// that), and its logits equal ferrotune's with the same adapter, merged or separate.
+/// ferrotune's logits with an adapter that `ferrotune train` wrote equal PEFT's with it, merged or separate
+/// (tools/golden/check_adapter.py; the binary's test `peft_loads_a_fresh_adapter` does the same on an adapter the
+/// current code writes).
 #[test]
-fn peft_loads_our_adapter_and_agrees() {
-    let check: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("golden/ferrotune_adapter_check.json")).unwrap())
-            .unwrap();
-    assert_eq!(check["ok"], true, "{check}");
-    assert_eq!(check["warnings"].as_array().unwrap().len(), 0);
+fn peft_agrees_on_an_adapter_we_wrote() {
     let want =
         candle_core::safetensors::load(fixtures().join("golden/ferrotune_adapter_logits.safetensors"), &Device::Cpu)
             .unwrap()
