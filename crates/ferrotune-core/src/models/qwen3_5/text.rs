@@ -416,6 +416,8 @@ impl Segments {
     }
 }
 
+// One per layer: the variants' size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum Mixer {
     Full(Attention),
