@@ -2,7 +2,8 @@
 //! (with or without `model.safetensors.index.json`), memory-mapped, each tensor in the dtype of its file.
 //!
 //! [`Weights`] hands tensors to model constructors by their checkpoint key, converted to the compute dtype,
-//! with errors that name the tensor, the file and the expected shape.
+//! with errors that name the tensor, the file and the expected shape (or, for random-init checkpoints,
+//! freshly drawn).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -10,6 +11,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+
+use crate::nn::Param;
 
 /// All safetensors shards of one checkpoint directory, indexed by tensor name.
 pub struct Checkpoint {
@@ -134,13 +137,64 @@ pub fn read_config_json(dir: &Path) -> Result<serde_json::Value> {
         .map_err(|e| anyhow::anyhow!("{}:{}:{}: invalid JSON: {e}", path.display(), e.line(), e.column()))
 }
 
-/// A prefix-aware view of a checkpoint that model constructors pull their tensors from.
+/// How a random-init checkpoint fills a tensor: the init transformers' `_init_weights` gives the module it
+/// belongs to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// normal(0, initializer_range): linear and embedding weights.
+    Normal,
+    Const(f32),
+    /// uniform(±1/√fan_in), fan_in the elements per output channel: torch's default for convolutions.
+    FanInUniform,
+    /// ln(uniform(lo, hi)).
+    LogUniform(f32, f32),
+}
+
+/// Where a [`Weights`] view takes its tensors from.
+#[derive(Clone)]
+enum Source<'a> {
+    Checkpoint(&'a Checkpoint),
+    /// Fresh tensors from one seeded generator, drawn in the order the loader asks for them: the loader's
+    /// order fixes the bytes of a random-init checkpoint.
+    Random(std::rc::Rc<std::cell::RefCell<Random>>),
+}
+
+struct Random {
+    rng: rand::rngs::StdRng,
+    std: f32,
+}
+
+impl Random {
+    fn draw(&mut self, shape: &[usize], init: Init) -> Result<Tensor> {
+        use rand::Rng;
+        use rand_distr::Distribution;
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = match init {
+            Init::Normal => {
+                let d = rand_distr::Normal::new(0.0f32, self.std).context("normal distribution")?;
+                (0..n).map(|_| d.sample(&mut self.rng)).collect()
+            }
+            Init::Const(c) => vec![c; n],
+            Init::FanInUniform => {
+                let bound = 1.0 / ((n / shape[0].max(1)) as f32).sqrt();
+                (0..n).map(|_| self.rng.random_range(-bound..bound)).collect()
+            }
+            Init::LogUniform(lo, hi) => (0..n).map(|_| self.rng.random_range(lo..hi).ln()).collect(),
+        };
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+}
+
+/// A prefix-aware view of a checkpoint that model constructors pull their tensors from, as [`Param`]s that
+/// remember their key.
 ///
 /// Every tensor is converted to `dtype` on `device`, except those the caller asks for in another dtype
-/// (`get_as`). Each tensor taken is recorded, so a loader can report what it did not use.
+/// (`param_as`). Each tensor taken is recorded, so a loader can report what it did not use. A random view
+/// ([`Weights::random`]) hands out freshly initialised tensors instead, so a model's loader also writes its
+/// random-init checkpoints.
 #[derive(Clone)]
 pub struct Weights<'a> {
-    ckpt: &'a Checkpoint,
+    src: Source<'a>,
     prefix: String,
     pub dtype: DType,
     pub device: Device,
@@ -149,7 +203,27 @@ pub struct Weights<'a> {
 
 impl<'a> Weights<'a> {
     pub fn new(ckpt: &'a Checkpoint, dtype: DType, device: &Device) -> Self {
-        Self { ckpt, prefix: String::new(), dtype, device: device.clone(), used: Default::default() }
+        Self::with_source(Source::Checkpoint(ckpt), dtype, device)
+    }
+
+    /// Random tensors on the CPU from a generator seeded with `seed`; `std` is the initializer_range. It holds
+    /// no tensor by name ([`Weights::contains`] is false), so optional tensors such as an untied head are left out.
+    pub fn random(seed: u64, std: f32, dtype: DType) -> Weights<'static> {
+        use rand::SeedableRng;
+        let random = Random { rng: rand::rngs::StdRng::seed_from_u64(seed), std };
+        Weights::with_source(Source::Random(std::rc::Rc::new(std::cell::RefCell::new(random))), dtype, &Device::Cpu)
+    }
+
+    fn with_source(src: Source<'a>, dtype: DType, device: &Device) -> Self {
+        Self { src, prefix: String::new(), dtype, device: device.clone(), used: Default::default() }
+    }
+
+    /// What the tensors come from, for messages: the checkpoint folder, or "random init".
+    pub fn origin(&self) -> String {
+        match &self.src {
+            Source::Checkpoint(c) => c.dir().display().to_string(),
+            Source::Random(_) => "random init".into(),
+        }
     }
 
     /// A view one level down: `w.pp("layers").pp(3)` reads `layers.3.*`.
@@ -172,37 +246,46 @@ impl<'a> Weights<'a> {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.ckpt.contains(&self.path(name))
+        match &self.src {
+            Source::Checkpoint(c) => c.contains(&self.path(name)),
+            Source::Random(_) => false,
+        }
     }
 
     /// The tensor `name`, checked against `shape` (which `why` explains, e.g. "hidden_size=64"), in the
-    /// compute dtype.
-    pub fn get(&self, name: &str, shape: &[usize], why: &str) -> Result<Tensor> {
-        self.get_as(name, shape, why, self.dtype)
+    /// compute dtype; a random view fills it as `init` says.
+    pub fn param(&self, name: &str, shape: &[usize], why: &str, init: Init) -> Result<Param> {
+        self.param_as(name, shape, why, init, self.dtype)
     }
 
-    /// Like [`Weights::get`] with an explicit dtype (e.g. f32 for `A_log`, which HF keeps in f32).
-    pub fn get_as(&self, name: &str, shape: &[usize], why: &str, dtype: DType) -> Result<Tensor> {
+    /// Like [`Weights::param`] with an explicit dtype (e.g. f32 for `A_log`, which HF keeps in f32).
+    pub fn param_as(&self, name: &str, shape: &[usize], why: &str, init: Init, dtype: DType) -> Result<Param> {
         let key = self.path(name);
-        let t = self.ckpt.load(&key, &self.device)?;
-        if t.dims() != shape {
-            let file = self.ckpt.file_of(&key).map(|p| p.display().to_string()).unwrap_or_default();
-            bail!(
-                "{file}: tensor `{key}` has shape {:?}, but config.json implies {:?} ({why}); \
-                 the weights do not belong to this config",
-                t.dims(),
-                shape
-            );
-        }
-        self.used.borrow_mut().insert(key, ());
-        Ok(t.to_dtype(dtype)?)
+        let t = match &self.src {
+            Source::Random(r) => r.borrow_mut().draw(shape, init)?.to_device(&self.device)?,
+            Source::Checkpoint(ckpt) => {
+                let t = ckpt.load(&key, &self.device)?;
+                if t.dims() != shape {
+                    let file = ckpt.file_of(&key).map(|p| p.display().to_string()).unwrap_or_default();
+                    bail!(
+                        "{file}: tensor `{key}` has shape {:?}, but config.json implies {:?} ({why}); \
+                         the weights do not belong to this config",
+                        t.dims(),
+                        shape
+                    );
+                }
+                self.used.borrow_mut().insert(key.clone(), ());
+                t
+            }
+        };
+        Ok(Param::new(key, t.to_dtype(dtype)?))
     }
 
-    /// Checkpoint keys not taken by any `get` so far, excluding those matching `ignore` prefixes.
+    /// Checkpoint keys not taken by any `param` so far, excluding those matching `ignore` prefixes.
     pub fn unused(&self, ignore: &[&str]) -> Vec<String> {
+        let Source::Checkpoint(ckpt) = &self.src else { return Vec::new() };
         let used = self.used.borrow();
-        self.ckpt
-            .names()
+        ckpt.names()
             .into_iter()
             .filter(|n| !used.contains_key(*n) && !ignore.iter().any(|p| n.starts_with(p)))
             .map(str::to_owned)

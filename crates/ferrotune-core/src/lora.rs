@@ -347,7 +347,7 @@ impl Adapter {
             if merge {
                 let delta = (b.matmul(&a)? * scale)?;
                 let w = (lin.weight.to_dtype(DType::F32)? + delta)?.to_dtype(lin.weight.dtype())?;
-                lin.weight = w;
+                lin.weight.tensor = w;
             } else {
                 lin.lora = Some(Lora { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale, dropout: 0.0 });
             }

@@ -5,7 +5,8 @@
 
 use candle_core::{DType, Result, Tensor, Var};
 
-use crate::checkpoint::Weights;
+use super::Param;
+use crate::checkpoint::{Init, Weights};
 
 #[derive(Clone)]
 pub struct Lora {
@@ -19,21 +20,24 @@ pub struct Lora {
 
 #[derive(Clone)]
 pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
+    /// The module's checkpoint path (PEFT's module name), e.g. `model.language_model.layers.0.mlp.up_proj`.
+    pub path: std::sync::Arc<str>,
+    pub weight: Param,
+    pub bias: Option<Param>,
     pub lora: Option<Lora>,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, lora: None }
+    pub fn new(path: impl Into<std::sync::Arc<str>>, weight: Param, bias: Option<Param>) -> Self {
+        Self { path: path.into(), weight, bias, lora: None }
     }
 
-    /// Loads `<prefix>.weight` ([out, in]) and, when `bias`, `<prefix>.bias` ([out]).
+    /// Loads `<prefix>.weight` ([out, in]) and, when `bias`, `<prefix>.bias` ([out]). A random init draws
+    /// the weight from normal(0, initializer_range) and zeroes the bias, as transformers does.
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool, why: &str) -> anyhow::Result<Self> {
-        let weight = w.get("weight", &[out_dim, in_dim], why)?;
-        let bias = if bias { Some(w.get("bias", &[out_dim], why)?) } else { None };
-        Ok(Self::new(weight, bias))
+        let weight = w.param("weight", &[out_dim, in_dim], why, Init::Normal)?;
+        let bias = if bias { Some(w.param("bias", &[out_dim], why, Init::Const(0.0))?) } else { None };
+        Ok(Self::new(w.prefix(), weight, bias))
     }
 
     pub fn in_dim(&self) -> usize {

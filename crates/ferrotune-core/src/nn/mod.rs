@@ -8,5 +8,7 @@
 pub mod frozen;
 pub mod linear;
 pub mod ops;
+pub mod param;
 
 pub use linear::{Linear, Lora};
+pub use param::{linears, make_trainable, params, state_dict, Module, Node, Param, Stored};

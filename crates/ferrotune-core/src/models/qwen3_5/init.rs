@@ -3,17 +3,18 @@
 //!
 //! Initialisation follows transformers' `_init_weights` for this model: normal(0, initializer_range) for
 //! linear and embedding weights, zero biases, zero (1+w) norm weights, unit LayerNorm / gated-norm weights,
-//! `A_log = log(uniform(0, 16))`, `dt_bias = 1`.
+//! `A_log = log(uniform(0, 16))`, `dt_bias = 1`. Each loader names the init of what it loads
+//! ([`crate::checkpoint::Init`]), so the checkpoint keys are spelled only there.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
-use rand::{Rng, SeedableRng};
-use rand_distr::Distribution;
+use candle_core::{DType, Tensor};
 
-use super::config::{Config, LayerType};
+use super::config::Config;
+use super::Qwen3_5;
+use crate::checkpoint::Weights;
 
 /// Sizes of a Qwen3.5 model; everything else takes the real family's values.
 #[derive(Clone, Debug)]
@@ -122,93 +123,14 @@ impl TokenIds {
     }
 }
 
-/// Random weights for `cfg`, keyed by checkpoint name, in `dtype` (A_log in f32).
+/// The initializer_range that [`config_json`] writes.
+const INIT_STD: f32 = 0.02;
+
+/// Random weights for `cfg`, keyed by checkpoint name, in `dtype` (A_log in f32): the model's loader run on a
+/// random source, which draws each tensor when the loader asks for it with its module's init.
 pub fn random_weights(cfg: &Config, dtype: DType, seed: u64) -> Result<HashMap<String, Tensor>> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let std = 0.02f32;
-    let dev = Device::Cpu;
-    let mut out = HashMap::new();
-    let normal = |shape: &[usize], rng: &mut rand::rngs::StdRng| -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let d = rand_distr::Normal::new(0.0f32, std).context("normal distribution")?;
-        let v: Vec<f32> = (0..n).map(|_| d.sample(rng)).collect();
-        Ok(Tensor::from_vec(v, shape, &dev)?.to_dtype(dtype)?)
-    };
-    let full = |shape: &[usize], v: f32| -> Result<Tensor> { Ok(Tensor::full(v, shape, &dev)?.to_dtype(dtype)?) };
-    let t = &cfg.text;
-    let (d, f) = (t.hidden_size, t.intermediate_size);
-    out.insert("model.language_model.embed_tokens.weight".into(), normal(&[t.vocab_size, d], &mut rng)?);
-    out.insert("model.language_model.norm.weight".into(), full(&[d], 0.0)?);
-    for (i, kind) in t.layer_types.iter().enumerate() {
-        let p = format!("model.language_model.layers.{i}");
-        out.insert(format!("{p}.input_layernorm.weight"), full(&[d], 0.0)?);
-        out.insert(format!("{p}.post_attention_layernorm.weight"), full(&[d], 0.0)?);
-        out.insert(format!("{p}.mlp.gate_proj.weight"), normal(&[f, d], &mut rng)?);
-        out.insert(format!("{p}.mlp.up_proj.weight"), normal(&[f, d], &mut rng)?);
-        out.insert(format!("{p}.mlp.down_proj.weight"), normal(&[d, f], &mut rng)?);
-        match kind {
-            LayerType::Full => {
-                let (h, kv, hd) = (t.num_attention_heads, t.num_key_value_heads, t.head_dim);
-                out.insert(format!("{p}.self_attn.q_proj.weight"), normal(&[h * hd * 2, d], &mut rng)?);
-                out.insert(format!("{p}.self_attn.k_proj.weight"), normal(&[kv * hd, d], &mut rng)?);
-                out.insert(format!("{p}.self_attn.v_proj.weight"), normal(&[kv * hd, d], &mut rng)?);
-                out.insert(format!("{p}.self_attn.o_proj.weight"), normal(&[d, h * hd], &mut rng)?);
-                out.insert(format!("{p}.self_attn.q_norm.weight"), full(&[hd], 0.0)?);
-                out.insert(format!("{p}.self_attn.k_norm.weight"), full(&[hd], 0.0)?);
-            }
-            LayerType::Linear => {
-                let (hk, hv, dk, dv) =
-                    (t.linear_num_key_heads, t.linear_num_value_heads, t.linear_key_head_dim, t.linear_value_head_dim);
-                let conv_dim = 2 * hk * dk + hv * dv;
-                let k = t.linear_conv_kernel_dim;
-                out.insert(format!("{p}.linear_attn.in_proj_qkv.weight"), normal(&[conv_dim, d], &mut rng)?);
-                out.insert(format!("{p}.linear_attn.in_proj_z.weight"), normal(&[hv * dv, d], &mut rng)?);
-                out.insert(format!("{p}.linear_attn.in_proj_b.weight"), normal(&[hv, d], &mut rng)?);
-                out.insert(format!("{p}.linear_attn.in_proj_a.weight"), normal(&[hv, d], &mut rng)?);
-                out.insert(format!("{p}.linear_attn.out_proj.weight"), normal(&[d, hv * dv], &mut rng)?);
-                // Conv1d default init: uniform(±1/sqrt(fan_in)), fan_in = K for a depthwise kernel.
-                let bound = 1.0 / (k as f32).sqrt();
-                let conv: Vec<f32> = (0..conv_dim * k).map(|_| rng.random_range(-bound..bound)).collect();
-                out.insert(
-                    format!("{p}.linear_attn.conv1d.weight"),
-                    Tensor::from_vec(conv, (conv_dim, 1, k), &dev)?.to_dtype(dtype)?,
-                );
-                let a: Vec<f32> = (0..hv).map(|_| rng.random_range(1e-3f32..16.0).ln()).collect();
-                out.insert(format!("{p}.linear_attn.A_log"), Tensor::from_vec(a, hv, &dev)?);
-                out.insert(format!("{p}.linear_attn.dt_bias"), full(&[hv], 1.0)?);
-                out.insert(format!("{p}.linear_attn.norm.weight"), full(&[dv], 1.0)?);
-            }
-        }
-    }
-    let v = &cfg.vision;
-    let (vd, vf, p, tp) = (v.hidden_size, v.intermediate_size, v.patch_size, v.temporal_patch_size);
-    let vp = "model.visual";
-    out.insert(format!("{vp}.patch_embed.proj.weight"), normal(&[vd, v.in_channels, tp, p, p], &mut rng)?);
-    out.insert(format!("{vp}.patch_embed.proj.bias"), full(&[vd], 0.0)?);
-    out.insert(format!("{vp}.pos_embed.weight"), normal(&[v.num_position_embeddings, vd], &mut rng)?);
-    for i in 0..v.depth {
-        let b = format!("{vp}.blocks.{i}");
-        for n in ["norm1", "norm2"] {
-            out.insert(format!("{b}.{n}.weight"), full(&[vd], 1.0)?);
-            out.insert(format!("{b}.{n}.bias"), full(&[vd], 0.0)?);
-        }
-        out.insert(format!("{b}.attn.qkv.weight"), normal(&[3 * vd, vd], &mut rng)?);
-        out.insert(format!("{b}.attn.qkv.bias"), full(&[3 * vd], 0.0)?);
-        out.insert(format!("{b}.attn.proj.weight"), normal(&[vd, vd], &mut rng)?);
-        out.insert(format!("{b}.attn.proj.bias"), full(&[vd], 0.0)?);
-        out.insert(format!("{b}.mlp.linear_fc1.weight"), normal(&[vf, vd], &mut rng)?);
-        out.insert(format!("{b}.mlp.linear_fc1.bias"), full(&[vf], 0.0)?);
-        out.insert(format!("{b}.mlp.linear_fc2.weight"), normal(&[vd, vf], &mut rng)?);
-        out.insert(format!("{b}.mlp.linear_fc2.bias"), full(&[vd], 0.0)?);
-    }
-    let m = v.spatial_merge_size * v.spatial_merge_size * vd;
-    out.insert(format!("{vp}.merger.norm.weight"), full(&[vd], 1.0)?);
-    out.insert(format!("{vp}.merger.norm.bias"), full(&[vd], 0.0)?);
-    out.insert(format!("{vp}.merger.linear_fc1.weight"), normal(&[m, m], &mut rng)?);
-    out.insert(format!("{vp}.merger.linear_fc1.bias"), full(&[m], 0.0)?);
-    out.insert(format!("{vp}.merger.linear_fc2.weight"), normal(&[v.out_hidden_size, m], &mut rng)?);
-    out.insert(format!("{vp}.merger.linear_fc2.bias"), full(&[v.out_hidden_size], 0.0)?);
-    Ok(out)
+    let mut model = Qwen3_5::from_weights(&Weights::random(seed, INIT_STD, dtype), cfg.clone())?;
+    model.state_dict(dtype)
 }
 
 /// Writes a complete random-init checkpoint into `out`: config.json, model.safetensors and the tokenizer,
@@ -307,6 +229,32 @@ impl Sizes {
             "135m" => Some(Self::m135()),
             "1b" => Some(Self::b1()),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes of random-init checkpoints are pinned: the demo base is rebuilt from them bit for bit, and
+    /// they follow from the loaders' order of draws.
+    #[test]
+    fn random_init_bytes_are_pinned() {
+        let ids = TokenIds { endoftext: 1, image_pad: 2, video_pad: 3, vision_start: 4, vision_end: 5 };
+        let odd = Sizes {
+            full_attention_interval: 3,
+            num_hidden_layers: 5,
+            vision_depth: 2,
+            linear_num_key_heads: 1,
+            ..Sizes::demo()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        for (sizes, seed, want) in [(Sizes::demo(), 0, "79adc0b87f38a0aa"), (odd, 3, "106fd766d54475c6")] {
+            let cfg = Config::from_json(&config_json(&sizes, &ids)).unwrap();
+            let path = dir.path().join("model.safetensors");
+            crate::checkpoint::save_safetensors(&random_weights(&cfg, DType::BF16, seed).unwrap(), &path).unwrap();
+            assert_eq!(crate::hash::fnv1a64_hex(&std::fs::read(&path).unwrap()), want, "{sizes:?}");
         }
     }
 }

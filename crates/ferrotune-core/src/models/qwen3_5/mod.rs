@@ -17,8 +17,8 @@ pub use config::{Config, LayerType};
 pub use text::{DecoderLayer, LayerCache, Segments, Stored};
 pub use vision::VisionModel;
 
-use crate::checkpoint::{read_config_json, Checkpoint, Weights};
-use crate::nn::Linear;
+use crate::checkpoint::{read_config_json, Checkpoint, Init, Weights};
+use crate::nn::{Linear, Module, Node, Param};
 
 /// Images of one forward pass: processor output for all images of the batch, in order of appearance.
 #[derive(Clone)]
@@ -50,9 +50,11 @@ impl Cache {
     }
 }
 
+/// The model; the decoder's parts keep the keys under `model.language_model` that the loader gave them.
 pub struct Qwen3_5 {
     pub cfg: Config,
-    pub embed_tokens: Tensor,
+    /// `model.language_model.embed_tokens.weight`, (V, D).
+    pub embed_tokens: Param,
     pub layers: Vec<DecoderLayer>,
     pub norm: text::RmsNorm1p,
     /// `None` when the head is tied to the embedding.
@@ -76,10 +78,16 @@ impl Qwen3_5 {
     }
 
     pub fn from_checkpoint(ckpt: &Checkpoint, cfg: Config, dtype: DType, device: &Device) -> Result<Self> {
-        let w = Weights::new(ckpt, dtype, device);
+        Self::from_weights(&Weights::new(ckpt, dtype, device), cfg)
+    }
+
+    /// Builds the model from a view of a checkpoint, or of a random init (which draws every tensor in the
+    /// order asked for here).
+    pub fn from_weights(w: &Weights, cfg: Config) -> Result<Self> {
         let t = &cfg.text;
         let lm = w.pp("model.language_model");
-        let embed_tokens = lm.get("embed_tokens.weight", &[t.vocab_size, t.hidden_size], "vocab_size × hidden_size")?;
+        let embed_tokens =
+            lm.param("embed_tokens.weight", &[t.vocab_size, t.hidden_size], "vocab_size × hidden_size", Init::Normal)?;
         let layers = t
             .layer_types
             .iter()
@@ -89,10 +97,7 @@ impl Qwen3_5 {
                     .with_context(|| format!("decoder layer {i} ({kind:?})"))
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = text::RmsNorm1p {
-            one_plus_w: (lm.get_as("norm.weight", &[t.hidden_size], "hidden_size", DType::F32)? + 1.0)?,
-            eps: t.rms_norm_eps,
-        };
+        let norm = text::RmsNorm1p::load(&lm.pp("norm"), t.hidden_size, t.rms_norm_eps, "hidden_size")?;
         // A checkpoint with `lm_head.weight` uses it; otherwise the head is the embedding (tied).
         let lm_head = if w.contains("lm_head.weight") {
             Some(Linear::load(&w.pp("lm_head"), t.hidden_size, t.vocab_size, false, "hidden_size × vocab_size")?)
@@ -101,7 +106,7 @@ impl Qwen3_5 {
         } else {
             bail!(
                 "{}: no `lm_head.weight` and tie_word_embeddings is false in config.json; the checkpoint is incomplete",
-                ckpt.dir().display()
+                w.origin()
             )
         };
         let visual = VisionModel::load(&w.pp("model.visual"), &cfg.vision).context("vision tower")?;
@@ -110,123 +115,48 @@ impl Qwen3_5 {
             let shown: Vec<&str> = unused.iter().take(5).map(String::as_str).collect();
             bail!(
                 "{}: {} tensors are not part of a qwen3_5 model (e.g. {}); is config.json from another checkpoint?",
-                ckpt.dir().display(),
+                w.origin(),
                 unused.len(),
                 shown.join(", ")
             );
         }
         let inv_freq = text::text_inv_freq(t);
-        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, visual, inv_freq, dtype, device: device.clone() })
+        Ok(Self {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            visual,
+            inv_freq,
+            dtype: w.dtype,
+            device: w.device.clone(),
+        })
     }
 
     /// Every linear of the model with its checkpoint module path, in checkpoint order: decoder layers, then the
     /// vision blocks and the merger, then `lm_head` when untied.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            for (rel, lin) in layer.linears_mut() {
-                out.push((format!("model.language_model.layers.{i}.{rel}"), lin));
-            }
-        }
-        for (i, blk) in self.visual.blocks.iter_mut().enumerate() {
-            let p = format!("model.visual.blocks.{i}");
-            out.push((format!("{p}.attn.qkv"), &mut blk.qkv));
-            out.push((format!("{p}.attn.proj"), &mut blk.proj));
-            out.push((format!("{p}.mlp.linear_fc1"), &mut blk.fc1));
-            out.push((format!("{p}.mlp.linear_fc2"), &mut blk.fc2));
-        }
-        out.push(("model.visual.merger.linear_fc1".into(), &mut self.visual.merger_fc1));
-        out.push(("model.visual.merger.linear_fc2".into(), &mut self.visual.merger_fc2));
-        if let Some(h) = self.lm_head.as_mut() {
-            out.push(("lm_head".into(), h));
-        }
-        out
+        crate::nn::linears(self).into_iter().map(|l| (l.path.to_string(), l)).collect()
     }
 
     /// Every parameter of the model with its checkpoint name and storage form, in checkpoint order.
     pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor, Stored)> {
-        let mut out: Vec<(String, &mut Tensor, Stored)> = Vec::new();
-        out.push(("model.language_model.embed_tokens.weight".into(), &mut self.embed_tokens, Stored::Plain));
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            for (n, t, k) in layer.params_mut() {
-                out.push((format!("model.language_model.layers.{i}.{n}"), t, k));
-            }
-        }
-        out.push(("model.language_model.norm.weight".into(), &mut self.norm.one_plus_w, Stored::OnePlus));
-        let v = &mut self.visual;
-        let cfg = v.config().clone();
-        let kernel = vec![cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size];
-        out.push(("model.visual.patch_embed.proj.weight".into(), &mut v.patch_embed.weight, Stored::Reshaped(kernel)));
-        if let Some(b) = v.patch_embed.bias.as_mut() {
-            out.push(("model.visual.patch_embed.proj.bias".into(), b, Stored::Plain));
-        }
-        out.push(("model.visual.pos_embed.weight".into(), &mut v.pos_embed, Stored::Plain));
-        for (i, blk) in v.blocks.iter_mut().enumerate() {
-            let p = format!("model.visual.blocks.{i}");
-            out.push((format!("{p}.norm1.weight"), &mut blk.norm1.weight, Stored::Plain));
-            out.push((format!("{p}.norm1.bias"), &mut blk.norm1.bias, Stored::Plain));
-            out.push((format!("{p}.norm2.weight"), &mut blk.norm2.weight, Stored::Plain));
-            out.push((format!("{p}.norm2.bias"), &mut blk.norm2.bias, Stored::Plain));
-            for (n, lin) in [
-                ("attn.qkv", &mut blk.qkv),
-                ("attn.proj", &mut blk.proj),
-                ("mlp.linear_fc1", &mut blk.fc1),
-                ("mlp.linear_fc2", &mut blk.fc2),
-            ] {
-                out.push((format!("{p}.{n}.weight"), &mut lin.weight, Stored::Plain));
-                if let Some(b) = lin.bias.as_mut() {
-                    out.push((format!("{p}.{n}.bias"), b, Stored::Plain));
-                }
-            }
-        }
-        out.push(("model.visual.merger.norm.weight".into(), &mut v.merger_norm.weight, Stored::Plain));
-        out.push(("model.visual.merger.norm.bias".into(), &mut v.merger_norm.bias, Stored::Plain));
-        for (n, lin) in [("linear_fc1", &mut v.merger_fc1), ("linear_fc2", &mut v.merger_fc2)] {
-            out.push((format!("model.visual.merger.{n}.weight"), &mut lin.weight, Stored::Plain));
-            if let Some(b) = lin.bias.as_mut() {
-                out.push((format!("model.visual.merger.{n}.bias"), b, Stored::Plain));
-            }
-        }
-        if let Some(h) = self.lm_head.as_mut() {
-            out.push(("lm_head.weight".into(), &mut h.weight, Stored::Plain));
-        }
-        out
+        crate::nn::params(self)
+            .into_iter()
+            .map(|Param { path, tensor, stored, .. }| (path.to_string(), tensor, stored.clone()))
+            .collect()
     }
 
     /// The checkpoint tensors of the current weights (LoRA branches not included), in `dtype`, on the CPU
     /// (A_log stays f32 as reference checkpoints keep it).
     pub fn state_dict(&mut self, dtype: DType) -> Result<std::collections::HashMap<String, Tensor>> {
-        let mut out = std::collections::HashMap::new();
-        for (name, t, kind) in self.params_mut() {
-            let t = t.detach().to_device(&Device::Cpu)?;
-            let t = match kind {
-                Stored::Plain => t,
-                Stored::OnePlus => (t.to_dtype(DType::F32)? - 1.0)?,
-                Stored::Reshaped(shape) => t.reshape(shape)?,
-            };
-            let dt = if name.ends_with("A_log") { DType::F32 } else { dtype };
-            out.insert(name, t.to_dtype(dt)?.contiguous()?);
-        }
-        Ok(out)
+        Ok(crate::nn::state_dict(self, dtype)?)
     }
 
-    /// Turns every parameter into f32 and those `trained` selects by name into `Var`s (full fine-tuning);
-    /// returns those with their names and whether weight decay applies (not to biases and norm weights, as HF
-    /// groups them). The others stay plain tensors, so the backward pass computes no gradient for them.
+    /// See [`crate::nn::make_trainable`].
     pub fn make_trainable(&mut self, trained: impl Fn(&str) -> bool) -> Result<Vec<(String, candle_core::Var, bool)>> {
-        let mut vars = Vec::new();
-        for (name, t, kind) in self.params_mut() {
-            let f32 = t.to_dtype(DType::F32)?;
-            if !trained(&name) {
-                *t = f32;
-                continue;
-            }
-            let var = candle_core::Var::from_tensor(&f32)?;
-            *t = var.as_tensor().clone();
-            let decay = !(name.ends_with(".bias") || kind == Stored::OnePlus || name.contains("norm"));
-            vars.push((name, var, decay));
-        }
-        Ok(vars)
+        Ok(crate::nn::make_trainable(self, trained)?)
     }
 
     /// The linears LoRA may target: the decoder's, plus the vision tower's / merger's when they are not
@@ -248,7 +178,7 @@ impl Qwen3_5 {
 
     /// The head matrix (V, D).
     pub fn head(&self) -> &Tensor {
-        self.lm_head.as_ref().map_or(&self.embed_tokens, |l| &l.weight)
+        self.lm_head.as_ref().map_or(&self.embed_tokens.tensor, |l| &l.weight.tensor)
     }
 
     /// 3-D positions of one sequence (transformers' `get_rope_index`): text advances all three axes by one;
@@ -363,6 +293,16 @@ impl Qwen3_5 {
         let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &self.device)?;
         let emb = self.embed(&input, feats.as_ref())?;
         self.decode(&emb, &rope, None, collect)
+    }
+}
+
+impl Module for Qwen3_5 {
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(Node<'a>)) {
+        self.embed_tokens.visit_mut(f);
+        self.layers.visit_mut(f);
+        self.norm.visit_mut(f);
+        self.visual.visit_mut(f);
+        self.lm_head.visit_mut(f);
     }
 }
 

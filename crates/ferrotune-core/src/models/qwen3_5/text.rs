@@ -9,25 +9,32 @@ use candle_core::{DType, Tensor};
 
 use super::config::{LayerType, TextConfig};
 use super::gdn;
-use crate::checkpoint::Weights;
-use crate::nn::ops;
-use crate::nn::Linear;
+use crate::checkpoint::{Init, Weights};
+pub use crate::nn::Stored;
+use crate::nn::{ops, Linear, Module, Node, Param};
 
-/// A zero-centred RMSNorm weight, stored as `1 + w` in f32.
+/// A zero-centred RMSNorm.
 #[derive(Clone)]
 pub struct RmsNorm1p {
-    pub one_plus_w: Tensor,
+    /// `1 + w` in f32 ([`Stored::OnePlus`]); the checkpoint holds `w` (zero at init).
+    pub weight: Param,
     pub eps: f64,
 }
 
 impl RmsNorm1p {
-    fn load(w: &Weights, dim: usize, eps: f64, why: &str) -> Result<Self> {
-        let weight = w.get_as("weight", &[dim], why, DType::F32)?;
-        Ok(Self { one_plus_w: (weight + 1.0)?, eps })
+    pub fn load(w: &Weights, dim: usize, eps: f64, why: &str) -> Result<Self> {
+        let weight = w.param_as("weight", &[dim], why, Init::Const(0.0), DType::F32)?.one_plus()?;
+        Ok(Self { weight, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::rms_norm_1p(x, &self.one_plus_w, self.eps)
+        ops::rms_norm_1p(x, &self.weight, self.eps)
+    }
+}
+
+impl Module for RmsNorm1p {
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(Node<'a>)) {
+        self.weight.visit_mut(f);
     }
 }
 
@@ -58,15 +65,12 @@ impl Mlp {
     }
 }
 
-/// How a parameter is held in memory relative to its checkpoint tensor.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Stored {
-    /// As in the checkpoint.
-    Plain,
-    /// `1 + w` (zero-centred RMSNorm weights); the checkpoint holds `w`.
-    OnePlus,
-    /// Reshaped; the checkpoint shape is given.
-    Reshaped(Vec<usize>),
+impl Module for Mlp {
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(Node<'a>)) {
+        self.gate_proj.visit_mut(f);
+        self.up_proj.visit_mut(f);
+        self.down_proj.visit_mut(f);
+    }
 }
 
 /// Per-layer decoding state, owned by the caller.
@@ -176,6 +180,17 @@ impl Attention {
     }
 }
 
+impl Module for Attention {
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(Node<'a>)) {
+        self.q_norm.visit_mut(f);
+        self.k_norm.visit_mut(f);
+        self.q_proj.visit_mut(f);
+        self.k_proj.visit_mut(f);
+        self.v_proj.visit_mut(f);
+        self.o_proj.visit_mut(f);
+    }
+}
+
 #[derive(Clone)]
 pub struct GatedDeltaNet {
     pub in_proj_qkv: Linear,
@@ -183,13 +198,13 @@ pub struct GatedDeltaNet {
     pub in_proj_b: Linear,
     pub in_proj_a: Linear,
     pub out_proj: Linear,
-    /// Depthwise conv weight (conv_dim, K).
-    pub conv1d: Tensor,
+    /// Depthwise conv weight (conv_dim, K); the checkpoint's `conv1d.weight` is (conv_dim, 1, K).
+    pub conv1d: Param,
     /// A_log in f32 (the decay rate is −exp(A_log)).
-    pub a_log: Tensor,
-    pub dt_bias: Tensor,
-    /// Plain (not 1+w) weight of the gated RMSNorm, per value-head channel.
-    pub norm: Tensor,
+    pub a_log: Param,
+    pub dt_bias: Param,
+    /// Plain (not 1+w) weight of the gated RMSNorm (`norm.weight`), per value-head channel.
+    pub norm: Param,
     eps: f64,
     hk: usize,
     hv: usize,
@@ -206,18 +221,25 @@ impl GatedDeltaNet {
         let kk = cfg.linear_conv_kernel_dim;
         let why_qkv =
             "hidden_size × (2·linear_num_key_heads·linear_key_head_dim + linear_num_value_heads·linear_value_head_dim)";
-        let conv = w.get("conv1d.weight", &[conv_dim, 1, kk], "conv_dim × 1 × linear_conv_kernel_dim")?;
-        let a_log = w.get_as("A_log", &[hv], "linear_num_value_heads", DType::F32)?;
+        let why_hv = "linear_num_value_heads";
+        // Fields in the order a random init draws them (transformers' `_init_weights`: A_log = ln(U(0, 16))).
         Ok(Self {
             in_proj_qkv: Linear::load(&w.pp("in_proj_qkv"), d, conv_dim, false, why_qkv)?,
             in_proj_z: Linear::load(&w.pp("in_proj_z"), d, hv * dv, false, "hidden_size × value heads·dim")?,
             in_proj_b: Linear::load(&w.pp("in_proj_b"), d, hv, false, "hidden_size × linear_num_value_heads")?,
             in_proj_a: Linear::load(&w.pp("in_proj_a"), d, hv, false, "hidden_size × linear_num_value_heads")?,
             out_proj: Linear::load(&w.pp("out_proj"), hv * dv, d, false, "value heads·dim × hidden_size")?,
-            conv1d: conv.squeeze(1)?,
-            a_log,
-            dt_bias: w.get_as("dt_bias", &[hv], "linear_num_value_heads", DType::F32)?,
-            norm: w.get("norm.weight", &[dv], "linear_value_head_dim")?,
+            conv1d: w
+                .param(
+                    "conv1d.weight",
+                    &[conv_dim, 1, kk],
+                    "conv_dim × 1 × linear_conv_kernel_dim",
+                    Init::FanInUniform,
+                )?
+                .reshaped(&[conv_dim, kk])?,
+            a_log: w.param_as("A_log", &[hv], why_hv, Init::LogUniform(1e-3, 16.0), DType::F32)?.saved_as(DType::F32),
+            dt_bias: w.param_as("dt_bias", &[hv], why_hv, Init::Const(1.0), DType::F32)?,
+            norm: w.param("norm.weight", &[dv], "linear_value_head_dim", Init::Const(1.0))?,
             eps: cfg.rms_norm_eps,
             hk,
             hv,
@@ -326,6 +348,20 @@ impl GatedDeltaNet {
     }
 }
 
+impl Module for GatedDeltaNet {
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(Node<'a>)) {
+        self.conv1d.visit_mut(f);
+        self.a_log.visit_mut(f);
+        self.dt_bias.visit_mut(f);
+        self.norm.visit_mut(f);
+        self.in_proj_qkv.visit_mut(f);
+        self.in_proj_z.visit_mut(f);
+        self.in_proj_b.visit_mut(f);
+        self.in_proj_a.visit_mut(f);
+        self.out_proj.visit_mut(f);
+    }
+}
+
 /// The packed samples of a micro-batch's rows (`neat_packing`), kept independent by the decoder: attention
 /// block-diagonal, the Gated-DeltaNet states restarted at each sample.
 #[derive(Clone, Debug)]
@@ -380,6 +416,8 @@ impl Segments {
     }
 }
 
+// One per layer: the variants' size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum Mixer {
     Full(Attention),
@@ -396,22 +434,17 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     pub fn load(w: &Weights, cfg: &TextConfig, kind: LayerType) -> Result<Self> {
+        let eps = cfg.rms_norm_eps;
+        let input_layernorm = RmsNorm1p::load(&w.pp("input_layernorm"), cfg.hidden_size, eps, "hidden_size")?;
+        let post_attention_layernorm =
+            RmsNorm1p::load(&w.pp("post_attention_layernorm"), cfg.hidden_size, eps, "hidden_size")?;
+        // The MLP before the mixer: the order a random init draws them in.
+        let mlp = Mlp::load(&w.pp("mlp"), cfg)?;
         let mixer = match kind {
             LayerType::Full => Mixer::Full(Attention::load(&w.pp("self_attn"), cfg)?),
             LayerType::Linear => Mixer::Linear(GatedDeltaNet::load(&w.pp("linear_attn"), cfg)?),
         };
-        let eps = cfg.rms_norm_eps;
-        Ok(Self {
-            mixer,
-            mlp: Mlp::load(&w.pp("mlp"), cfg)?,
-            input_layernorm: RmsNorm1p::load(&w.pp("input_layernorm"), cfg.hidden_size, eps, "hidden_size")?,
-            post_attention_layernorm: RmsNorm1p::load(
-                &w.pp("post_attention_layernorm"),
-                cfg.hidden_size,
-                eps,
-                "hidden_size",
-            )?,
-        })
+        Ok(Self { mixer, mlp, input_layernorm, post_attention_layernorm })
     }
 
     /// Pre-norm residual block. x: (B, S, D); `segments` keeps packed samples apart.
@@ -432,76 +465,17 @@ impl DecoderLayer {
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, train)?;
         x + h
     }
+}
 
-    /// Every parameter tensor of this layer: (checkpoint name relative to the layer, tensor, how it is stored).
-    pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor, Stored)> {
-        let Self { mixer, mlp, input_layernorm, post_attention_layernorm } = self;
-        let mut v: Vec<(String, &mut Tensor, Stored)> = Vec::new();
-        v.push(("input_layernorm.weight".into(), &mut input_layernorm.one_plus_w, Stored::OnePlus));
-        v.push(("post_attention_layernorm.weight".into(), &mut post_attention_layernorm.one_plus_w, Stored::OnePlus));
-        let mut lins: Vec<(&str, &mut Linear)> = Vec::new();
-        match mixer {
-            Mixer::Full(a) => {
-                v.push(("self_attn.q_norm.weight".into(), &mut a.q_norm.one_plus_w, Stored::OnePlus));
-                v.push(("self_attn.k_norm.weight".into(), &mut a.k_norm.one_plus_w, Stored::OnePlus));
-                lins.extend([
-                    ("self_attn.q_proj", &mut a.q_proj),
-                    ("self_attn.k_proj", &mut a.k_proj),
-                    ("self_attn.v_proj", &mut a.v_proj),
-                    ("self_attn.o_proj", &mut a.o_proj),
-                ]);
-            }
-            Mixer::Linear(g) => {
-                let k = g.conv1d.dims().to_vec();
-                v.push(("linear_attn.conv1d.weight".into(), &mut g.conv1d, Stored::Reshaped(vec![k[0], 1, k[1]])));
-                v.push(("linear_attn.A_log".into(), &mut g.a_log, Stored::Plain));
-                v.push(("linear_attn.dt_bias".into(), &mut g.dt_bias, Stored::Plain));
-                v.push(("linear_attn.norm.weight".into(), &mut g.norm, Stored::Plain));
-                lins.extend([
-                    ("linear_attn.in_proj_qkv", &mut g.in_proj_qkv),
-                    ("linear_attn.in_proj_z", &mut g.in_proj_z),
-                    ("linear_attn.in_proj_b", &mut g.in_proj_b),
-                    ("linear_attn.in_proj_a", &mut g.in_proj_a),
-                    ("linear_attn.out_proj", &mut g.out_proj),
-                ]);
-            }
-        }
-        lins.extend([
-            ("mlp.gate_proj", &mut mlp.gate_proj),
-            ("mlp.up_proj", &mut mlp.up_proj),
-            ("mlp.down_proj", &mut mlp.down_proj),
-        ]);
-        for (name, lin) in lins {
-            v.push((format!("{name}.weight"), &mut lin.weight, Stored::Plain));
-            if let Some(b) = lin.bias.as_mut() {
-                v.push((format!("{name}.bias"), b, Stored::Plain));
-            }
-        }
-        v
-    }
-
-    /// The linears of this layer with their module paths relative to the layer.
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut v: Vec<(String, &mut Linear)> = Vec::new();
+impl Module for DecoderLayer {
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(Node<'a>)) {
+        self.input_layernorm.visit_mut(f);
+        self.post_attention_layernorm.visit_mut(f);
         match &mut self.mixer {
-            Mixer::Full(a) => {
-                v.push(("self_attn.q_proj".into(), &mut a.q_proj));
-                v.push(("self_attn.k_proj".into(), &mut a.k_proj));
-                v.push(("self_attn.v_proj".into(), &mut a.v_proj));
-                v.push(("self_attn.o_proj".into(), &mut a.o_proj));
-            }
-            Mixer::Linear(g) => {
-                v.push(("linear_attn.in_proj_qkv".into(), &mut g.in_proj_qkv));
-                v.push(("linear_attn.in_proj_z".into(), &mut g.in_proj_z));
-                v.push(("linear_attn.in_proj_b".into(), &mut g.in_proj_b));
-                v.push(("linear_attn.in_proj_a".into(), &mut g.in_proj_a));
-                v.push(("linear_attn.out_proj".into(), &mut g.out_proj));
-            }
+            Mixer::Full(a) => a.visit_mut(f),
+            Mixer::Linear(g) => g.visit_mut(f),
         }
-        v.push(("mlp.gate_proj".into(), &mut self.mlp.gate_proj));
-        v.push(("mlp.up_proj".into(), &mut self.mlp.up_proj));
-        v.push(("mlp.down_proj".into(), &mut self.mlp.down_proj));
-        v
+        self.mlp.visit_mut(f);
     }
 }
 

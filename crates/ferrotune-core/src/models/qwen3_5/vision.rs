@@ -10,19 +10,21 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::VisionConfig;
-use crate::checkpoint::Weights;
-use crate::nn::ops;
-use crate::nn::Linear;
+use crate::checkpoint::{Init, Weights};
+use crate::nn::{ops, Linear, Module, Node, Param};
 
 #[derive(Clone)]
 pub struct LayerNorm {
-    pub weight: Tensor,
-    pub bias: Tensor,
+    pub weight: Param,
+    pub bias: Param,
 }
 
 impl LayerNorm {
     fn load(w: &Weights, dim: usize, why: &str) -> Result<Self> {
-        Ok(Self { weight: w.get("weight", &[dim], why)?, bias: w.get("bias", &[dim], why)? })
+        Ok(Self {
+            weight: w.param("weight", &[dim], why, Init::Const(1.0))?,
+            bias: w.param("bias", &[dim], why, Init::Const(0.0))?,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -30,38 +32,63 @@ impl LayerNorm {
     }
 }
 
-#[derive(Clone)]
-pub struct VisionBlock {
-    pub norm1: LayerNorm,
-    pub norm2: LayerNorm,
-    pub qkv: Linear,
-    pub proj: Linear,
-    pub fc1: Linear,
-    pub fc2: Linear,
-    heads: usize,
-    act: String,
+impl Module for LayerNorm {
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(Node<'a>)) {
+        self.weight.visit_mut(f);
+        self.bias.visit_mut(f);
+    }
 }
 
-impl VisionBlock {
+/// The Conv3d patch embedding (`patch_embed.proj`), applied as a linear over flattened patches.
+#[derive(Clone)]
+pub struct PatchEmbed {
+    /// Kernel flattened to (hidden, C·T·P·P); the checkpoint holds it as (hidden, C, T, P, P).
+    pub proj: Linear,
+}
+
+impl PatchEmbed {
     fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
-        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let d = cfg.hidden_size;
+        let (c, t, p) = (cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size);
+        let w = w.pp("proj");
+        let why = "vision hidden_size × in_channels × temporal_patch_size × patch_size²";
+        let kernel = w.param("weight", &[d, c, t, p, p], why, Init::Normal)?.reshaped(&[d, c * t * p * p])?;
+        let bias = w.param("bias", &[d], "vision hidden_size", Init::Const(0.0))?;
+        Ok(Self { proj: Linear::new(w.prefix(), kernel, Some(bias)) })
+    }
+}
+
+impl Module for PatchEmbed {
+    // Parameters only: a convolution is not a module LoRA targets (PEFT's linear targets exclude it).
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(Node<'a>)) {
+        let Linear { weight, bias, .. } = &mut self.proj;
+        weight.visit_mut(f);
+        bias.visit_mut(f);
+    }
+}
+
+#[derive(Clone)]
+pub struct VisionAttention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    heads: usize,
+}
+
+impl VisionAttention {
+    fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
         Ok(Self {
-            norm1: LayerNorm::load(&w.pp("norm1"), d, "vision hidden_size")?,
-            norm2: LayerNorm::load(&w.pp("norm2"), d, "vision hidden_size")?,
-            qkv: Linear::load(&w.pp("attn.qkv"), d, 3 * d, true, "vision hidden_size × 3·hidden_size")?,
-            proj: Linear::load(&w.pp("attn.proj"), d, d, true, "vision hidden_size")?,
-            fc1: Linear::load(&w.pp("mlp.linear_fc1"), d, f, true, "vision hidden_size × intermediate_size")?,
-            fc2: Linear::load(&w.pp("mlp.linear_fc2"), f, d, true, "vision intermediate_size × hidden_size")?,
+            qkv: Linear::load(&w.pp("qkv"), d, 3 * d, true, "vision hidden_size × 3·hidden_size")?,
+            proj: Linear::load(&w.pp("proj"), d, d, true, "vision hidden_size")?,
             heads: cfg.num_heads,
-            act: cfg.hidden_act.clone(),
         })
     }
 
-    /// x: (N, d) patches of all images; `spans`: (start, len) of each image (or video frame) in x.
+    /// x: (N, d) normed patches of all images; attention never crosses the `spans`.
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, spans: &[(usize, usize)]) -> candle_core::Result<Tensor> {
         let (n, d) = x.dims2()?;
         let (h, hd) = (self.heads, d / self.heads);
-        let qkv = self.qkv.forward(&self.norm1.forward(x)?)?.reshape((n, 3, h, hd))?;
+        let qkv = self.qkv.forward(x)?.reshape((n, 3, h, hd))?;
         // (N, H, hd) each; rotary over the whole head dim, in f32.
         let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
         let q = ops::apply_rope_f32(&qkv.narrow(1, 0, 1)?.squeeze(1)?, &cos, &sin)?;
@@ -76,53 +103,145 @@ impl VisionBlock {
             outs.push(o.squeeze(0)?.transpose(0, 1)?.reshape((len, d))?);
         }
         let o = Tensor::cat(&outs, 0)?;
-        let x = (x + self.proj.forward(&o)?)?;
-        let m = self.fc2.forward(&ops::activation(&self.fc1.forward(&self.norm2.forward(&x)?)?, &self.act)?)?;
+        self.proj.forward(&o)
+    }
+}
+
+impl Module for VisionAttention {
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(Node<'a>)) {
+        self.qkv.visit_mut(f);
+        self.proj.visit_mut(f);
+    }
+}
+
+#[derive(Clone)]
+pub struct VisionMlp {
+    pub linear_fc1: Linear,
+    pub linear_fc2: Linear,
+    act: String,
+}
+
+impl VisionMlp {
+    fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            linear_fc1: Linear::load(&w.pp("linear_fc1"), d, f, true, "vision hidden_size × intermediate_size")?,
+            linear_fc2: Linear::load(&w.pp("linear_fc2"), f, d, true, "vision intermediate_size × hidden_size")?,
+            act: cfg.hidden_act.clone(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.linear_fc2.forward(&ops::activation(&self.linear_fc1.forward(x)?, &self.act)?)
+    }
+}
+
+impl Module for VisionMlp {
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(Node<'a>)) {
+        self.linear_fc1.visit_mut(f);
+        self.linear_fc2.visit_mut(f);
+    }
+}
+
+#[derive(Clone)]
+pub struct VisionBlock {
+    pub norm1: LayerNorm,
+    pub norm2: LayerNorm,
+    pub attn: VisionAttention,
+    pub mlp: VisionMlp,
+}
+
+impl VisionBlock {
+    fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            norm1: LayerNorm::load(&w.pp("norm1"), d, "vision hidden_size")?,
+            norm2: LayerNorm::load(&w.pp("norm2"), d, "vision hidden_size")?,
+            attn: VisionAttention::load(&w.pp("attn"), cfg)?,
+            mlp: VisionMlp::load(&w.pp("mlp"), cfg)?,
+        })
+    }
+
+    /// x: (N, d) patches of all images; `spans`: (start, len) of each image (or video frame) in x.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, spans: &[(usize, usize)]) -> candle_core::Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?, cos, sin, spans)?)?;
+        let m = self.mlp.forward(&self.norm2.forward(&x)?)?;
         x + m
+    }
+}
+
+impl Module for VisionBlock {
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(Node<'a>)) {
+        self.norm1.visit_mut(f);
+        self.norm2.visit_mut(f);
+        self.attn.visit_mut(f);
+        self.mlp.visit_mut(f);
+    }
+}
+
+/// The 2×2 patch merger: LayerNorm, then concatenated 2×2 blocks through a GELU MLP into the text width.
+#[derive(Clone)]
+pub struct Merger {
+    pub norm: LayerNorm,
+    pub linear_fc1: Linear,
+    pub linear_fc2: Linear,
+    /// Rows merged into one (merge_size²) and the vision width.
+    unit: usize,
+    hidden: usize,
+}
+
+impl Merger {
+    fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let unit = cfg.spatial_merge_size * cfg.spatial_merge_size;
+        let m = unit * d;
+        let why = "merge_size²·hidden × out_hidden_size";
+        Ok(Self {
+            norm: LayerNorm::load(&w.pp("norm"), d, "vision hidden_size")?,
+            linear_fc1: Linear::load(&w.pp("linear_fc1"), m, m, true, "merge_size²·hidden × same")?,
+            linear_fc2: Linear::load(&w.pp("linear_fc2"), m, cfg.out_hidden_size, true, why)?,
+            unit,
+            hidden: d,
+        })
+    }
+
+    /// x: (N, d) in merge-block order -> (N / merge², out_hidden_size).
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let n = x.dim(0)?;
+        let y = self.norm.forward(x)?.reshape((n / self.unit, self.unit * self.hidden))?;
+        self.linear_fc2.forward(&ops::gelu_erf(&self.linear_fc1.forward(&y)?)?)
+    }
+}
+
+impl Module for Merger {
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(Node<'a>)) {
+        self.norm.visit_mut(f);
+        self.linear_fc1.visit_mut(f);
+        self.linear_fc2.visit_mut(f);
     }
 }
 
 #[derive(Clone)]
 pub struct VisionModel {
-    /// Conv3d kernel flattened to (hidden, C·T·P·P).
-    pub patch_embed: Linear,
-    pub pos_embed: Tensor,
+    pub patch_embed: PatchEmbed,
+    /// The learned position table (`pos_embed.weight`), (num_position_embeddings, hidden).
+    pub pos_embed: Param,
     pub blocks: Vec<VisionBlock>,
-    pub merger_norm: LayerNorm,
-    pub merger_fc1: Linear,
-    pub merger_fc2: Linear,
+    pub merger: Merger,
     cfg: VisionConfig,
 }
 
 impl VisionModel {
     pub fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
-        let d = cfg.hidden_size;
-        let (c, t, p) = (cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size);
-        let kernel = w.get(
-            "patch_embed.proj.weight",
-            &[d, c, t, p, p],
-            "vision hidden_size × in_channels × temporal_patch_size × patch_size²",
-        )?;
-        let bias = w.get("patch_embed.proj.bias", &[d], "vision hidden_size")?;
-        let patch_embed = Linear::new(kernel.reshape((d, c * t * p * p))?, Some(bias));
-        let pos_embed =
-            w.get("pos_embed.weight", &[cfg.num_position_embeddings, d], "num_position_embeddings × hidden")?;
-        let blocks =
-            (0..cfg.depth).map(|i| VisionBlock::load(&w.pp("blocks").pp(i), cfg)).collect::<Result<Vec<_>>>()?;
-        let m = cfg.spatial_merge_size * cfg.spatial_merge_size * d;
+        let why = "num_position_embeddings × hidden";
+        let shape = [cfg.num_position_embeddings, cfg.hidden_size];
         Ok(Self {
-            patch_embed,
-            pos_embed,
-            blocks,
-            merger_norm: LayerNorm::load(&w.pp("merger.norm"), d, "vision hidden_size")?,
-            merger_fc1: Linear::load(&w.pp("merger.linear_fc1"), m, m, true, "merge_size²·hidden × same")?,
-            merger_fc2: Linear::load(
-                &w.pp("merger.linear_fc2"),
-                m,
-                cfg.out_hidden_size,
-                true,
-                "merge_size²·hidden × out_hidden_size",
-            )?,
+            patch_embed: PatchEmbed::load(&w.pp("patch_embed"), cfg)?,
+            pos_embed: w.param("pos_embed.weight", &shape, why, Init::Normal)?,
+            blocks: (0..cfg.depth)
+                .map(|i| VisionBlock::load(&w.pp("blocks").pp(i), cfg))
+                .collect::<Result<Vec<_>>>()?,
+            merger: Merger::load(&w.pp("merger"), cfg)?,
             cfg: cfg.clone(),
         })
     }
@@ -136,7 +255,7 @@ impl VisionModel {
     pub fn forward(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> candle_core::Result<Tensor> {
         let dev = pixel_values.device();
         let dtype = self.pos_embed.dtype();
-        let x = self.patch_embed.forward(&pixel_values.to_dtype(dtype)?)?;
+        let x = self.patch_embed.proj.forward(&pixel_values.to_dtype(dtype)?)?;
         let x = (x + self.interpolated_pos_embed(grids, dev)?)?;
         let (cos, sin) = self.rotary(grids, dev)?;
         let mut spans = Vec::new();
@@ -151,10 +270,7 @@ impl VisionModel {
         for blk in &self.blocks {
             x = blk.forward(&x, &cos, &sin, &spans)?;
         }
-        let n = x.dim(0)?;
-        let unit = self.cfg.spatial_merge_size * self.cfg.spatial_merge_size;
-        let y = self.merger_norm.forward(&x)?.reshape((n / unit, unit * self.cfg.hidden_size))?;
-        self.merger_fc2.forward(&ops::gelu_erf(&self.merger_fc1.forward(&y)?)?)
+        self.merger.forward(&x)
     }
 
     /// (row, col) of each patch in merge-block order, for every frame.
@@ -231,6 +347,15 @@ impl VisionModel {
 
     pub fn dtype(&self) -> DType {
         self.pos_embed.dtype()
+    }
+}
+
+impl Module for VisionModel {
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(Node<'a>)) {
+        self.patch_embed.visit_mut(f);
+        self.pos_embed.visit_mut(f);
+        self.blocks.visit_mut(f);
+        self.merger.visit_mut(f);
     }
 }
 
