@@ -258,9 +258,11 @@ const FINGERPRINT_FILE: &str = "recipe.fingerprint";
 /// FNV-1a over stage 1's inputs: the recipe's settings, this ferrotune's version, the weights it starts from
 /// (stage 0's result) and every file of the single-shape dataset (names and bytes, in sorted order).
 fn stage1_fingerprint(start: &Path, data: &Path, recipe: &Recipe) -> Result<String> {
-    let mut h = crate::hash::Fnv1a64::default();
+    use std::hash::Hasher as _;
+    // `write` is plain FNV-1a 64 over the bytes: the fingerprints already on disk stay valid.
+    let mut h = fnv::FnvHasher::default();
     let Recipe { seed, scenes, epochs, epochs_stage2: _, learning_rate, batch_size, vision, freeze_vision } = recipe;
-    h.update(
+    h.write(
         format!(
             "{}|{seed}|{scenes}|{epochs}|{learning_rate}|{batch_size}|{vision:?}|{freeze_vision}",
             env!("CARGO_PKG_VERSION")
@@ -275,10 +277,10 @@ fn stage1_fingerprint(start: &Path, data: &Path, recipe: &Recipe) -> Result<Stri
     images.sort();
     files.extend(images);
     for f in &files {
-        h.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
-        h.update(&std::fs::read(f).with_context(|| format!("{}: cannot read", f.display()))?);
+        h.write(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        h.write(&std::fs::read(f).with_context(|| format!("{}: cannot read", f.display()))?);
     }
-    Ok(h.hex())
+    Ok(format!("{:016x}", h.finish()))
 }
 
 /// One full fine-tuning stage from `model` on `datasets`; returns the output folder.
