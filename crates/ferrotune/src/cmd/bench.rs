@@ -103,7 +103,7 @@ fn packing(args: &BenchArgs) -> Result<ExitCode> {
     let base = if args.model.is_none() && args.preset == "demo" {
         let b = work.join("demo-base");
         if !b.join("config.json").exists() {
-            ferrotune_core::demo::base::write_embedded(&b)?;
+            ferrotune_core::demo::base::write_embedded(&b, super::demo::EMBEDDED_BASE)?;
         }
         b
     } else {
