@@ -10,26 +10,10 @@ use rand::{Rng, SeedableRng};
 
 use crate::lora::{self, Init, LoraSpec, Targets};
 use crate::models::qwen3_5::{Qwen3_5, VisionInput};
+use crate::sys::{cpu_seconds, peak_rss_bytes};
+use crate::train::batch::MicroBatch;
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::train::step::{forward_backward, GradAccum, MicroBatch, StepOptions};
-
-/// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// Process CPU time (user + system) in seconds.
-pub fn cpu_seconds() -> f64 {
-    // /proc/self/stat fields 14 and 15 are utime and stime in clock ticks (100 Hz on Linux).
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
+use crate::train::step::{forward_backward, GradAccum, StepOptions};
 
 pub struct BenchReport {
     /// Where it ran ("CPU", "CUDA device 0 (…)") and the base weights' dtype.
@@ -60,7 +44,7 @@ impl BenchReport {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "device": self.device,
-            "dtype": crate::train::run::dtype_name(self.dtype),
+            "dtype": crate::device::dtype_name(self.dtype),
             "params": self.params,
             "trainable": self.trainable,
             "tokens_per_sample": self.tokens_per_sample,
@@ -157,13 +141,8 @@ pub fn train(model_dir: &Path, opts: &TrainBench, dtype: DType, device: &Device)
         targets: Targets::Modules(opts.targets.clone()),
     };
     lora::attach(model.lora_candidates(false, false), &spec, &Init::Default { seed: 0 }, device)?;
-    let mut vars: Vec<(String, Var, bool)> = Vec::new();
-    for (path, lin) in model.linears_mut() {
-        if let Some(l) = &lin.lora {
-            vars.push((lora::peft_key(&path, "A"), l.a.clone(), true));
-            vars.push((lora::peft_key(&path, "B"), l.b.clone(), true));
-        }
-    }
+    let vars: Vec<(String, Var, bool)> =
+        lora::trainable_vars(model.linears_mut()).into_iter().map(|(n, v)| (n, v, true)).collect();
     let trainable = vars.iter().map(|(_, v, _)| v.elem_count()).sum();
     let plist: Vec<Var> = vars.iter().map(|(_, v, _)| v.clone()).collect();
     let mut opt = AdamW::new(AdamWConfig::default(), vars)?;

@@ -4,7 +4,7 @@
 //! `CUDA_VISIBLE_DEVICES=3 ferrotune ... --device cuda` runs on physical GPU 3.
 
 use anyhow::{bail, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 /// Text hidden size up to which one CPU compute thread runs a sample faster than several: each operation is too
 /// small to pay for handing work to other threads (`ferrotune train` of the demo's LoRA, one epoch, hidden size 192:
@@ -161,15 +161,18 @@ pub fn reset_peak_memory(dev: &Device) {
     let _ = dev;
 }
 
-/// Device-wide memory in use (all processes, the CUDA context included), in bytes. None on the CPU.
-pub fn used_memory(dev: &Device) -> Option<u64> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(c) = dev {
-        let (free, total) = c.cuda_stream().context().mem_get_info().ok()?;
-        return Some((total - free) as u64);
+/// The name transformers uses for a dtype in config.json (and what logs and reports print).
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        DType::U8 => "uint8",
+        DType::U32 => "uint32",
+        DType::I64 => "int64",
+        _ => "unknown",
     }
-    let _ = dev;
-    None
 }
 
 /// Waits until the device has finished the queued work (timings of asynchronous GPU work need it).

@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::{read_config_json, save_safetensors, Checkpoint, TOKENIZER_FILES};
+use crate::device::dtype_name;
 use crate::lora::Adapter;
 
 #[derive(Clone, Debug)]
@@ -61,20 +62,6 @@ pub fn parse_dtype(s: &str) -> Result<Option<DType>> {
         "float16" | "fp16" | "f16" | "half" => Some(DType::F16),
         other => bail!("infer_dtype {other:?} is not one of auto, float32, bfloat16, float16"),
     })
-}
-
-/// The name transformers uses for a dtype in config.json.
-pub fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "float32",
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        DType::F64 => "float64",
-        DType::U8 => "uint8",
-        DType::U32 => "uint32",
-        DType::I64 => "int64",
-        _ => "unknown",
-    }
 }
 
 fn is_float(d: DType) -> bool {

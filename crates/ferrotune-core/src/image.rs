@@ -1,4 +1,5 @@
-//! Qwen2-VL-family image processor: decode, `smart_resize`, bicubic resize, normalise, patchify.
+//! Qwen2-VL-family image processor: decode, LLaMA-Factory's pre-resize, `smart_resize`, bicubic resize,
+//! normalise, patchify. Training, evaluation, the data check and serving all take their pictures through here.
 //!
 //! The reference is transformers' `Qwen2VLImageProcessor` with its default torchvision backend, which is what
 //! `AutoProcessor` gives for `qwen3_5` checkpoints. Its output is reproduced exactly on the CPU path:
@@ -14,7 +15,7 @@
 //! GIF and WebP decode to exactly PIL's pixels (lossy WebP included, on the test files); JPEG decoders differ
 //! (libjpeg-turbo in PIL), by a few levels per sample (3 at most on the 4:2:0 test file).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ::image::{DynamicImage, RgbImage};
 use anyhow::{bail, Context, Result};
@@ -295,6 +296,24 @@ impl ImageProcessorConfig {
         Ok(out)
     }
 
+    /// The pixel path of training and evaluation: decodes each file, brings it to the size LLaMA-Factory's
+    /// pre-resize gave it (`sizes[i]`, which the data stage computed from the file's header; the decoded size when
+    /// absent) and preprocesses them all. `what` names the images' row in errors.
+    pub fn preprocess_files(
+        &self,
+        paths: &[PathBuf],
+        sizes: &[(u32, u32)],
+        what: &dyn std::fmt::Display,
+    ) -> Result<ProcessedImages> {
+        let mut decoded = Vec::with_capacity(paths.len());
+        for (i, path) in paths.iter().enumerate() {
+            let img = load_image(path).with_context(|| format!("{} (image {i} of {what})", path.display()))?;
+            let size = sizes.get(i).copied().unwrap_or((img.width(), img.height()));
+            decoded.push(resize_to(img, size));
+        }
+        self.preprocess(&decoded)
+    }
+
     /// Writes the rows of one resized image. Row order is block row, block column, row in block, column in block
     /// (blocks are `merge_size` patches square); features are `c*T*P*P + t*P*P + py*P + px`, and a still image is
     /// repeated over the `T = temporal_patch_size` frames.
@@ -381,6 +400,52 @@ pub fn smart_resize(
         bail!("image of {height}x{width} (HxW) resizes to {h}x{w}; raise min pixels (`size.shortest_edge`)");
     }
     Ok((h, w))
+}
+
+/// LLaMA-Factory's pre-resize of an image before the HF processor (`MMPluginMixin._preprocess_image` plus the
+/// Qwen2-VL plugin's clamps): down to `max_pixels` and up to `min_pixels` keeping the aspect ratio (sides
+/// truncated to integers), then at least 28 pixels a side and an aspect ratio of at most 200 (clamped to 180).
+/// Returns the (width, height) the processor sees; the pixel path must resize to exactly this size first.
+pub fn preresize(width: u32, height: u32, max_pixels: u64, min_pixels: u64) -> (u32, u32) {
+    let (mut w, mut h) = (width, height);
+    let area = |w: u32, h: u32| u64::from(w) * u64::from(h);
+    if area(w, h) > max_pixels {
+        let f = (max_pixels as f64 / area(w, h) as f64).sqrt();
+        (w, h) = ((f64::from(w) * f) as u32, (f64::from(h) * f) as u32);
+    }
+    if area(w, h) < min_pixels {
+        let f = (min_pixels as f64 / area(w, h).max(1) as f64).sqrt();
+        (w, h) = ((f64::from(w) * f) as u32, (f64::from(h) * f) as u32);
+    }
+    (w, h) = (w.max(1), h.max(1));
+    if w.min(h) < 28 {
+        (w, h) = (w.max(28), h.max(28));
+    }
+    if f64::from(w) / f64::from(h) > 200.0 {
+        w = h * 180;
+    }
+    if f64::from(h) / f64::from(w) > 200.0 {
+        h = w * 180;
+    }
+    (w, h)
+}
+
+/// `img` at `(width, height)`: resized with Pillow's bicubic, as LLaMA-Factory's pre-resize does, unless it
+/// already has that size.
+pub fn resize_to(img: RgbImage, (width, height): (u32, u32)) -> RgbImage {
+    if (width, height) == (img.width(), img.height()) {
+        img
+    } else {
+        resize_bicubic_pil(&img, height as usize, width as usize)
+    }
+}
+
+/// LLaMA-Factory's pre-resize applied to a decoded picture: one with more than `max_pixels` (or fewer than
+/// `min_pixels`) is resized, keeping its aspect ratio, before the processor sees it. Serving must do what
+/// training did, or a large photo becomes thousands of image tokens the adapter never saw.
+pub fn fit_pixels(img: RgbImage, min_pixels: u64, max_pixels: u64) -> RgbImage {
+    let size = preresize(img.width(), img.height(), max_pixels, min_pixels);
+    resize_to(img, size)
 }
 
 /// Which bicubic resampler's arithmetic to reproduce.
@@ -637,6 +702,52 @@ mod tests {
         assert!(smart_resize(10, 2001, 32, 65536, 16777216).is_err());
         assert!(smart_resize(2000, 10, 32, 65536, 16777216).is_ok());
         assert!(smart_resize(0, 10, 32, 65536, 16777216).is_err());
+    }
+
+    #[test]
+    fn preresize_then_processor_worked_example_from_the_reference() {
+        // A 1024x768 image with image_max_pixels 262144 is pre-resized to 591x443, then 576x448: 252 tokens.
+        let (w, h) = preresize(1024, 768, 262144, 1024);
+        assert_eq!((w, h), (591, 443));
+        assert_eq!(smart_resize(h as usize, w as usize, 32, 65536, 16777216).unwrap(), (448, 576));
+        assert_eq!(ImageProcessorConfig::default().num_image_tokens(h as usize, w as usize).unwrap(), 252);
+        // Qwen2.5-VL (patch 14): 588x448, 336 tokens.
+        let q25 = ImageProcessorConfig { patch_size: 14, min_pixels: 3136, max_pixels: 12845056, ..Default::default() };
+        assert_eq!(q25.num_image_tokens(h as usize, w as usize).unwrap(), 336);
+    }
+
+    #[test]
+    fn small_images_grow_and_halves_round_to_even() {
+        assert_eq!(preresize(10, 20, 589824, 1024), (28, 45));
+        assert_eq!(smart_resize(20, 10, 32, 4096, 65536).unwrap(), (96, 64));
+        // 48 / 32 = 1.5 → 2, 80 / 32 = 2.5 → 2.
+        assert_eq!(smart_resize(48, 80, 32, 1, usize::MAX).unwrap(), (64, 64));
+    }
+
+    #[test]
+    fn large_images_are_pre_resized_as_in_training() {
+        let img = RgbImage::new(1024, 768);
+        let out = fit_pixels(img.clone(), 1024, 262144);
+        // LLaMA-Factory's example: 1024x768 with image_max_pixels 262144 becomes 591x443.
+        assert_eq!((out.width(), out.height()), (591, 443));
+        assert_eq!(fit_pixels(img, 1024, 1024 * 768).dimensions(), (1024, 768), "within the bounds: untouched");
+        assert_eq!(fit_pixels(RgbImage::new(16, 16), 1024, 262144).dimensions(), (32, 32), "small: scaled up");
+    }
+
+    #[test]
+    fn zero_or_huge_sizes_in_preprocessor_config_name_the_file_and_key() {
+        let dir = std::env::temp_dir().join(format!("ferrotune-media-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (key, v) in [("patch_size", 0u64), ("merge_size", 0), ("patch_size", 1 << 32), ("merge_size", 1 << 40)] {
+            let mut json = serde_json::json!({"patch_size": 16, "merge_size": 2,
+                "size": {"shortest_edge": 65536, "longest_edge": 16777216}});
+            json[key] = v.into();
+            std::fs::write(dir.join("preprocessor_config.json"), json.to_string()).unwrap();
+            let err = format!("{:#}", ImageProcessorConfig::from_dir(&dir).unwrap_err());
+            assert!(err.contains("preprocessor_config.json") && err.contains(&format!("`{key}` is {v}")), "{err}");
+            assert!(err.contains("hint:"), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -168,6 +168,19 @@ pub fn adapter_tensors(linears: Vec<(String, &mut Linear)>) -> Result<HashMap<St
     Ok(out)
 }
 
+/// The trainable variables of the adapters on `linears` (A then B of each adapted module, in module order), by
+/// PEFT key: what the optimizer steps and the gradient checks compare.
+pub fn trainable_vars(linears: Vec<(String, &mut Linear)>) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    for (path, lin) in linears {
+        if let Some(l) = &lin.lora {
+            out.push((peft_key(&path, "A"), l.a.clone()));
+            out.push((peft_key(&path, "B"), l.b.clone()));
+        }
+    }
+    out
+}
+
 /// `adapter_config.json` exactly as PEFT writes it for a LoRA on a causal LM.
 pub fn adapter_config_json(spec: &LoraSpec, modules: &[String], base_model: &str) -> serde_json::Value {
     let mut targets: Vec<&String> = modules.iter().collect();
@@ -212,16 +225,6 @@ pub fn adapter_config_json(spec: &LoraSpec, modules: &[String], base_model: &str
         "use_qalora": false,
         "use_rslora": spec.use_rslora
     })
-}
-
-/// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir`.
-pub fn save_adapter(dir: &Path, tensors: &HashMap<String, Tensor>, config: &serde_json::Value) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    crate::checkpoint::save_safetensors(tensors, &dir.join("adapter_model.safetensors"))?;
-    let tmp = dir.join("adapter_config.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(config)?)?;
-    std::fs::rename(&tmp, dir.join("adapter_config.json"))?;
-    Ok(())
 }
 
 /// A PEFT LoRA adapter read from disk (ours, PEFT's or LLaMA-Factory's).

@@ -13,7 +13,8 @@ use rand::{Rng, SeedableRng};
 use crate::lora::{self, Init, LoraSpec, Targets};
 use crate::models::qwen3_5::{gdn, Qwen3_5, VisionInput};
 use crate::nn::{frozen::frozen_matmul, ops};
-use crate::train::step::{forward_backward, GradAccum, MicroBatch, StepOptions};
+use crate::train::batch::MicroBatch;
+use crate::train::step::{forward_backward, GradAccum, StepOptions};
 
 /// One measured quantity against its bound.
 #[derive(Clone, Debug)]
@@ -137,7 +138,7 @@ pub fn frozen_matmul_vs_cpu(dev: &Device) -> Result<Vec<Check>> {
         let y = frozen_matmul(xv.as_tensor(), &wd)?;
         let grads = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?.sum_all()?.backward()?;
         let dx = grads.get(xv.as_tensor()).context("frozen matmul: no gradient reached x")?;
-        let name = format!("frozen matmul {}", crate::train::run::dtype_name(dtype));
+        let name = format!("frozen matmul {}", crate::device::dtype_name(dtype));
         out.push(Check::new(format!("{name}: forward"), "rel L2", rel_l2(&y, &want_y)?, bound));
         out.push(Check::new(format!("{name}: dX"), "rel L2", rel_l2(dx, &want_dx)?, bound));
         let leaked = grads.get(&wd).is_some() as u8 as f64;
@@ -310,7 +311,7 @@ pub fn logits(dev: &Device, fixtures: &Path, dtype: DType) -> Result<Vec<Check>>
         };
         let tail = want.dim(0)?;
         let got = model.logits(&hidden.squeeze(0)?.narrow(0, ids.len() - tail, tail)?)?;
-        let name = format!("logits {} {}", crate::train::run::dtype_name(dtype), c.name);
+        let name = format!("logits {} {}", crate::device::dtype_name(dtype), c.name);
         out.push(Check::new(name, "max abs", max_abs(&got, want)?, bound));
     }
     Ok(out)
@@ -410,13 +411,7 @@ impl PeftFixtures {
         if adapted.len() * 2 != init.len() {
             bail!("{set}: {} modules adapted, the PEFT init has {}", adapted.len(), init.len() / 2);
         }
-        let mut vars = Vec::new();
-        for (path, lin) in model.linears_mut() {
-            if let Some(l) = &lin.lora {
-                vars.push((lora::peft_key(&path, "A"), l.a.clone()));
-                vars.push((lora::peft_key(&path, "B"), l.b.clone()));
-            }
-        }
+        let vars = lora::trainable_vars(model.linears_mut());
         Ok((model, vars))
     }
 }
@@ -458,7 +453,7 @@ pub fn lora_gradients(dev: &Device, fixtures: &Path, dtype: DType, checkpointing
         }
         let name = format!(
             "LoRA {set} {}{}",
-            crate::train::run::dtype_name(dtype),
+            crate::device::dtype_name(dtype),
             if checkpointing { ", checkpointed" } else { "" }
         );
         out.push(Check::new(format!("{name}: loss"), "rel", (stats.loss - want_loss).abs() / want_loss, loss_bound));

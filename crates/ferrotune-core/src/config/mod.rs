@@ -7,12 +7,10 @@
 //!
 //! [`keys`] is the one table that defines every key.
 
-pub mod fuzz;
 pub mod keys;
 pub mod plan;
 pub mod raw;
 pub mod steps;
-pub mod suggest;
 
 pub use plan::{
     DataPlan, ExportPlan, FinetuningType, GenerationPlan, Interval, LoraPlan, LoraTarget, Packing, Plan, Resume,

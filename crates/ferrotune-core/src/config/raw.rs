@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use super::keys::{self, Kind, Support};
-use super::suggest;
+use crate::suggest;
 
 /// Where a setting came from.
 #[derive(Clone, Debug, PartialEq)]

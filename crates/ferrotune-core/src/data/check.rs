@@ -17,9 +17,10 @@ use rayon::prelude::*;
 use super::convert::{convert, uses_role_content, Conversation};
 use super::encode::{encode, EncodeOptions, Encoded, Lengths, RowRef, Sample, VisionIds};
 use super::info::{resolve, DatasetAttr, Tags};
-use super::media::{image_size, preresize, resolve_image, SmartResize, VisionTokens};
+use super::media::{image_size, resolve_image};
 use super::read::{read_rows, Row};
 use crate::config::{Packing, Plan, RawConfig, Steps};
+use crate::image::{preresize, ImageProcessorConfig};
 use crate::template::{choose, ChatEncoder, CheckpointInfo, Choice};
 use crate::tokenizer::Tokenizer;
 
@@ -140,12 +141,12 @@ pub fn prepare(plan: &Plan, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<
     let info = CheckpointInfo::read(&plan.model_name_or_path)?;
     let choice = choose(d.template.as_deref(), &info)?;
     let tok = Tokenizer::from_path(&plan.model_name_or_path)?;
-    let vision = if info.has_vision { Some(SmartResize::from_checkpoint(&plan.model_name_or_path)?) } else { None };
+    let vision = if info.has_vision { Some(ImageProcessorConfig::from_dir(&plan.model_name_or_path)?) } else { None };
     let options = d.render_options();
     let enc = ChatEncoder::new(choice.template, &tok, &options)?;
     let ctx = RowChecker {
         enc: &enc,
-        vision: vision.as_ref().map(|v| v as &dyn VisionTokens),
+        vision: vision.as_ref(),
         vision_ids: if info.has_vision { Some(VisionIds::from_tokenizer(&tok)?) } else { None },
         media_dir: &d.media_dir,
         max_pixels: d.image_max_pixels,
@@ -289,7 +290,7 @@ struct KeptRow {
 
 struct RowChecker<'a> {
     enc: &'a ChatEncoder<'a>,
-    vision: Option<&'a dyn VisionTokens>,
+    vision: Option<&'a ImageProcessorConfig>,
     vision_ids: Option<VisionIds>,
     media_dir: &'a Path,
     max_pixels: u64,
@@ -320,7 +321,7 @@ impl RowChecker<'_> {
                 })?;
                 let (pw, ph) = preresize(w, h, self.max_pixels, self.min_pixels);
                 let n = vision
-                    .image_tokens(pw, ph)
+                    .num_image_tokens(ph as usize, pw as usize)
                     .map_err(|e| (IssueKind::Image { path: path.clone() }, format!("image {i} {written:?}: {e}")))?;
                 images.push(path);
                 sizes.push((pw, ph));

@@ -68,7 +68,7 @@ pub struct Sample {
     pub labels: Vec<i64>,
     /// Image files, in placeholder order.
     pub images: Vec<PathBuf>,
-    /// (width, height) of each image after LLaMA-Factory's pre-resize ([`super::media::preresize`]): the pixel
+    /// (width, height) of each image after LLaMA-Factory's pre-resize ([`crate::image::preresize`]): the pixel
     /// path resizes the decoded image to exactly this (PIL's default bicubic, RGB) before the image processor.
     pub image_sizes: Vec<(u32, u32)>,
     /// `<|image_pad|>` count of each image (the processor's grid of the pre-resized image must give this).

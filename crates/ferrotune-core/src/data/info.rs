@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
 use super::read::json_error;
-use crate::config::suggest;
+use crate::suggest;
 
 /// The file name LLaMA-Factory looks for in `dataset_dir`.
 pub const DATASET_INFO: &str = "dataset_info.json";

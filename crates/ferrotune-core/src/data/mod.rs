@@ -4,13 +4,15 @@
 //! - [`info`]: dataset_info.json entries and dataset name resolution
 //! - [`read`]: JSON / JSON-lines files, rows with their line numbers, JSON errors with a place and a fix
 //! - [`convert`]: rows → [`Conversation`]s, placeholder checks
-//! - [`media`]: image paths, LLaMA-Factory's pre-resize, image token counts ([`VisionTokens`])
+//! - [`media`]: image paths and sizes
 //! - [`encode`]: template + images + truncation → [`Sample`]
 //! - [`check`]: the whole pass over all rows ([`prepare`]) and its [`Report`]
+//! - [`fuzz`]: random numeric config values run through the check, which must never panic
 
 pub mod check;
 pub mod convert;
 pub mod encode;
+pub mod fuzz;
 pub mod info;
 pub mod media;
 pub mod numpy_rng;
@@ -21,4 +23,3 @@ pub use check::{check_config, prepare, IssueKind, Prepared, Report, RowIssue};
 pub use convert::Conversation;
 pub use encode::{EncodeOptions, RowRef, Sample, IGNORE_INDEX};
 pub use info::DatasetAttr;
-pub use media::{preresize, SmartResize, VisionTokens};

@@ -23,18 +23,19 @@ const STATIC_FILES: &[(&str, &[u8])] = &[
     ("generation_config.json", include_bytes!("../../assets/demo-base/generation_config.json")),
 ];
 
-/// The pretrained weights and config, when this build has them.
-#[cfg(demo_base)]
-const WEIGHTS: Option<(&[u8], &[u8])> = Some((
-    include_bytes!("../../assets/demo-base/config.json"),
-    include_bytes!("../../assets/demo-base/model.safetensors"),
-));
-#[cfg(not(demo_base))]
-const WEIGHTS: Option<(&[u8], &[u8])> = None;
+/// The pretrained base's `config.json` and `model.safetensors`, held in memory. The `ferrotune` binary embeds
+/// the shipped ones and passes them in; the library does not, so that its test binaries do not each carry the
+/// 8 MB of weights.
+#[derive(Clone, Copy)]
+pub struct BaseWeights {
+    pub config: &'static [u8],
+    pub weights: &'static [u8],
+}
 
-/// The embedded base's `config.json`, when this build has the base.
-pub fn embedded_config() -> Option<&'static [u8]> {
-    WEIGHTS.map(|(config, _)| config)
+impl std::fmt::Debug for BaseWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BaseWeights {{ config: {} bytes, weights: {} bytes }}", self.config.len(), self.weights.len())
+    }
 }
 
 /// Where the recipe writes the base in a source checkout.
@@ -42,9 +43,10 @@ pub fn assets_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo-base")
 }
 
-/// Writes the embedded base checkpoint into `dir`.
-pub fn write_embedded(dir: &Path) -> Result<()> {
-    let Some((config, weights)) = WEIGHTS else {
+/// Writes the base checkpoint into `dir`: the static files and `base`'s weights (None when the binary was
+/// built without them).
+pub fn write_embedded(dir: &Path, base: Option<BaseWeights>) -> Result<()> {
+    let Some(BaseWeights { config, weights }) = base else {
         bail!(
             "this build has no pretrained demo base (assets/demo-base/model.safetensors); build it once with \
              `ferrotune demo --rebuild-base`, then rebuild ferrotune"
@@ -258,9 +260,11 @@ const FINGERPRINT_FILE: &str = "recipe.fingerprint";
 /// FNV-1a over stage 1's inputs: the recipe's settings, this ferrotune's version, the weights it starts from
 /// (stage 0's result) and every file of the single-shape dataset (names and bytes, in sorted order).
 fn stage1_fingerprint(start: &Path, data: &Path, recipe: &Recipe) -> Result<String> {
-    let mut h = crate::hash::Fnv1a64::default();
+    use std::hash::Hasher as _;
+    // `write` is plain FNV-1a 64 over the bytes: the fingerprints already on disk stay valid.
+    let mut h = fnv::FnvHasher::default();
     let Recipe { seed, scenes, epochs, epochs_stage2: _, learning_rate, batch_size, vision, freeze_vision } = recipe;
-    h.update(
+    h.write(
         format!(
             "{}|{seed}|{scenes}|{epochs}|{learning_rate}|{batch_size}|{vision:?}|{freeze_vision}",
             env!("CARGO_PKG_VERSION")
@@ -275,10 +279,10 @@ fn stage1_fingerprint(start: &Path, data: &Path, recipe: &Recipe) -> Result<Stri
     images.sort();
     files.extend(images);
     for f in &files {
-        h.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
-        h.update(&std::fs::read(f).with_context(|| format!("{}: cannot read", f.display()))?);
+        h.write(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        h.write(&std::fs::read(f).with_context(|| format!("{}: cannot read", f.display()))?);
     }
-    Ok(h.hex())
+    Ok(format!("{:016x}", h.finish()))
 }
 
 /// One full fine-tuning stage from `model` on `datasets`; returns the output folder.

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 
+use super::base::BaseWeights;
 use super::robots::{self, RobotOptions};
 use super::Lang;
 use crate::config::Plan;
@@ -26,6 +27,9 @@ pub struct DemoOptions {
     pub progress: bool,
     /// Base model folder to use instead of the embedded one.
     pub base: Option<PathBuf>,
+    /// The embedded base, which the binary passes in (see [`BaseWeights`]); written to `out/base` when `base` is
+    /// None.
+    pub embedded: Option<BaseWeights>,
 }
 
 impl Default for DemoOptions {
@@ -42,6 +46,7 @@ impl Default for DemoOptions {
             seed: 42,
             progress: false,
             base: None,
+            embedded: None,
         }
     }
 }
@@ -112,7 +117,7 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool) -> Result<DemoResult> {
         Some(b) => b.clone(),
         None => {
             let b = out.join("base");
-            super::base::write_embedded(&b)?;
+            super::base::write_embedded(&b, opts.embedded)?;
             b
         }
     };

@@ -17,7 +17,6 @@
 //! See [`crate::eval::attributes`] for the `attributes` field.
 
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use image::RgbImage;
@@ -292,13 +291,6 @@ pub fn generate(dir: &Path, opts: &RobotOptions) -> Result<Summary> {
         images: opts.n_train + opts.n_eval,
         bytes,
     })
-}
-
-/// Times [`generate`]; returns the summary and the seconds taken.
-pub fn generate_timed(dir: &Path, opts: &RobotOptions) -> Result<(Summary, f64)> {
-    let t = Instant::now();
-    let s = generate(dir, opts)?;
-    Ok((s, t.elapsed().as_secs_f64()))
 }
 
 /// The description of `spec` in `lang`, from one of a few sentence templates picked with `rng`. Every labelled

@@ -90,7 +90,7 @@ pub fn run_model(candidate: &Candidate, items: &[Item], max_new_tokens: usize, p
         .with_context(|| format!("loading {}", candidate.name))?;
     let pad = engine.tokenizer.token_id("<|endoftext|>").unwrap_or(0);
     let samples: Vec<Sample> = items.iter().map(|i| i.sample.clone()).collect();
-    let (eval_loss, _) = crate::train::run::evaluate(&engine.model, &engine.processor, &samples, 1, pad, workers)?;
+    let (eval_loss, _) = crate::train::step::evaluate(&engine.model, &engine.processor, &samples, 1, pad, workers)?;
     let bar = ProgressBar::new(items.len() as u64);
     bar.set_draw_target(if progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
     bar.set_style(

@@ -14,7 +14,7 @@ pub mod detect;
 
 use anyhow::{bail, Result};
 
-use crate::config::suggest;
+use crate::suggest;
 use crate::tokenizer::Tokenizer;
 
 pub use detect::{choose, CheckpointInfo, Choice};

@@ -8,9 +8,23 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
 use crate::data::{RowRef, Sample};
-use crate::image::{load_image, resize_bicubic_pil, ImageProcessorConfig, ProcessedImages};
+use crate::image::{ImageProcessorConfig, ProcessedImages};
 use crate::models::qwen3_5::{Qwen3_5, RopePositions, Segments, VisionInput};
-use crate::train::step::MicroBatch;
+
+/// Token ids, labels and images of one micro-batch (right-padded; labels −100 where not trained).
+pub struct MicroBatch {
+    /// (B, S) u32
+    pub input_ids: Tensor,
+    /// Unshifted labels per row, −100 on prompt and padding.
+    pub labels: Vec<Vec<i64>>,
+    /// M-RoPE cos/sin (B, S, rot).
+    pub rope: (Tensor, Tensor),
+    pub images: Option<VisionInput>,
+    /// The images' features from a frozen vision tower, computed earlier (used instead of `images`).
+    pub image_features: Option<Tensor>,
+    /// Rows of `neat_packing`: where their samples start and end.
+    pub segments: Option<Segments>,
+}
 
 /// Image features of a frozen vision tower, computed once per training sample and reused every epoch: the
 /// tower has no dropout and nothing in it trains, so its output for a picture never changes.
@@ -50,17 +64,7 @@ impl FeatureCache {
 /// The pictures of one sample, decoded, pre-resized exactly as LLaMA-Factory does and run through the image
 /// processor.
 pub(crate) fn sample_pixels(processor: &ImageProcessorConfig, sample: &Sample) -> Result<ProcessedImages> {
-    let mut decoded = Vec::with_capacity(sample.images.len());
-    for (i, path) in sample.images.iter().enumerate() {
-        let img = load_image(path).with_context(|| format!("{} (image {i} of {})", path.display(), sample.source))?;
-        let (w, h) = sample.image_sizes.get(i).copied().unwrap_or((img.width(), img.height()));
-        decoded.push(if (w, h) == (img.width(), img.height()) {
-            img
-        } else {
-            resize_bicubic_pil(&img, h as usize, w as usize)
-        });
-    }
-    let processed = processor.preprocess(&decoded)?;
+    let processed = processor.preprocess_files(&sample.images, &sample.image_sizes, &sample.source)?;
     if processed.num_tokens != sample.image_tokens {
         bail!(
             "{}: the images give {:?} image tokens but the sample was encoded with {:?}; was the dataset checked \

@@ -74,24 +74,6 @@ pub struct WeightsFiles {
     pub copy_from: Option<PathBuf>,
 }
 
-/// Free bytes on the filesystem holding `dir`, when the platform can tell.
-pub fn free_bytes(dir: &Path) -> Option<u64> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::ffi::OsStrExt;
-        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-        // SAFETY: statvfs writes into the zeroed struct we own; the path is a valid C string.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-        (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = dir;
-        None
-    }
-}
-
 /// Writes `checkpoint-<step>` in `output_dir` atomically; returns its path.
 pub fn save(
     output_dir: &Path,

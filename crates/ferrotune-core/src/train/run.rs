@@ -1,5 +1,6 @@
-//! The training loop: one function, readable top to bottom (set up, then epochs → accumulation windows →
-//! micro-batches → clip → AdamW → schedule → log / evaluate / save, then the final files).
+//! The training loop: [`run`] reads as the loop alone (epochs → accumulation windows → micro-batches → clip →
+//! AdamW → schedule → log / evaluate / save); the set-up before it and the final files after it are functions of
+//! their own.
 //!
 //! Semantics follow HF Trainer as LLaMA-Factory runs it for Qwen VLMs: each micro-batch's loss is the mean
 //! token cross-entropy of that micro-batch, divided by the number of micro-batches in its accumulation window
@@ -15,13 +16,13 @@ use candle_core::{DType, Device, Var};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Map, Value};
 
-use super::batch::{epoch_order, label_tokens, micro_batch, FeatureCache};
+use super::batch::{epoch_order, label_tokens, micro_batch, FeatureCache, MicroBatch};
 use super::checkpoint::{self, ResumeState, WeightsFiles};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::schedule::{Kind, Schedule};
 use super::state::{append_trainer_log, console_line, round, write_json_atomic, TrainerState};
-use super::step::{forward_loss, window_backward, window_units, GradAccum, MicroBatch, StepOptions};
-use crate::config::{FinetuningType, LoraTarget, Plan, Resume, Scheduler};
+use super::step::{evaluate, window_backward, window_units, GradAccum, StepOptions};
+use crate::config::{FinetuningType, LoraTarget, Plan, Resume, Scheduler, Steps};
 use crate::data::{Prepared, Sample};
 use crate::device::{self, DeviceSpec};
 use crate::image::ImageProcessorConfig;
@@ -84,7 +85,7 @@ pub fn device_for(plan: &Plan, requested: Option<DeviceSpec>) -> Result<(Device,
         let mut note = format!(
             "{}: base weights in {}, LoRA weights and optimizer state in f32",
             device::describe(&device),
-            dtype_name(dt)
+            device::dtype_name(dt)
         );
         if plan.train.use_cpu {
             note.push_str(" (--device overrides use_cpu: true)");
@@ -138,210 +139,27 @@ fn describe_targets(adapted: &[String], n_layers: usize) -> String {
 pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
     let t = &plan.train;
     let out_dir = &t.output_dir;
-    // ---- 1. Output folder and what to resume from (the Plan applied LLaMA-Factory's rule). ----
-    std::fs::create_dir_all(out_dir).with_context(|| format!("{}: cannot create output_dir", out_dir.display()))?;
-    if t.overwrite_output_dir {
-        let _ = std::fs::remove_file(out_dir.join("trainer_log.jsonl"));
-    }
-    let resume_from = match &t.resume {
-        Resume::Fresh => None,
-        Resume::Given(p) | Resume::Auto(p) => Some(p.clone()),
-    };
-
-    // ---- 2. Model and trainable parameters. ----
-    let (device, dtype, device_note) = device_for(plan, opts.device)?;
-    println!("{device_note}");
-    let mut model = Qwen3_5::load(&plan.model_name_or_path, dtype, &device)?;
-    let adapters = &plan.adapter_name_or_path;
-    let (merge, resume_adapter) = match adapters.split_last() {
-        Some((last, rest)) => (rest.to_vec(), Some(last.clone())),
-        None => (vec![], None),
-    };
-    for dir in &merge {
-        lora::Adapter::load(dir, &device)?.apply(model.linears_mut(), true)?;
-        println!("merged adapter {} into the base", dir.display());
-    }
-    let total_params: usize = model.params_mut().iter().map(|(_, t, _)| t.elem_count()).sum();
-    let spec = lora_spec(plan);
-    let mut lora_modules = Vec::new();
-    let vars: Vec<(String, Var, bool)> = match plan.finetuning_type {
-        FinetuningType::Lora => {
-            let init_map = match &resume_adapter {
-                Some(dir) => {
-                    let a = lora::Adapter::load(dir, &device)?;
-                    println!("continuing training of adapter {}", dir.display());
-                    a.weights
-                        .iter()
-                        .flat_map(|(m, (wa, wb))| {
-                            [(lora::peft_key(m, "A"), wa.clone()), (lora::peft_key(m, "B"), wb.clone())]
-                        })
-                        .collect()
-                }
-                None => std::collections::HashMap::new(),
-            };
-            let init = if init_map.is_empty() { Init::Default { seed: t.seed } } else { Init::From(&init_map) };
-            let (vt, proj) = (!plan.lora.freeze_vision_tower, !plan.lora.freeze_multi_modal_projector);
-            lora_modules = lora::attach(model.lora_candidates(vt, proj), &spec, &init, &device)?;
-            if lora_modules.is_empty() {
-                bail!("lora_target {:?} matches no module of this model; try `lora_target: all`", plan.lora.target);
-            }
-            println!("{}", describe_targets(&lora_modules, model.layers.len()));
-            let mut v = Vec::new();
-            for (path, lin) in model.linears_mut() {
-                if let Some(l) = &lin.lora {
-                    v.push((lora::peft_key(&path, "A"), l.a.clone(), true));
-                    v.push((lora::peft_key(&path, "B"), l.b.clone(), true));
-                }
-            }
-            v
-        }
-        FinetuningType::Full => {
-            let frozen = |n: &str| {
-                (plan.lora.freeze_vision_tower
-                    && n.starts_with("model.visual.")
-                    && !n.starts_with("model.visual.merger"))
-                    || (plan.lora.freeze_multi_modal_projector && n.starts_with("model.visual.merger"))
-            };
-            // Frozen weights stay plain tensors: as variables the backward pass would compute their gradients (a
-            // frozen tower's whole backward) only to drop them.
-            model.make_trainable(|n| !frozen(n))?
-        }
-    };
-    // Full fine-tuning names weights `model.visual.…`, LoRA `base_model.model.model.visual.….lora_A.weight`: either
-    // way the vision tower's forward must be tracked for them to get gradients.
-    let train_embeddings = vars.iter().any(|(n, _, _)| n.contains("embed_tokens") || n.contains("model.visual."));
-    let params: Vec<Var> = vars.iter().map(|(_, v, _)| v.clone()).collect();
-    let trainable: usize = params.iter().map(|v| v.elem_count()).sum();
-    let mut opt = AdamW::new(
-        AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_epsilon, weight_decay: t.weight_decay },
-        vars.clone(),
-    )?;
-
-    // ---- 3. Steps, schedule, the plan summary. ----
+    let Setup {
+        mut model,
+        spec,
+        lora_modules,
+        params,
+        mut opt,
+        train_embeddings,
+        split,
+        workers,
+        steps,
+        sched,
+        checkpointing,
+        cache,
+        processor,
+        pad_id,
+        mut state,
+        mut rs,
+    } = set_up(plan, data, opts)?;
     let train: &[Sample] = &data.train;
-    // On a CPU each sample of a micro-batch is computed alone (no padding, and side by side on the sample
-    // workers); a GPU takes the padded micro-batch in one go.
-    let split = device.is_cpu();
-    let one = Workers::one();
-    let workers = match (split, opts.workers) {
-        (false, _) => &one,
-        (true, Some(w)) => w,
-        (true, None) => Workers::global(),
-    };
-    let steps = t.steps(train.len())?;
-    let total = steps.total_steps;
-    let bs = t.per_device_train_batch_size;
-    let accum = t.gradient_accumulation_steps;
-    let kind = match t.lr_scheduler {
-        Scheduler::Linear => Kind::Linear,
-        Scheduler::Cosine => Kind::Cosine,
-        Scheduler::Constant => Kind::Constant,
-        Scheduler::ConstantWithWarmup => Kind::ConstantWithWarmup,
-    };
-    let sched = Schedule { kind, peak: t.learning_rate, warmup: steps.warmup_steps, total };
-    println!("***** Running training *****");
-    println!("  Num examples = {}", train.len());
-    // HF's count: ceil(num_train_epochs), or the epochs that max_steps spans when it is set.
-    println!("  Num Epochs = {}", steps.epochs);
-    println!("  Instantaneous batch size per device = {bs}");
-    println!("  Total train batch size (w. parallel, distributed & accumulation) = {}", bs * accum);
-    println!("  Gradient Accumulation steps = {accum}");
-    println!("  Total optimization steps = {total}");
-    println!(
-        "  Number of trainable parameters = {trainable} ({:.4}% of {total_params})",
-        100.0 * trainable as f64 / total_params.max(1) as f64
-    );
-    let longest = train.iter().map(|s| s.input_ids.len()).max().unwrap_or(0) * if split { 1 } else { bs };
-    let (checkpointing, why) = checkpointing_choice(t.gradient_checkpointing, &model.cfg.text, longest);
-    println!("  Gradient checkpointing = {}{why}", if checkpointing { "on" } else { "off" });
-    if workers.count() > 1 {
-        println!(
-            "  Sample workers = {} (the samples of a step computed side by side, one thread each)",
-            workers.count()
-        );
-    }
-    // Host memory only: on a GPU the tower's forward is cheap and its memory is what limits a run.
-    let cache = (!train_embeddings && device.is_cpu()).then(|| FeatureCache::new(FEATURE_CACHE_BYTES));
-    if cache.is_some() && train.iter().any(|s| !s.images.is_empty()) {
-        println!(
-            "  Image features = computed once per picture and reused (the vision tower is frozen; up to {} MB kept)",
-            FEATURE_CACHE_BYTES >> 20
-        );
-    }
-
-    // Checkpoints must fit on disk: refuse now rather than after hours of training.
-    let ckpt_bytes =
-        (trainable * 4 * 3 + if plan.finetuning_type == FinetuningType::Full { trainable * 2 } else { 0 }) as u64;
-    if let Some(free) = checkpoint::free_bytes(out_dir) {
-        let n_ckpt = (total / steps.save_steps.max(1)).min(t.save_total_limit.unwrap_or(usize::MAX)).max(1) as u64;
-        if free < ckpt_bytes * (n_ckpt + 1) {
-            bail!(
-                "{}: {:.1} MB free, but {} checkpoint(s) of {:.1} MB each plus the final weights are planned; free \
-                 space, lower save_total_limit, or raise save_steps",
-                out_dir.display(),
-                free as f64 / 1e6,
-                n_ckpt,
-                ckpt_bytes as f64 / 1e6
-            );
-        }
-    }
-
-    // ---- 4. Resume. ----
-    let weights_file =
-        if plan.finetuning_type == FinetuningType::Lora { "adapter_model.safetensors" } else { "model.safetensors" };
-    let mut state = TrainerState {
-        max_steps: total,
-        num_train_epochs: steps.epochs as f64,
-        logging_steps: t.logging_steps,
-        save_steps: t.save_steps,
-        eval_steps: t.eval_steps,
-        train_batch_size: bs,
-        ..Default::default()
-    };
-    let mut rs = ResumeState {
-        global_step: 0,
-        total_steps: total,
-        seed: t.seed,
-        pending_loss: 0.0,
-        last_logged_step: 0,
-        train_loss_sum: 0.0,
-        tokens_seen: 0,
-    };
-    if let Some(dir) = &resume_from {
-        let loaded = checkpoint::load(dir, weights_file, &device)?;
-        if loaded.resume.seed != t.seed {
-            println!(
-                "note: the checkpoint was trained with seed {}, continuing with its data order",
-                loaded.resume.seed
-            );
-        }
-        for (name, var, _) in &vars {
-            let w = loaded.weights.get(name).with_context(|| format!("{}: checkpoint has no {name}", dir.display()))?;
-            var.set(&w.to_dtype(var.dtype())?)?;
-        }
-        match &loaded.optimizer {
-            Some(o) => opt.load_state(o, &dir.join("optimizer.safetensors"))?,
-            None => bail!(
-                "{}: no optimizer.safetensors (saved with save_only_model?); cannot resume exactly",
-                dir.display()
-            ),
-        }
-        state = loaded.trainer_state;
-        rs = loaded.resume;
-        println!("resuming from {} at step {}/{}", dir.display(), rs.global_step, total);
-    }
-
-    // ---- 5. The loop. ----
-    let processor = ImageProcessorConfig::from_dir(&plan.model_name_or_path)?;
-    let tok = crate::tokenizer::Tokenizer::from_path(&plan.model_name_or_path)?;
-    let pad_id = tok.token_id("<|endoftext|>").or(model.cfg.text.pad_token_id).unwrap_or(0);
-    let bar = ProgressBar::new(total as u64);
-    bar.set_draw_target(if opts.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_position(rs.global_step as u64);
+    let (total, bs, accum) = (steps.total_steps, t.per_device_train_batch_size, t.gradient_accumulation_steps);
+    let bar = progress_bar(total, rs.global_step, opts.progress);
     let say = |line: String| if opts.progress { bar.println(line) } else { println!("{line}") };
     let build = |model: &Qwen3_5, idx: &[usize]| -> Result<MicroBatch> {
         let samples: Vec<&Sample> = idx.iter().map(|&i| &train[i]).collect();
@@ -372,7 +190,7 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
                 window_units(window, |i| label_tokens(&train[i]), split, |j| (step_index as u64) << 16 | j as u64);
             let so = StepOptions { scale: 1.0, checkpointing, train_embeddings, dropout_seed: 0 };
             let Some(losses) =
-                window_backward(&model, &units, window.len(), &build, &params, &mut acc, so, workers, opts.stop)?
+                window_backward(&model, &units, window.len(), &build, &params, &mut acc, so, &workers, opts.stop)?
             else {
                 // The partial window is dropped: the checkpoint is at the last completed step.
                 acc.take(&params);
@@ -439,16 +257,8 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
             }
             if let Some(every) = steps.eval_steps {
                 if !data.eval.is_empty() && ((every > 0 && rs.global_step % every == 0) || done) {
-                    let (eval_loss, secs) =
-                        evaluate(&model, &processor, &data.eval, t.per_device_eval_batch_size, pad_id, workers)?;
-                    let mut m = Map::new();
-                    m.insert("eval_loss".into(), json!(eval_loss));
-                    m.insert("eval_runtime".into(), json!(round(secs, 4)));
-                    m.insert("eval_samples_per_second".into(), json!(round(data.eval.len() as f64 / secs, 3)));
-                    m.insert(
-                        "eval_steps_per_second".into(),
-                        json!(round(data.eval.len().div_ceil(t.per_device_eval_batch_size) as f64 / secs, 3)),
-                    );
+                    let m =
+                        eval_metrics(&model, &processor, &data.eval, t.per_device_eval_batch_size, pad_id, &workers)?;
                     log_event(m, &mut state, &log_path, total, start.elapsed().as_secs_f64(), None, &say)?;
                 }
             }
@@ -468,24 +278,14 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
         }
     }
     bar.finish_and_clear();
-    if interrupted && opts.halt_after_step.is_none() {
+    let train_loss = rs.train_loss_sum / rs.global_step.max(1) as f64;
+    if !interrupted {
+        let run = FinishedRun { spec: &spec, modules: &lora_modules, rs: &rs, runtime: start.elapsed().as_secs_f64() };
+        finish(&mut model, plan, data, &run, &mut state, train_loss)?;
+    } else if opts.halt_after_step.is_none() {
         let files = weights_files(&mut model, plan, &spec, &lora_modules)?;
         let p = checkpoint::save(out_dir, &files, Some(&opt), &state, &rs)?;
         println!("stopped: saved {} (resume by running the same command again)", p.display());
-    }
-    let train_loss = rs.train_loss_sum / rs.global_step.max(1) as f64;
-    if !interrupted {
-        finish(
-            &mut model,
-            plan,
-            data,
-            &spec,
-            &lora_modules,
-            &mut state,
-            &rs,
-            start.elapsed().as_secs_f64(),
-            train_loss,
-        )?;
     }
     Ok(Outcome {
         global_step: rs.global_step,
@@ -496,6 +296,308 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
         step_losses,
         tokens_seen: rs.tokens_seen,
     })
+}
+
+/// What the loop works with, made by [`set_up`].
+struct Setup {
+    model: Qwen3_5,
+    spec: LoraSpec,
+    /// Paths of the adapted modules (empty for full fine-tuning).
+    lora_modules: Vec<String>,
+    params: Vec<Var>,
+    opt: AdamW,
+    /// Whether embeddings or the vision tower train, so that their forward must be tracked.
+    train_embeddings: bool,
+    /// On a CPU each sample of a micro-batch is computed alone (no padding, and side by side on the sample
+    /// workers); a GPU takes the padded micro-batch in one go.
+    split: bool,
+    workers: Workers,
+    steps: Steps,
+    sched: Schedule,
+    checkpointing: bool,
+    cache: Option<FeatureCache>,
+    processor: ImageProcessorConfig,
+    pad_id: u32,
+    state: TrainerState,
+    rs: ResumeState,
+}
+
+/// Everything before the first step, in the order the log shows it: the output folder, the model and its
+/// trainable parameters, the plan summary, the disk-space check, the resumed state, the processor and pad token.
+fn set_up(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Setup> {
+    let t = &plan.train;
+    let out_dir = &t.output_dir;
+    // Output folder and what to resume from (the Plan applied LLaMA-Factory's rule).
+    std::fs::create_dir_all(out_dir).with_context(|| format!("{}: cannot create output_dir", out_dir.display()))?;
+    if t.overwrite_output_dir {
+        let _ = std::fs::remove_file(out_dir.join("trainer_log.jsonl"));
+    }
+    let resume_from = match &t.resume {
+        Resume::Fresh => None,
+        Resume::Given(p) | Resume::Auto(p) => Some(p.clone()),
+    };
+
+    let Trainable { model, spec, lora_modules, vars, total_params } = trainable_model(plan, opts.device)?;
+    // Full fine-tuning names weights `model.visual.…`, LoRA `base_model.model.model.visual.….lora_A.weight`: either
+    // way the vision tower's forward must be tracked for them to get gradients.
+    let train_embeddings = vars.iter().any(|(n, _, _)| n.contains("embed_tokens") || n.contains("model.visual."));
+    let params: Vec<Var> = vars.iter().map(|(_, v, _)| v.clone()).collect();
+    let trainable: usize = params.iter().map(|v| v.elem_count()).sum();
+    let mut opt = AdamW::new(
+        AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_epsilon, weight_decay: t.weight_decay },
+        vars.clone(),
+    )?;
+
+    // Steps, schedule, the plan summary.
+    let train: &[Sample] = &data.train;
+    let split = model.device.is_cpu();
+    let workers = match (split, opts.workers) {
+        (false, _) => Workers::one(),
+        (true, Some(w)) => w.clone(),
+        (true, None) => Workers::global().clone(),
+    };
+    let steps = t.steps(train.len())?;
+    let total = steps.total_steps;
+    let bs = t.per_device_train_batch_size;
+    let accum = t.gradient_accumulation_steps;
+    let kind = match t.lr_scheduler {
+        Scheduler::Linear => Kind::Linear,
+        Scheduler::Cosine => Kind::Cosine,
+        Scheduler::Constant => Kind::Constant,
+        Scheduler::ConstantWithWarmup => Kind::ConstantWithWarmup,
+    };
+    let sched = Schedule { kind, peak: t.learning_rate, warmup: steps.warmup_steps, total };
+    println!("***** Running training *****");
+    println!("  Num examples = {}", train.len());
+    // HF's count: ceil(num_train_epochs), or the epochs that max_steps spans when it is set.
+    println!("  Num Epochs = {}", steps.epochs);
+    println!("  Instantaneous batch size per device = {bs}");
+    println!("  Total train batch size (w. parallel, distributed & accumulation) = {}", bs * accum);
+    println!("  Gradient Accumulation steps = {accum}");
+    println!("  Total optimization steps = {total}");
+    println!(
+        "  Number of trainable parameters = {trainable} ({:.4}% of {total_params})",
+        100.0 * trainable as f64 / total_params.max(1) as f64
+    );
+    let longest = train.iter().map(|s| s.input_ids.len()).max().unwrap_or(0) * if split { 1 } else { bs };
+    let (checkpointing, why) = checkpointing_choice(t.gradient_checkpointing, &model.cfg.text, longest);
+    println!("  Gradient checkpointing = {}{why}", if checkpointing { "on" } else { "off" });
+    if workers.count() > 1 {
+        println!(
+            "  Sample workers = {} (the samples of a step computed side by side, one thread each)",
+            workers.count()
+        );
+    }
+    // Host memory only: on a GPU the tower's forward is cheap and its memory is what limits a run.
+    let cache = (!train_embeddings && model.device.is_cpu()).then(|| FeatureCache::new(FEATURE_CACHE_BYTES));
+    if cache.is_some() && train.iter().any(|s| !s.images.is_empty()) {
+        println!(
+            "  Image features = computed once per picture and reused (the vision tower is frozen; up to {} MB kept)",
+            FEATURE_CACHE_BYTES >> 20
+        );
+    }
+    check_disk_space(plan, &steps, trainable)?;
+
+    let (state, rs) = match &resume_from {
+        Some(dir) => resume(plan, dir, &steps, &vars, &mut opt, &model.device)?,
+        None => fresh_state(plan, &steps),
+    };
+    let processor = ImageProcessorConfig::from_dir(&plan.model_name_or_path)?;
+    let tok = crate::tokenizer::Tokenizer::from_path(&plan.model_name_or_path)?;
+    let pad_id = tok.token_id("<|endoftext|>").or(model.cfg.text.pad_token_id).unwrap_or(0);
+    Ok(Setup {
+        model,
+        spec,
+        lora_modules,
+        params,
+        opt,
+        train_embeddings,
+        split,
+        workers,
+        steps,
+        sched,
+        checkpointing,
+        cache,
+        processor,
+        pad_id,
+        state,
+        rs,
+    })
+}
+
+/// The model on its device, with earlier adapters merged and what trains made trainable.
+struct Trainable {
+    model: Qwen3_5,
+    spec: LoraSpec,
+    /// Paths of the adapted modules (empty for full fine-tuning).
+    lora_modules: Vec<String>,
+    /// Trainable variables by checkpoint name, with whether weight decay applies.
+    vars: Vec<(String, Var, bool)>,
+    /// Parameters of the whole model, vision tower included.
+    total_params: usize,
+}
+
+/// Loads the base, merges every adapter but the last, and attaches the LoRA (initialised from the last adapter
+/// when there is one) or makes the unfrozen weights trainable.
+fn trainable_model(plan: &Plan, requested: Option<DeviceSpec>) -> Result<Trainable> {
+    let (device, dtype, device_note) = device_for(plan, requested)?;
+    println!("{device_note}");
+    let mut model = Qwen3_5::load(&plan.model_name_or_path, dtype, &device)?;
+    let adapters = &plan.adapter_name_or_path;
+    let (merge, resume_adapter) = match adapters.split_last() {
+        Some((last, rest)) => (rest.to_vec(), Some(last.clone())),
+        None => (vec![], None),
+    };
+    for dir in &merge {
+        lora::Adapter::load(dir, &device)?.apply(model.linears_mut(), true)?;
+        println!("merged adapter {} into the base", dir.display());
+    }
+    let total_params: usize = model.params_mut().iter().map(|(_, t, _)| t.elem_count()).sum();
+    let spec = lora_spec(plan);
+    let mut lora_modules = Vec::new();
+    let vars: Vec<(String, Var, bool)> = match plan.finetuning_type {
+        FinetuningType::Lora => {
+            let init_map = match &resume_adapter {
+                Some(dir) => {
+                    let a = lora::Adapter::load(dir, &device)?;
+                    println!("continuing training of adapter {}", dir.display());
+                    a.weights
+                        .iter()
+                        .flat_map(|(m, (wa, wb))| {
+                            [(lora::peft_key(m, "A"), wa.clone()), (lora::peft_key(m, "B"), wb.clone())]
+                        })
+                        .collect()
+                }
+                None => std::collections::HashMap::new(),
+            };
+            let init =
+                if init_map.is_empty() { Init::Default { seed: plan.train.seed } } else { Init::From(&init_map) };
+            let (vt, proj) = (!plan.lora.freeze_vision_tower, !plan.lora.freeze_multi_modal_projector);
+            lora_modules = lora::attach(model.lora_candidates(vt, proj), &spec, &init, &device)?;
+            if lora_modules.is_empty() {
+                bail!("lora_target {:?} matches no module of this model; try `lora_target: all`", plan.lora.target);
+            }
+            println!("{}", describe_targets(&lora_modules, model.layers.len()));
+            lora::trainable_vars(model.linears_mut()).into_iter().map(|(n, v)| (n, v, true)).collect()
+        }
+        FinetuningType::Full => {
+            let frozen = |n: &str| {
+                (plan.lora.freeze_vision_tower
+                    && n.starts_with("model.visual.")
+                    && !n.starts_with("model.visual.merger"))
+                    || (plan.lora.freeze_multi_modal_projector && n.starts_with("model.visual.merger"))
+            };
+            // Frozen weights stay plain tensors: as variables the backward pass would compute their gradients (a
+            // frozen tower's whole backward) only to drop them.
+            model.make_trainable(|n| !frozen(n))?
+        }
+    };
+    Ok(Trainable { model, spec, lora_modules, vars, total_params })
+}
+
+/// Checkpoints must fit on disk: refuse now rather than after hours of training.
+fn check_disk_space(plan: &Plan, steps: &Steps, trainable: usize) -> Result<()> {
+    let t = &plan.train;
+    let ckpt_bytes =
+        (trainable * 4 * 3 + if plan.finetuning_type == FinetuningType::Full { trainable * 2 } else { 0 }) as u64;
+    if let Some(free) = crate::sys::free_bytes(&t.output_dir) {
+        let n_ckpt =
+            (steps.total_steps / steps.save_steps.max(1)).min(t.save_total_limit.unwrap_or(usize::MAX)).max(1) as u64;
+        if free < ckpt_bytes * (n_ckpt + 1) {
+            bail!(
+                "{}: {:.1} MB free, but {} checkpoint(s) of {:.1} MB each plus the final weights are planned; free \
+                 space, lower save_total_limit, or raise save_steps",
+                t.output_dir.display(),
+                free as f64 / 1e6,
+                n_ckpt,
+                ckpt_bytes as f64 / 1e6
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Reads the checkpoint in `dir` into `vars` and `opt`; returns its trainer and loop state.
+fn resume(
+    plan: &Plan,
+    dir: &Path,
+    steps: &Steps,
+    vars: &[(String, Var, bool)],
+    opt: &mut AdamW,
+    device: &Device,
+) -> Result<(TrainerState, ResumeState)> {
+    let weights_file =
+        if plan.finetuning_type == FinetuningType::Lora { "adapter_model.safetensors" } else { "model.safetensors" };
+    let loaded = checkpoint::load(dir, weights_file, device)?;
+    if loaded.resume.seed != plan.train.seed {
+        println!("note: the checkpoint was trained with seed {}, continuing with its data order", loaded.resume.seed);
+    }
+    for (name, var, _) in vars {
+        let w = loaded.weights.get(name).with_context(|| format!("{}: checkpoint has no {name}", dir.display()))?;
+        var.set(&w.to_dtype(var.dtype())?)?;
+    }
+    match &loaded.optimizer {
+        Some(o) => opt.load_state(o, &dir.join("optimizer.safetensors"))?,
+        None => {
+            bail!("{}: no optimizer.safetensors (saved with save_only_model?); cannot resume exactly", dir.display())
+        }
+    }
+    println!("resuming from {} at step {}/{}", dir.display(), loaded.resume.global_step, steps.total_steps);
+    Ok((loaded.trainer_state, loaded.resume))
+}
+
+/// The trainer and loop state of a run from step 0.
+fn fresh_state(plan: &Plan, steps: &Steps) -> (TrainerState, ResumeState) {
+    let t = &plan.train;
+    let state = TrainerState {
+        max_steps: steps.total_steps,
+        num_train_epochs: steps.epochs as f64,
+        logging_steps: t.logging_steps,
+        save_steps: t.save_steps,
+        eval_steps: t.eval_steps,
+        train_batch_size: t.per_device_train_batch_size,
+        ..Default::default()
+    };
+    let rs = ResumeState {
+        global_step: 0,
+        total_steps: steps.total_steps,
+        seed: t.seed,
+        pending_loss: 0.0,
+        last_logged_step: 0,
+        train_loss_sum: 0.0,
+        tokens_seen: 0,
+    };
+    (state, rs)
+}
+
+/// The progress bar of the optimizer steps (drawn only with `progress`), at `position` for a resumed run.
+fn progress_bar(total: usize, position: usize, progress: bool) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    bar.set_draw_target(if progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(position as u64);
+    bar
+}
+
+/// The eval metrics of one evaluation, as HF Trainer logs them.
+fn eval_metrics(
+    model: &Qwen3_5,
+    processor: &ImageProcessorConfig,
+    eval: &[Sample],
+    batch_size: usize,
+    pad_id: u32,
+    workers: &Workers,
+) -> Result<Map<String, Value>> {
+    let (eval_loss, secs) = evaluate(model, processor, eval, batch_size, pad_id, workers)?;
+    let mut m = Map::new();
+    m.insert("eval_loss".into(), json!(eval_loss));
+    m.insert("eval_runtime".into(), json!(round(secs, 4)));
+    m.insert("eval_samples_per_second".into(), json!(round(eval.len() as f64 / secs, 3)));
+    m.insert("eval_steps_per_second".into(), json!(round(eval.len().div_ceil(batch_size) as f64 / secs, 3)));
+    Ok(m)
 }
 
 /// One log event: the console line, an entry of `log_history`, a line of `trainer_log.jsonl`.
@@ -514,46 +616,6 @@ fn log_event(
     entry.insert("step".into(), json!(state.global_step));
     state.log_history.push(Value::Object(entry));
     append_trainer_log(log_path, state.global_step, total, &m, state.epoch, elapsed, tokens)
-}
-
-/// Mean eval loss as HF computes it: each batch's mean token loss, weighted by its number of samples. On a CPU each
-/// sample is computed alone (on `workers`) and a batch's mean is put together from its samples' token counts.
-pub fn evaluate(
-    model: &Qwen3_5,
-    processor: &ImageProcessorConfig,
-    samples: &[Sample],
-    batch_size: usize,
-    pad_id: u32,
-    workers: &Workers,
-) -> Result<(f64, f64)> {
-    let t0 = Instant::now();
-    let batches: Vec<&[Sample]> = samples.chunks(batch_size.max(1)).collect();
-    let units: Vec<(usize, Vec<&Sample>)> = if model.device.is_cpu() {
-        batches.iter().enumerate().flat_map(|(j, b)| b.iter().map(move |s| (j, vec![s]))).collect()
-    } else {
-        batches.iter().enumerate().map(|(j, b)| (j, b.iter().collect())).collect()
-    };
-    let losses = workers.map(&units, |(_, refs)| {
-        let mb = micro_batch(model, processor, refs, pad_id, None)?;
-        let (loss, tokens) = forward_loss(model, &mb, false, false, 0)?;
-        Ok((loss.to_scalar::<f32>()? as f64, tokens))
-    })?;
-    // (Σ tokens · loss, Σ tokens) per batch.
-    let mut per_batch = vec![(0.0, 0usize); batches.len()];
-    for ((j, _), (loss, tokens)) in units.iter().zip(losses) {
-        per_batch[*j].0 += loss * tokens as f64;
-        per_batch[*j].1 += tokens;
-    }
-    // transformers 5 repeats each batch's loss `per_device_eval_batch_size` times, a short last batch included, and
-    // averages: the mean of the batch losses.
-    let (mut sum, mut n) = (0.0, 0usize);
-    for (weighted, tokens) in per_batch {
-        if tokens > 0 {
-            sum += weighted / tokens as f64;
-            n += 1;
-        }
-    }
-    Ok((if n > 0 { sum / n as f64 } else { f64::NAN }, t0.elapsed().as_secs_f64()))
 }
 
 /// Feature bytes a training run keeps for a frozen vision tower ([`FeatureCache`]).
@@ -618,7 +680,7 @@ fn weights_files(model: &mut Qwen3_5, plan: &Plan, spec: &LoraSpec, modules: &[S
                 None => DType::BF16,
             };
             let mut cfg = crate::checkpoint::read_config_json(&plan.model_name_or_path)?;
-            cfg["dtype"] = json!(dtype_name(dtype));
+            cfg["dtype"] = json!(device::dtype_name(dtype));
             WeightsFiles {
                 tensors: model.state_dict(dtype)?,
                 file_name: "model.safetensors",
@@ -629,27 +691,25 @@ fn weights_files(model: &mut Qwen3_5, plan: &Plan, spec: &LoraSpec, modules: &[S
     })
 }
 
-pub fn dtype_name(dt: DType) -> &'static str {
-    match dt {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    }
+/// What the final files need to know about a finished run.
+struct FinishedRun<'a> {
+    spec: &'a LoraSpec,
+    modules: &'a [String],
+    rs: &'a ResumeState,
+    /// Seconds of the loop.
+    runtime: f64,
 }
 
 /// Final files: weights, tokenizer and chat template, results JSON, trainer_state, loss plots.
-#[allow(clippy::too_many_arguments)]
 fn finish(
     model: &mut Qwen3_5,
     plan: &Plan,
     data: &Prepared,
-    spec: &LoraSpec,
-    modules: &[String],
+    run: &FinishedRun,
     state: &mut TrainerState,
-    rs: &ResumeState,
-    runtime: f64,
     train_loss: f64,
 ) -> Result<()> {
+    let FinishedRun { spec, modules, rs, runtime } = *run;
     let out = &plan.train.output_dir;
     let files = weights_files(model, plan, spec, modules)?;
     crate::checkpoint::save_safetensors(&files.tensors, &out.join(files.file_name))?;
@@ -673,7 +733,7 @@ fn finish(
     results.insert("train_runtime".into(), json!(round(runtime, 4)));
     results.insert("train_samples_per_second".into(), json!(round(samples_per_s, 3)));
     results.insert("train_steps_per_second".into(), json!(round(steps_per_s, 3)));
-    if let Some(rss) = crate::bench::peak_rss_bytes() {
+    if let Some(rss) = crate::sys::peak_rss_bytes() {
         results.insert("train_peak_rss_gb".into(), json!(round(rss as f64 / 1e9, 3)));
     }
     let mut final_entry = results.clone();

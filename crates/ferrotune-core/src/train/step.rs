@@ -1,4 +1,5 @@
-//! One micro-batch: forward, token cross-entropy, backward into the trainable tensors.
+//! One micro-batch: forward, token cross-entropy, backward into the trainable tensors; and the eval loss, with
+//! the same forward.
 //!
 //! With gradient checkpointing the decoder runs once without keeping activations, storing only each layer's
 //! input; the backward pass then recomputes one layer at a time and pulls the gradient through it with the
@@ -9,24 +10,12 @@ use std::collections::HashMap;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, TensorId, Var, D};
 
-use crate::models::qwen3_5::{Qwen3_5, Segments, VisionInput};
+use super::batch::{micro_batch, MicroBatch};
+use crate::data::Sample;
+use crate::image::ImageProcessorConfig;
+use crate::models::qwen3_5::Qwen3_5;
 use crate::nn::linear::seed_dropout;
 use crate::parallel::Workers;
-
-/// Token ids, labels and images of one micro-batch (right-padded; labels −100 where not trained).
-pub struct MicroBatch {
-    /// (B, S) u32
-    pub input_ids: Tensor,
-    /// Unshifted labels per row, −100 on prompt and padding.
-    pub labels: Vec<Vec<i64>>,
-    /// M-RoPE cos/sin (B, S, rot).
-    pub rope: (Tensor, Tensor),
-    pub images: Option<VisionInput>,
-    /// The images' features from a frozen vision tower, computed earlier (used instead of `images`).
-    pub image_features: Option<Tensor>,
-    /// Rows of `neat_packing`: where their samples start and end.
-    pub segments: Option<Segments>,
-}
 
 /// Gradients accumulated over micro-batches, by parameter.
 #[derive(Default)]
@@ -108,12 +97,28 @@ pub fn forward_loss(
     train: bool,
     seed: u64,
 ) -> Result<(Tensor, usize)> {
+    decoder_loss(model, mb, tracked, train.then_some(seed), true)
+}
+
+/// Embeddings, the decoder layers (dropout seeded from `dropout` when training) and the loss. Without
+/// `keep_graph` each layer's output is detached: no backward can follow, and only one layer's activations are
+/// alive at a time (the values are the same).
+fn decoder_loss(
+    model: &Qwen3_5,
+    mb: &MicroBatch,
+    tracked: bool,
+    dropout: Option<u64>,
+    keep_graph: bool,
+) -> Result<(Tensor, usize)> {
     let mut x = embed(model, mb, tracked)?;
     for (i, layer) in model.layers.iter().enumerate() {
-        if train {
+        if let Some(seed) = dropout {
             seed_dropout(layer_seed(seed, i));
         }
-        x = layer.forward(&x, &mb.rope, None, train, mb.segments.as_ref())?;
+        x = layer.forward(&x, &mb.rope, None, dropout.is_some(), mb.segments.as_ref())?;
+        if !keep_graph {
+            x = x.detach();
+        }
     }
     head_loss(model, &x, &mb.labels)
 }
@@ -209,6 +214,47 @@ pub fn forward_backward(
         acc.add(&store, params)?;
     }
     Ok(StepStats { loss: value, tokens: n })
+}
+
+/// Mean eval loss as HF computes it: the mean of each batch's mean token loss. The forward
+/// is training's, without dropout and without a graph. On a CPU each sample is computed alone (on `workers`) and
+/// a batch's mean is put together from its samples' token counts.
+pub fn evaluate(
+    model: &Qwen3_5,
+    processor: &ImageProcessorConfig,
+    samples: &[Sample],
+    batch_size: usize,
+    pad_id: u32,
+    workers: &Workers,
+) -> Result<(f64, f64)> {
+    let t0 = std::time::Instant::now();
+    let batches: Vec<&[Sample]> = samples.chunks(batch_size.max(1)).collect();
+    let units: Vec<(usize, Vec<&Sample>)> = if model.device.is_cpu() {
+        batches.iter().enumerate().flat_map(|(j, b)| b.iter().map(move |s| (j, vec![s]))).collect()
+    } else {
+        batches.iter().enumerate().map(|(j, b)| (j, b.iter().collect())).collect()
+    };
+    let losses = workers.map(&units, |(_, refs)| {
+        let mb = micro_batch(model, processor, refs, pad_id, None)?;
+        let (loss, tokens) = decoder_loss(model, &mb, false, None, false)?;
+        Ok((loss.to_scalar::<f32>()? as f64, tokens))
+    })?;
+    // (Σ tokens · loss, Σ tokens) per batch.
+    let mut per_batch = vec![(0.0, 0usize); batches.len()];
+    for ((j, _), (loss, tokens)) in units.iter().zip(losses) {
+        per_batch[*j].0 += loss * tokens as f64;
+        per_batch[*j].1 += tokens;
+    }
+    // transformers 5 repeats each batch's loss `per_device_eval_batch_size` times, a short last batch included, and
+    // averages: the mean of the batch losses.
+    let (mut sum, mut n) = (0.0, 0usize);
+    for (weighted, tokens) in per_batch {
+        if tokens > 0 {
+            sum += weighted / tokens as f64;
+            n += 1;
+        }
+    }
+    Ok((if n > 0 { sum / n as f64 } else { f64::NAN }, t0.elapsed().as_secs_f64()))
 }
 
 /// A piece of an accumulation window that one worker computes: a whole micro-batch, or one sample of it.

@@ -256,7 +256,7 @@ fn batch_products_that_overflow_are_errors() {
 /// never a panic. `ferrotune bench config-fuzz --cases 10000` runs more.
 #[test]
 fn numeric_keys_never_panic() {
-    use ferrotune_core::config::fuzz::{fuzz, numeric_keys, FuzzSetup};
+    use ferrotune_core::data::fuzz::{fuzz, numeric_keys, FuzzSetup};
     assert!(numeric_keys().len() >= 30, "{:?}", numeric_keys());
     let setup = FuzzSetup {
         checkpoint: tiny(),

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use ferrotune_core::config::Plan;
-use ferrotune_core::data::media::{preresize, SmartResize, VisionTokens};
 use ferrotune_core::data::{prepare, IssueKind, Prepared};
+use ferrotune_core::image::{preresize, ImageProcessorConfig};
 use serde_json::{json, Value};
 
 use crate::common::{fixtures, golden, plan, scratch, tiny};
@@ -168,12 +168,12 @@ fn report_has_stats_and_steps() {
 
 #[test]
 fn image_tokens_equal_llamafactory_and_hf_processor() {
-    let processor = SmartResize::from_checkpoint(&tiny()).unwrap();
+    let processor = ImageProcessorConfig::from_dir(&tiny()).unwrap();
     for c in golden("image_tokens.json").as_array().unwrap() {
         let n = |k: &str| c[k].as_u64().unwrap();
         let (w, h) = preresize(n("width") as u32, n("height") as u32, n("image_max_pixels"), n("image_min_pixels"));
         assert_eq!(json!([w, h]), c["preresized"], "{c}");
-        assert_eq!(processor.image_tokens(w, h).unwrap() as u64, n("tokens"), "{c}");
+        assert_eq!(processor.num_image_tokens(h as usize, w as usize).unwrap() as u64, n("tokens"), "{c}");
     }
 }
 

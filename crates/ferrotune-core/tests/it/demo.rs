@@ -393,10 +393,23 @@ fn mean_attribute_accuracy(c: &ferrotune_core::eval::runner::Comparison, m: usiz
 /// the LoRA than before, and every promised output is written.
 #[test]
 fn demo_pipeline_at_reduced_size_learns_to_describe_robots() {
+    use ferrotune_core::demo::base::BaseWeights;
     use ferrotune_core::demo::pipeline::{run, DemoOptions};
     let dir = tempfile::tempdir().unwrap();
-    let opts =
-        DemoOptions { out: dir.path().join("demo"), n_train: 160, n_eval: 24, epochs: 3.0, ..Default::default() };
+    // The binary embeds these files; the library's tests read them from the source tree.
+    let read = |f: &str| -> &'static [u8] {
+        let path = ferrotune_core::demo::base::assets_dir().join(f);
+        Box::leak(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_boxed_slice())
+    };
+    let embedded = BaseWeights { config: read("config.json"), weights: read("model.safetensors") };
+    let opts = DemoOptions {
+        out: dir.path().join("demo"),
+        n_train: 160,
+        n_eval: 24,
+        epochs: 3.0,
+        embedded: Some(embedded),
+        ..Default::default()
+    };
     let r = run(&opts, &std::sync::atomic::AtomicBool::new(false)).unwrap();
     let c = &r.comparison;
     assert_eq!(c.models, ["base", "base+LoRA"]);

@@ -129,7 +129,10 @@ fn every_tensor_and_file_carried_over_in_the_stored_dtype() {
             .unwrap();
     let want = t["bf16_rounding_effect"].as_f64().unwrap();
     eprintln!("export bf16 (auto): max |logit diff| vs base + adapter in f32 = {d:e}; transformers: {want:e}");
-    assert!((d - want).abs() <= 2e-4, "bf16 export shifts the logits by {d}, transformers' bf16 merge by {want}");
+    assert!(
+        (d as f64 - want).abs() <= 2e-4,
+        "bf16 export shifts the logits by {d}, transformers' bf16 merge by {want}"
+    );
     // No staging folder is left behind.
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers.len(), 1, "{leftovers:?}");

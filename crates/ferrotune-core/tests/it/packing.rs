@@ -8,8 +8,8 @@ use ferrotune_core::data::{prepare, Sample};
 use ferrotune_core::image::ImageProcessorConfig;
 use ferrotune_core::lora::{self, Init, LoraSpec, Targets};
 use ferrotune_core::models::qwen3_5::Qwen3_5;
-use ferrotune_core::train::batch::micro_batch;
-use ferrotune_core::train::step::{forward_backward, forward_loss, GradAccum, MicroBatch, StepOptions};
+use ferrotune_core::train::batch::{label_tokens, micro_batch, MicroBatch};
+use ferrotune_core::train::step::{forward_backward, forward_loss, GradAccum, StepOptions};
 use serde_json::json;
 
 use crate::common::{fixtures, plan, tiny_checkpoint};
@@ -56,11 +56,6 @@ fn batch(model: &Qwen3_5, samples: &[&Sample]) -> MicroBatch {
 
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
-}
-
-/// Label tokens after the shift.
-fn tokens(labels: &[i64]) -> usize {
-    labels.iter().skip(1).filter(|&&l| l != -100).count()
 }
 
 #[test]
@@ -117,11 +112,11 @@ fn neat_packing_equals_the_samples_one_by_one() {
     }
 
     // Gradients of the packed micro-batch's mean loss vs Σ (tokens_i / tokens) · gradient of sample i alone.
-    let total: usize = rows.iter().map(|r| tokens(&r.labels)).sum();
+    let total: usize = rows.iter().map(|r| label_tokens(r)).sum();
     let mut want_acc = GradAccum::default();
     for m in members.iter().take(2) {
         for &i in m {
-            let w = tokens(&alone[i].labels) as f64 / total as f64;
+            let w = label_tokens(&alone[i]) as f64 / total as f64;
             let o = StepOptions { scale: w, checkpointing: false, train_embeddings: false, dropout_seed: 0 };
             forward_backward(&model, &batch(&model, &[&alone[i]]), &params, &mut want_acc, o).unwrap();
         }

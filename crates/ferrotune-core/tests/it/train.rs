@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use ferrotune_core::lora::{self, Init, LoraSpec, Targets};
 use ferrotune_core::models::qwen3_5::{Qwen3_5, VisionInput};
+use ferrotune_core::train::batch::MicroBatch;
 use ferrotune_core::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use ferrotune_core::train::schedule::{Kind, Schedule};
-use ferrotune_core::train::step::{forward_backward, GradAccum, MicroBatch, StepOptions};
+use ferrotune_core::train::step::{forward_backward, GradAccum, StepOptions};
 
 use crate::common::{fixtures, tiny_checkpoint};
 
@@ -94,13 +95,7 @@ fn lora_model(set: &str, targets: &[&str]) -> (Qwen3_5, Vec<(String, Var)>) {
     let spec = spec(targets);
     let adapted = lora::attach(model.lora_candidates(false, false), &spec, &Init::From(&init), &Device::Cpu).unwrap();
     assert_eq!(adapted.len() * 2, init.len(), "{set}: every module of the PEFT init must be adapted");
-    let mut vars = Vec::new();
-    for (path, lin) in model.linears_mut() {
-        if let Some(l) = &lin.lora {
-            vars.push((lora::peft_key(&path, "A"), l.a.clone()));
-            vars.push((lora::peft_key(&path, "B"), l.b.clone()));
-        }
-    }
+    let vars = lora::trainable_vars(model.linears_mut());
     (model, vars)
 }
 

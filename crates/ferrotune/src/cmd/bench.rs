@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use ferrotune_core::bench::{self, BenchReport, TrainBench};
 use ferrotune_core::models::qwen3_5::init::{write_random_checkpoint, Sizes};
+use ferrotune_core::sys;
 
 use crate::cli::BenchArgs;
 
@@ -55,7 +56,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     };
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     println!("model: {} ({:.1}M parameters), threads: {threads}", model.display(), report.params as f64 / 1e6);
-    println!("device: {}, base weights in {}", report.device, ferrotune_core::train::run::dtype_name(report.dtype));
+    println!("device: {}, base weights in {}", report.device, ferrotune_core::device::dtype_name(report.dtype));
     print_row("ferrotune", &args, &report);
     let mut json =
         serde_json::json!({"bench": args.what, "model": model.display().to_string(), "ferrotune": report.to_json()});
@@ -102,7 +103,7 @@ fn packing(args: &BenchArgs) -> Result<ExitCode> {
     let base = if args.model.is_none() && args.preset == "demo" {
         let b = work.join("demo-base");
         if !b.join("config.json").exists() {
-            ferrotune_core::demo::base::write_embedded(&b)?;
+            ferrotune_core::demo::base::write_embedded(&b, super::demo::EMBEDDED_BASE)?;
         }
         b
     } else {
@@ -141,7 +142,7 @@ fn packing(args: &BenchArgs) -> Result<ExitCode> {
         let rows = prepared.train.len();
         let stop = std::sync::atomic::AtomicBool::new(false);
         let t0 = std::time::Instant::now();
-        let cpu0 = bench::cpu_seconds();
+        let cpu0 = sys::cpu_seconds();
         let outcome = ferrotune_core::train::run::run(
             &plan,
             &prepared,
@@ -153,7 +154,7 @@ fn packing(args: &BenchArgs) -> Result<ExitCode> {
                 workers: None,
             },
         )?;
-        let (wall, cpu) = (t0.elapsed().as_secs_f64(), bench::cpu_seconds() - cpu0);
+        let (wall, cpu) = (t0.elapsed().as_secs_f64(), sys::cpu_seconds() - cpu0);
         results.push((name, rows, outcome.global_step, outcome.tokens_seen, wall, cpu));
     }
     println!("\n| run | training rows | steps | tokens | wall s | tokens/s | CPU-s per 1k tokens |");
@@ -165,7 +166,7 @@ fn packing(args: &BenchArgs) -> Result<ExitCode> {
             cpu / (*tokens as f64 / 1000.0)
         );
     }
-    if let Some(rss) = bench::peak_rss_bytes() {
+    if let Some(rss) = sys::peak_rss_bytes() {
         println!("peak RSS of the whole run: {:.0} MB", rss as f64 / 1e6);
     }
     Ok(ExitCode::SUCCESS)
@@ -176,7 +177,7 @@ fn packing(args: &BenchArgs) -> Result<ExitCode> {
 /// Run it from a debug build (`cargo run -p ferrotune -- bench config-fuzz`): only there does an integer
 /// overflow panic instead of wrapping silently.
 fn config_fuzz(args: &BenchArgs) -> Result<ExitCode> {
-    use ferrotune_core::config::fuzz::{fuzz, FuzzSetup};
+    use ferrotune_core::data::fuzz::{fuzz, FuzzSetup};
     let scratch = std::env::temp_dir().join(format!("ferrotune-config-fuzz-{}", std::process::id()));
     let setup = FuzzSetup {
         checkpoint: repo_file("tests/fixtures/tiny-qwen3_5")?,

@@ -133,7 +133,7 @@ fn interactive(loaded: &Loaded, mut chat: Conversation, show_reasoning: bool) ->
 /// Reads an image and pre-resizes it as training did.
 fn load_image(l: &Loaded, path: &std::path::Path) -> Result<RgbImage> {
     let img = ferrotune_core::image::load_image(path)?;
-    Ok(crate::server::media::fit_pixels(img, l.pixels.0, l.pixels.1))
+    Ok(ferrotune_core::image::fit_pixels(img, l.pixels.0, l.pixels.1))
 }
 
 /// The history of one chat: messages in transformers' format and their images in order.

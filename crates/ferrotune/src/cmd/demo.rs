@@ -6,10 +6,20 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result};
 use base64::Engine as _;
-use ferrotune_core::demo::base::{assets_dir, embedded_config, rebuild, Recipe};
+use ferrotune_core::demo::base::{assets_dir, rebuild, BaseWeights, Recipe};
 use ferrotune_core::demo::pipeline::{run as run_demo, DemoOptions};
 
 use crate::cli::DemoArgs;
+
+/// The pretrained demo base, when this build has it. Only the binary embeds it: the library's test binaries
+/// would otherwise each carry the 8 MB of weights.
+#[cfg(demo_base)]
+pub const EMBEDDED_BASE: Option<BaseWeights> = Some(BaseWeights {
+    config: include_bytes!("../../../ferrotune-core/assets/demo-base/config.json"),
+    weights: include_bytes!("../../../ferrotune-core/assets/demo-base/model.safetensors"),
+});
+#[cfg(not(demo_base))]
+pub const EMBEDDED_BASE: Option<BaseWeights> = None;
 
 pub fn run(args: DemoArgs) -> Result<ExitCode> {
     static STOP: AtomicBool = AtomicBool::new(false);
@@ -24,7 +34,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     // The recipe above keeps the default threads: its bit-for-bit rebuild holds for a given thread count.
     match &args.base {
         Some(dir) => super::threads_for_checkpoint(dir),
-        None => super::threads_for_model(embedded_config()),
+        None => super::threads_for_model(EMBEDDED_BASE.map(|b| b.config)),
     }
     let opts = DemoOptions {
         out: args.out.clone(),
@@ -34,6 +44,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         epochs: args.epochs,
         progress,
         base: args.base.clone(),
+        embedded: EMBEDDED_BASE,
         ..Default::default()
     };
     let r = run_demo(&opts, &STOP)?;

@@ -273,7 +273,7 @@ pub fn layered<P: Parser>(sub: &str, positionals: &[String], env: &[(&str, &str)
         if let Some(long) = known.get(&norm) {
             return Ok(long.clone());
         }
-        let hint = ferrotune_core::config::suggest::hint(&norm, known.keys().map(String::as_str));
+        let hint = ferrotune_core::suggest::hint(&norm, known.keys().map(String::as_str));
         let hint = if hint.is_empty() { hint } else { format!("; {hint}") };
         bail!("{origin}: unknown key `{key}` for `ferrotune {sub}`{hint} (see `ferrotune {sub} --help`)")
     };

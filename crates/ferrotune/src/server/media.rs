@@ -12,18 +12,6 @@ use image::RgbImage;
 
 use super::error::ApiError;
 
-/// LLaMA-Factory's pre-resize, as training applies it: an image with more than `max_pixels` (or fewer than
-/// `min_pixels`) is resized, keeping its aspect ratio, before the processor sees it. Serving must do the same,
-/// or a large photo becomes thousands of image tokens the adapter never saw.
-pub fn fit_pixels(img: RgbImage, min_pixels: u64, max_pixels: u64) -> RgbImage {
-    let (w, h) = ferrotune_core::data::preresize(img.width(), img.height(), max_pixels, min_pixels);
-    if (w, h) == (img.width(), img.height()) {
-        img
-    } else {
-        ferrotune_core::image::resize_bicubic_pil(&img, h as usize, w as usize)
-    }
-}
-
 #[derive(Clone, Debug, Default)]
 pub struct MediaPolicy {
     /// Canonical folder local paths must resolve into; `None` refuses local paths.
@@ -31,7 +19,7 @@ pub struct MediaPolicy {
     pub allow_remote: bool,
     /// Largest image file or download, in bytes.
     pub max_bytes: u64,
-    /// `image_min_pixels` / `image_max_pixels` of the pre-resize (see [`fit_pixels`]).
+    /// `image_min_pixels` / `image_max_pixels` of the pre-resize (see [`ferrotune_core::image::fit_pixels`]).
     pub min_pixels: u64,
     pub max_pixels: u64,
 }
@@ -64,7 +52,7 @@ pub fn load(url: &str, policy: &MediaPolicy, param: &str) -> Result<RgbImage, Ap
     };
     let img = ferrotune_core::image::decode_image(&bytes, param)
         .map_err(|e| ApiError::bad(format!("{e:#}")).param(param).code("invalid_image"))?;
-    Ok(fit_pixels(img, policy.min_pixels, policy.max_pixels))
+    Ok(ferrotune_core::image::fit_pixels(img, policy.min_pixels, policy.max_pixels))
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
@@ -121,26 +109,16 @@ fn data_url(rest: &str, param: &str) -> Result<Vec<u8>, ApiError> {
     })
 }
 
+/// The %-escapes of a `file://` URL decoded. A `%` without two hex digits after it is refused (the decoder would
+/// keep it as is), so that a mistyped path is reported rather than looked up.
 fn percent_decode(s: &str) -> Result<String, String> {
     let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok());
-            match hex {
-                Some(v) => {
-                    out.push(v);
-                    i += 3;
-                    continue;
-                }
-                None => return Err("malformed %-escape in file:// URL".into()),
-            }
-        }
-        out.push(b[i]);
-        i += 1;
+    let escape_ok = |i: usize| b.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
+    if (0..b.len()).any(|i| b[i] == b'%' && !escape_ok(i)) {
+        return Err("malformed %-escape in file:// URL".into());
     }
-    String::from_utf8(out).map_err(|_| "file:// URL is not UTF-8 after %-decoding".into())
+    let decoded = percent_encoding::percent_decode_str(s).decode_utf8();
+    decoded.map(|d| d.into_owned()).map_err(|_| "file:// URL is not UTF-8 after %-decoding".into())
 }
 
 /// `..` and `.` removed without touching the file system (for paths that do not exist).
@@ -326,16 +304,7 @@ mod tests {
         let e = load("data:image/png;base64,aGVsbG8=", &policy, "p").unwrap_err();
         assert!(e.message.contains("not a PNG"), "{}", e.message);
         assert_eq!(percent_decode("/a%20b").unwrap(), "/a b");
+        assert!(percent_decode("/a%2").is_err() && percent_decode("/a%zz").is_err());
         assert_eq!(lexical_normalize(Path::new("/m/a/../../etc")), Path::new("/etc"));
-    }
-
-    #[test]
-    fn large_images_are_pre_resized_as_in_training() {
-        let img = RgbImage::new(1024, 768);
-        let out = fit_pixels(img.clone(), 1024, 262144);
-        // LLaMA-Factory's example: 1024x768 with image_max_pixels 262144 becomes 591x443.
-        assert_eq!((out.width(), out.height()), (591, 443));
-        assert_eq!(fit_pixels(img, 1024, 1024 * 768).dimensions(), (1024, 768), "within the bounds: untouched");
-        assert_eq!(fit_pixels(RgbImage::new(16, 16), 1024, 262144).dimensions(), (32, 32), "small: scaled up");
     }
 }

@@ -12,9 +12,9 @@ use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::keys::{Kind, KEYS};
-use super::{Plan, RawConfig};
-use crate::data::{check_config, Prepared};
+use super::{check_config, Prepared};
+use crate::config::keys::{self, Kind, KEYS};
+use crate::config::{Plan, RawConfig};
 
 /// What `ferrotune data check` does with a config, in process: [`check_config`] (the plan, the data stage and
 /// its step count) and the report it prints (and the plan summary `train` prints).
@@ -148,7 +148,7 @@ pub fn case_yaml(rng: &mut StdRng, setup: &FuzzSetup, numeric: &[&'static str]) 
     };
     for _ in 0..n {
         let key = numeric[rng.random_range(0..numeric.len())];
-        let kind = super::keys::find(key).map_or(Kind::Int, |k| k.kind);
+        let kind = keys::find(key).map_or(Kind::Int, |k| k.kind);
         let v = value(rng, kind);
         match pairs.iter_mut().find(|(k, _)| k == key) {
             Some(p) => p.1 = v,

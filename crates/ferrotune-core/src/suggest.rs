@@ -1,21 +1,5 @@
 //! "Did you mean" suggestions for keys, dataset names and template names.
 
-/// Edit distance (insertions, deletions, substitutions) between two strings, by characters.
-pub fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, ca) in a.chars().enumerate() {
-        cur[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    prev[b.len()]
-}
-
 /// The candidates close enough to `word` to be what the user meant, best first (at most three).
 ///
 /// Close means an edit distance of at most a third of the word's length (at least 2), or one name containing
@@ -26,7 +10,8 @@ pub fn similar<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     let mut scored: Vec<(usize, &str)> = candidates
         .into_iter()
         .filter_map(|c| {
-            let d = edit_distance(&lower, &c.to_lowercase());
+            // Levenshtein distance by characters (not bytes), so a CJK typo counts once.
+            let d = strsim::levenshtein(&lower, &c.to_lowercase());
             let contains = lower.len() >= 4 && (c.contains(lower.as_str()) || lower.contains(c));
             (d <= limit || contains).then_some((d, c))
         })
@@ -55,9 +40,9 @@ mod tests {
 
     #[test]
     fn distance() {
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(edit_distance("lora_rank", "lora_rank"), 0);
+        assert_eq!(strsim::levenshtein("kitten", "sitting"), 3);
+        assert_eq!(strsim::levenshtein("", "abc"), 3);
+        assert_eq!(strsim::levenshtein("lora_rank", "lora_rank"), 0);
     }
 
     #[test]

@@ -1,0 +1,67 @@
+//! What the operating system says about this process and its disk: peak memory, CPU time, free space. Shared by
+//! training (its results and the pre-flight disk check) and the benchmarks.
+
+use std::path::Path;
+
+/// Peak resident set size of this process in bytes (the kernel's high-water mark), where the platform tells it
+/// in a known unit (Linux).
+pub fn peak_rss_bytes() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::sys::resource::{getrusage, UsageWho};
+        // Linux reports `ru_maxrss` in KiB (the `VmHWM` of /proc/self/status).
+        let kib = getrusage(UsageWho::RUSAGE_SELF).ok()?.max_rss();
+        u64::try_from(kib).ok().map(|k| k * 1024)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
+/// Process CPU time (user + system, all threads) in seconds; 0 where the platform cannot tell.
+pub fn cpu_seconds() -> f64 {
+    #[cfg(unix)]
+    {
+        use nix::sys::resource::{getrusage, UsageWho};
+        let Ok(usage) = getrusage(UsageWho::RUSAGE_SELF) else { return 0.0 };
+        let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 * 1e-6;
+        secs(usage.user_time()) + secs(usage.system_time())
+    }
+    #[cfg(not(unix))]
+    {
+        0.0
+    }
+}
+
+/// Bytes an unprivileged process may still write on the filesystem holding `dir`, when the platform can tell.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let st = nix::sys::statvfs::statvfs(dir).ok()?;
+        Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn this_process_has_memory_cpu_time_and_disk() {
+        // Burn a little CPU so that the clock has something to count.
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        if cfg!(target_os = "linux") {
+            assert!(super::peak_rss_bytes().unwrap() > 1 << 20);
+            assert!(super::cpu_seconds() > 0.0);
+            assert!(super::free_bytes(&std::env::temp_dir()).is_some());
+        }
+    }
+}
