@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::{read_config_json, save_safetensors, Checkpoint, TOKENIZER_FILES};
 use crate::device::dtype_name;
 use crate::lora::Adapter;
+use crate::weights::{read_config_json, save_safetensors, Checkpoint, TOKENIZER_FILES};
 
 #[derive(Clone, Debug)]
 pub struct ExportOptions {

@@ -4,8 +4,7 @@
 //! config → data → template → image processor → model (+ LoRA) → train / infer.
 
 pub mod bench;
-pub mod chat;
-pub mod checkpoint;
+pub mod chat_template;
 pub mod config;
 pub mod data;
 pub mod demo;
@@ -26,6 +25,7 @@ pub mod sys;
 pub mod template;
 pub mod tokenizer;
 pub mod train;
+pub mod weights;
 
 /// The crate version, as printed by `ferrotune env`.
 pub fn version() -> &'static str {

@@ -493,7 +493,7 @@ pub fn dropout_replay(dev: &Device, fixtures: &Path) -> Result<Check> {
 /// Greedy generation (base, and with the PEFT adapter merged) on `dev` in f32: tokens that differ from
 /// transformers' greedy `generate`.
 pub fn greedy_generation(dev: &Device, fixtures: &Path) -> Result<Check> {
-    use crate::chat::RenderOptions;
+    use crate::chat_template::RenderOptions;
     use crate::infer::{AdapterMode, Engine, GenerateRequest, SamplingParams};
     let text = std::fs::read_to_string(fixtures.join("golden/generate.json"))?;
     let cases: Vec<serde_json::Value> = serde_json::from_str(&text)?;

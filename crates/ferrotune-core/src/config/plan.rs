@@ -81,8 +81,8 @@ impl DataPlan {
 impl DataPlan {
     /// The template options these keys set (`default_system`, `enable_thinking`, `preserve_thinking`), as
     /// encoding, the written chat template and eval's template check all use them.
-    pub fn render_options(&self) -> crate::template::RenderOptions {
-        crate::template::RenderOptions {
+    pub fn render_options(&self) -> crate::template::TemplateOptions {
+        crate::template::TemplateOptions {
             default_system: self.default_system.clone(),
             enable_thinking: self.enable_thinking,
             preserve_thinking: self.preserve_thinking,

@@ -226,15 +226,15 @@ pub fn rebuild(out: &Path, work: &Path, recipe: &Recipe, stop: &AtomicBool, prog
 /// the size.
 pub fn write_bf16(from: &Path, out: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    let ckpt = crate::checkpoint::Checkpoint::open(from)?;
+    let ckpt = crate::weights::Checkpoint::open(from)?;
     let mut tensors = std::collections::HashMap::new();
     for name in ckpt.names() {
         let dtype = if name.ends_with("A_log") { DType::F32 } else { DType::BF16 };
         tensors.insert(name.to_string(), ckpt.load(name, &candle_core::Device::Cpu)?.to_dtype(dtype)?);
     }
     let weights = out.join("model.safetensors");
-    crate::checkpoint::save_safetensors(&tensors, &weights)?;
-    let mut cfg = crate::checkpoint::read_config_json(from)?;
+    crate::weights::save_safetensors(&tensors, &weights)?;
+    let mut cfg = crate::weights::read_config_json(from)?;
     cfg["dtype"] = serde_json::json!("bfloat16");
     super::write_json(&out.join("config.json"), &cfg)?;
     Ok(weights)
@@ -251,7 +251,7 @@ pub fn write_random_init(dir: &Path, seed: u64) -> Result<()> {
     let json = config_json(&Sizes::demo(), &TokenIds::from_tokenizer(&tok)?);
     let cfg = crate::models::qwen3_5::Config::from_json(&json)?;
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&json)?)?;
-    crate::checkpoint::save_safetensors(&random_weights(&cfg, DType::BF16, seed)?, &dir.join("model.safetensors"))
+    crate::weights::save_safetensors(&random_weights(&cfg, DType::BF16, seed)?, &dir.join("model.safetensors"))
 }
 
 /// Written next to a finished stage 1: the fingerprint of what it was trained from.

@@ -319,9 +319,9 @@ pub fn pretrain(
             std::fs::copy(&path, out.join(&name))?;
         }
     }
-    let mut cfg = crate::checkpoint::read_config_json(model_dir)?;
+    let mut cfg = crate::weights::read_config_json(model_dir)?;
     cfg["dtype"] = serde_json::json!("float32");
     super::write_json(&out.join("config.json"), &cfg)?;
-    crate::checkpoint::save_safetensors(&model.state_dict(DType::F32)?, &out.join("model.safetensors"))?;
+    crate::weights::save_safetensors(&model.state_dict(DType::F32)?, &out.join("model.safetensors"))?;
     Ok(VisionReport { held_out_before: before, held_out_after: after, shapes_before, shapes_after })
 }

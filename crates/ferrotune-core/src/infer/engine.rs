@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
 use super::sample::{Sampler, SamplingParams};
-use crate::chat::{expand_pads, ChatTemplate, RenderOptions};
+use crate::chat_template::{expand_pads, ChatTemplate, RenderOptions};
 use crate::image::ImageProcessorConfig;
 use crate::lora::Adapter;
 use crate::models::qwen3_5::{Cache, Qwen3_5, RopePositions, VisionInput};

@@ -12,7 +12,7 @@ pub const SUPPORTED: &[(&str, &str)] =
 
 /// Reads `model_type` from a checkpoint's config.json and checks that it is supported.
 pub fn model_type(dir: &Path) -> Result<String> {
-    let json = crate::checkpoint::read_config_json(dir)?;
+    let json = crate::weights::read_config_json(dir)?;
     let mt = json.get("model_type").and_then(|m| m.as_str()).unwrap_or("").to_string();
     if !SUPPORTED.iter().any(|(t, _)| *t == mt) {
         let list: Vec<String> = SUPPORTED.iter().map(|(t, d)| format!("{t} ({d})")).collect();

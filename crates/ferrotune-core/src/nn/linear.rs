@@ -6,7 +6,7 @@
 use candle_core::{DType, Result, Tensor, Var};
 
 use super::Param;
-use crate::checkpoint::{Init, Weights};
+use crate::weights::{Init, Weights};
 
 #[derive(Clone)]
 pub struct Lora {

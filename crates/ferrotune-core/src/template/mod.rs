@@ -125,7 +125,7 @@ pub fn by_name(name: &str) -> Result<&'static Template> {
 
 /// Template settings that come from the config.
 #[derive(Clone, Debug)]
-pub struct RenderOptions {
+pub struct TemplateOptions {
     /// `default_system`: replaces the template's default system prompt.
     pub default_system: Option<String>,
     /// `enable_thinking` (reasoning templates only): `Some(true)` trains the empty think block, `Some(false)`
@@ -135,7 +135,7 @@ pub struct RenderOptions {
     pub preserve_thinking: bool,
 }
 
-impl Default for RenderOptions {
+impl Default for TemplateOptions {
     fn default() -> Self {
         Self { default_system: None, enable_thinking: Some(true), preserve_thinking: false }
     }
@@ -152,7 +152,7 @@ pub struct ChatEncoder<'a> {
 }
 
 impl<'a> ChatEncoder<'a> {
-    pub fn new(template: &'static Template, tok: &'a Tokenizer, options: &RenderOptions) -> Result<Self> {
+    pub fn new(template: &'static Template, tok: &'a Tokenizer, options: &TemplateOptions) -> Result<Self> {
         let thought_ids = tok.encode(&format!("{THINK_OPEN}{THINK_CLOSE}"))?;
         Ok(Self {
             template,
@@ -317,7 +317,7 @@ const JINJA_HEADER: &str = "{#- ferrotune: the `";
 
 /// The built-in template that a `chat_template.jinja` written by [`to_jinja`] (an adapter folder's, after
 /// training) was rendered from, and whether `options` render it identically; `None` for any other template.
-pub fn rendered_from(jinja: &str, options: &RenderOptions) -> Option<(&'static Template, bool)> {
+pub fn rendered_from(jinja: &str, options: &TemplateOptions) -> Option<(&'static Template, bool)> {
     let name = jinja.strip_prefix(JINJA_HEADER)?.split('`').next()?;
     let t = TEMPLATES.iter().find(|t| t.name == name)?;
     Some((t, to_jinja(t, options) == jinja))
@@ -327,7 +327,7 @@ pub fn rendered_from(jinja: &str, options: &RenderOptions) -> Option<(&'static T
 /// (one renderer everywhere: a model trained with a `_nothink` template must not be served with a thinking
 /// prompt). Content may be a string or parts (`{"type": "image"}` / `{"type": "text"}`); a reasoning template
 /// drops earlier thoughts from history and, unless thinking is on, closes an empty think block in the prompt.
-pub fn to_jinja(t: &Template, options: &RenderOptions) -> String {
+pub fn to_jinja(t: &Template, options: &TemplateOptions) -> String {
     let esc = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'").replace('\n', "\\n");
     let mut j = String::new();
     j.push_str(JINJA_HEADER);
@@ -388,13 +388,13 @@ mod tests {
 
     #[test]
     fn rendered_templates_name_their_source() {
-        let opts = RenderOptions::default();
+        let opts = TemplateOptions::default();
         for t in TEMPLATES {
             let (found, same) = rendered_from(&to_jinja(t, &opts), &opts).unwrap();
             assert!(found.name == t.name && same, "{}", t.name);
         }
         let t = by_name("qwen3_5_nothink").unwrap();
-        let other = RenderOptions { default_system: Some("Be brief.".into()), ..Default::default() };
+        let other = TemplateOptions { default_system: Some("Be brief.".into()), ..Default::default() };
         let (found, same) = rendered_from(&to_jinja(t, &other), &opts).unwrap();
         assert!(found.name == "qwen3_5_nothink" && !same);
         // A checkpoint's own template, and a header naming no built-in one.

@@ -88,15 +88,15 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot clear", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    crate::checkpoint::save_safetensors(&weights.tensors, &tmp.join(weights.file_name))?;
+    crate::weights::save_safetensors(&weights.tensors, &tmp.join(weights.file_name))?;
     for (name, v) in &weights.json {
         write_json_atomic(&tmp.join(name), v)?;
     }
     if let Some(src) = &weights.copy_from {
-        crate::checkpoint::copy_tokenizer_files(src, &tmp)?;
+        crate::weights::copy_tokenizer_files(src, &tmp)?;
     }
     if let Some(opt) = optimizer {
-        crate::checkpoint::save_safetensors(&opt.state_tensors()?, &tmp.join("optimizer.safetensors"))?;
+        crate::weights::save_safetensors(&opt.state_tensors()?, &tmp.join("optimizer.safetensors"))?;
     }
     trainer_state.save(&tmp.join("trainer_state.json"))?;
     write_json_atomic(&tmp.join("ferrotune_state.json"), &resume.to_json())?;

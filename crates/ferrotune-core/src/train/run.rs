@@ -673,13 +673,13 @@ fn weights_files(model: &mut Qwen3_5, plan: &Plan, spec: &LoraSpec, modules: &[S
             copy_from: None,
         },
         FinetuningType::Full => {
-            let dtype = match crate::checkpoint::Checkpoint::open(&plan.model_name_or_path)?
+            let dtype = match crate::weights::Checkpoint::open(&plan.model_name_or_path)?
                 .info("model.language_model.embed_tokens.weight")
             {
                 Some((_, dt)) => dt,
                 None => DType::BF16,
             };
-            let mut cfg = crate::checkpoint::read_config_json(&plan.model_name_or_path)?;
+            let mut cfg = crate::weights::read_config_json(&plan.model_name_or_path)?;
             cfg["dtype"] = json!(device::dtype_name(dtype));
             WeightsFiles {
                 tensors: model.state_dict(dtype)?,
@@ -712,11 +712,11 @@ fn finish(
     let FinishedRun { spec, modules, rs, runtime } = *run;
     let out = &plan.train.output_dir;
     let files = weights_files(model, plan, spec, modules)?;
-    crate::checkpoint::save_safetensors(&files.tensors, &out.join(files.file_name))?;
+    crate::weights::save_safetensors(&files.tensors, &out.join(files.file_name))?;
     for (name, v) in &files.json {
         write_json_atomic(&out.join(name), v)?;
     }
-    crate::checkpoint::copy_tokenizer_files(&plan.model_name_or_path, out)?;
+    crate::weights::copy_tokenizer_files(&plan.model_name_or_path, out)?;
     // The template the model was trained with, as a Jinja chat template, so serving and export render prompts
     // exactly as training did.
     let render = plan.data.render_options();

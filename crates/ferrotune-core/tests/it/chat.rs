@@ -1,6 +1,6 @@
 //! Chat template rendering and image-pad expansion equal transformers' processor (tools/golden/gen_chat.py).
 
-use ferrotune_core::chat::{expand_pads, ChatTemplate, RenderOptions};
+use ferrotune_core::chat_template::{expand_pads, ChatTemplate, RenderOptions};
 use ferrotune_core::tokenizer::Tokenizer;
 
 use crate::common::{fixtures, tiny_checkpoint};

@@ -459,7 +459,7 @@ fn base_recipe_rebuilds_bit_for_bit() {
     assert!(built[0].0 == built[1].0, "two rebuilds gave different weights");
     assert_eq!(built[0].1, built[1].1);
     // The stages work in f32; the base ships in bf16 (A_log in f32, as reference checkpoints keep it).
-    let out = ferrotune_core::checkpoint::Checkpoint::open(&dir.path().join("a/out")).unwrap();
+    let out = ferrotune_core::weights::Checkpoint::open(&dir.path().join("a/out")).unwrap();
     for name in out.names() {
         let want = if name.ends_with("A_log") { candle_core::DType::F32 } else { candle_core::DType::BF16 };
         assert_eq!(out.info(name).unwrap().1, want, "{name}");
@@ -525,7 +525,7 @@ fn vision_stage_learns_to_reconstruct_and_name_shapes_and_touches_only_the_tower
     assert!(err.contains("attributes.shapes"), "{err}");
     assert!(!nowhere.exists());
     // Every vision weight moved; nothing else did.
-    let load = |d: &Path| ferrotune_core::checkpoint::Checkpoint::open(d).unwrap();
+    let load = |d: &Path| ferrotune_core::weights::Checkpoint::open(d).unwrap();
     let (a, b) = (load(&init), load(&out));
     let dev = candle_core::Device::Cpu;
     let mut moved = 0;

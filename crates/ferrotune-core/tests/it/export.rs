@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use ferrotune_core::chat::RenderOptions;
-use ferrotune_core::checkpoint::Checkpoint;
+use ferrotune_core::chat_template::RenderOptions;
 use ferrotune_core::export::{export, ExportOptions};
 use ferrotune_core::infer::{AdapterMode, Engine};
 use ferrotune_core::lora::Adapter;
+use ferrotune_core::weights::Checkpoint;
 
 use crate::common::{assert_close, fixtures, tiny_checkpoint};
 

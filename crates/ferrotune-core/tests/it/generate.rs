@@ -2,7 +2,7 @@
 //! equals a full re-forward at every step. Fixtures: tools/golden/gen_generate.py.
 
 use candle_core::{DType, Device};
-use ferrotune_core::chat::RenderOptions;
+use ferrotune_core::chat_template::RenderOptions;
 use ferrotune_core::infer::{AdapterMode, Engine, GenerateRequest, SamplingParams};
 use ferrotune_core::models::qwen3_5::Cache;
 

@@ -2,7 +2,7 @@
 //! dataset format and option the fixtures cover.
 
 use ferrotune_core::data::{prepare, IssueKind};
-use ferrotune_core::template::{by_name, ChatEncoder, Message, RenderOptions, Role};
+use ferrotune_core::template::{by_name, ChatEncoder, Message, Role, TemplateOptions};
 use ferrotune_core::tokenizer::Tokenizer;
 use serde_json::Value;
 
@@ -110,7 +110,7 @@ fn generation_prompts() {
     for case in golden("prompts.json")["samples"].as_array().unwrap() {
         let name = case["template"].as_str().unwrap();
         let thinking = case["enable_thinking"].as_bool().unwrap();
-        let options = RenderOptions { enable_thinking: Some(thinking), ..RenderOptions::default() };
+        let options = TemplateOptions { enable_thinking: Some(thinking), ..TemplateOptions::default() };
         let enc = ChatEncoder::new(by_name(name).unwrap(), &tok, &options).unwrap();
         let messages: Vec<Message> = case["messages"]
             .as_array()
@@ -132,7 +132,7 @@ fn generation_prompts() {
 /// encoder does, for every template and thinking setting.
 #[test]
 fn written_chat_template_equals_the_training_encoder() {
-    use ferrotune_core::chat::{ChatTemplate, RenderOptions as JinjaOptions};
+    use ferrotune_core::chat_template::{ChatTemplate, RenderOptions};
     use ferrotune_core::template::{to_jinja, TEMPLATES};
     let tok = Tokenizer::from_path(&tiny()).unwrap();
     let history = [
@@ -148,7 +148,7 @@ fn written_chat_template_equals_the_training_encoder() {
     for t in TEMPLATES {
         for thinking in [Some(true), Some(false), None] {
             for system in [None, Some("Be brief.")] {
-                let opts = RenderOptions {
+                let opts = TemplateOptions {
                     default_system: system.map(str::to_owned),
                     enable_thinking: thinking,
                     preserve_thinking: false,
@@ -157,7 +157,7 @@ fn written_chat_template_equals_the_training_encoder() {
                 let want = enc.encode_prompt(&history, None).unwrap();
                 let jinja = ChatTemplate::new(to_jinja(t, &opts), "chat_template.jinja".into()).unwrap();
                 let text =
-                    jinja.render(&json, &JinjaOptions { add_generation_prompt: true, ..Default::default() }).unwrap();
+                    jinja.render(&json, &RenderOptions { add_generation_prompt: true, ..Default::default() }).unwrap();
                 assert_eq!(
                     tok.encode(&text).unwrap(),
                     want,

@@ -233,7 +233,7 @@ fn full_fine_tuning_gradients_equal_transformers() {
 fn state_dict_round_trips_the_checkpoint() {
     let mut model = Qwen3_5::load(&tiny_checkpoint(), DType::F32, &Device::Cpu).unwrap();
     let sd = model.state_dict(DType::BF16).unwrap();
-    let ckpt = ferrotune_core::checkpoint::Checkpoint::open(&tiny_checkpoint()).unwrap();
+    let ckpt = ferrotune_core::weights::Checkpoint::open(&tiny_checkpoint()).unwrap();
     let names: Vec<&str> = ckpt.names().into_iter().filter(|n| !n.starts_with("mtp.")).collect();
     assert_eq!(sd.len(), names.len());
     for n in names {

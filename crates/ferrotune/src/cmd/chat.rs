@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use ferrotune_core::chat::RenderOptions;
+use ferrotune_core::chat_template::RenderOptions;
 use ferrotune_core::infer::{Engine, GenerateRequest, Generation};
 use image::RgbImage;
 use serde_json::{json, Value};

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Parser;
-use ferrotune_core::chat::ChatTemplate;
+use ferrotune_core::chat_template::ChatTemplate;
 use ferrotune_core::infer::{AdapterMode, Engine, SamplingParams};
 
 /// The model to load: flags as LLaMA-Factory names them (the kebab-case spelling works too).
@@ -108,7 +108,7 @@ pub fn template_of_adapters(adapters: &[PathBuf]) -> Option<&Path> {
 /// description of where it comes from.
 pub fn named_template(name: &str) -> Result<(String, String)> {
     let t = ferrotune_core::template::by_name(name)?;
-    let source = ferrotune_core::template::to_jinja(t, &ferrotune_core::template::RenderOptions::default());
+    let source = ferrotune_core::template::to_jinja(t, &ferrotune_core::template::TemplateOptions::default());
     Ok((source, format!("built-in template `{name}`")))
 }
 
@@ -177,7 +177,7 @@ pub fn load_engine(m: &ModelArgs, s: &SamplingArgs) -> Result<Loaded> {
         engine.template.path.display()
     );
     let enable_thinking = s.enable_thinking;
-    let cfg = ferrotune_core::checkpoint::read_config_json(model_dir)?;
+    let cfg = ferrotune_core::weights::read_config_json(model_dir)?;
     let ctx = cfg
         .get("text_config")
         .and_then(|t| t.get("max_position_embeddings"))

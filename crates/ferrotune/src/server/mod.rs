@@ -28,7 +28,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferrotune_core::chat::RenderOptions;
+use ferrotune_core::chat_template::RenderOptions;
 use ferrotune_core::infer::{Engine, FinishReason, GenerateRequest, Generation, Prompt, SamplingParams};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use candle_core::{DType, Device};
-use ferrotune_core::chat::RenderOptions;
+use ferrotune_core::chat_template::RenderOptions;
 use ferrotune_core::infer::{AdapterMode, Engine, GenerateRequest, SamplingParams};
 
 fn fixtures() -> PathBuf {
@@ -34,7 +34,7 @@ fn expected_answer(question: &str, image: &str, max_tokens: usize, template: Opt
     if let Some(name) = template {
         let t = ferrotune_core::template::by_name(name).unwrap();
         let source = ferrotune_core::template::to_jinja(t, &Default::default());
-        e.template = ferrotune_core::chat::ChatTemplate::new(source, name.into()).unwrap();
+        e.template = ferrotune_core::chat_template::ChatTemplate::new(source, name.into()).unwrap();
     }
     let messages =
         serde_json::json!([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]);

@@ -4,7 +4,7 @@
 //! Initialisation follows transformers' `_init_weights` for this model: normal(0, initializer_range) for
 //! linear and embedding weights, zero biases, zero (1+w) norm weights, unit LayerNorm / gated-norm weights,
 //! `A_log = log(uniform(0, 16))`, `dt_bias = 1`. Each loader names the init of what it loads
-//! ([`crate::checkpoint::Init`]), so the checkpoint keys are spelled only there.
+//! ([`crate::weights::Init`]), so the checkpoint keys are spelled only there.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,7 +14,7 @@ use candle_core::{DType, Tensor};
 
 use super::config::Config;
 use super::Qwen3_5;
-use crate::checkpoint::Weights;
+use crate::weights::Weights;
 
 /// Sizes of a Qwen3.5 model; everything else takes the real family's values.
 #[derive(Clone, Debug)]
@@ -141,9 +141,9 @@ pub fn write_random_checkpoint(sizes: &Sizes, template_dir: &Path, out: &Path, d
     let json = config_json(sizes, &TokenIds::from_tokenizer(&tok)?);
     let cfg = Config::from_json(&json)?;
     let weights = random_weights(&cfg, dtype, seed)?;
-    crate::checkpoint::copy_tokenizer_files(template_dir, out)?;
+    crate::weights::copy_tokenizer_files(template_dir, out)?;
     std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&json)?)?;
-    crate::checkpoint::save_safetensors(&weights, &out.join("model.safetensors"))?;
+    crate::weights::save_safetensors(&weights, &out.join("model.safetensors"))?;
     Ok(())
 }
 
@@ -253,7 +253,7 @@ mod tests {
         for (sizes, seed, want) in [(Sizes::demo(), 0, "79adc0b87f38a0aa"), (odd, 3, "106fd766d54475c6")] {
             let cfg = Config::from_json(&config_json(&sizes, &ids)).unwrap();
             let path = dir.path().join("model.safetensors");
-            crate::checkpoint::save_safetensors(&random_weights(&cfg, DType::BF16, seed).unwrap(), &path).unwrap();
+            crate::weights::save_safetensors(&random_weights(&cfg, DType::BF16, seed).unwrap(), &path).unwrap();
             let mut h = fnv::FnvHasher::default();
             std::hash::Hasher::write(&mut h, &std::fs::read(&path).unwrap());
             assert_eq!(format!("{:016x}", std::hash::Hasher::finish(&h)), want, "{sizes:?}");

@@ -17,8 +17,8 @@ pub use config::{Config, LayerType};
 pub use text::{DecoderLayer, LayerCache, Segments, Stored};
 pub use vision::VisionModel;
 
-use crate::checkpoint::{read_config_json, Checkpoint, Init, Weights};
 use crate::nn::{Linear, Module, Node, Param};
+use crate::weights::{read_config_json, Checkpoint, Init, Weights};
 
 /// Images of one forward pass: processor output for all images of the batch, in order of appearance.
 #[derive(Clone)]

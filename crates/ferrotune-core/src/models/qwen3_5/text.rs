@@ -9,9 +9,9 @@ use candle_core::{DType, Tensor};
 
 use super::config::{LayerType, TextConfig};
 use super::gdn;
-use crate::checkpoint::{Init, Weights};
 pub use crate::nn::Stored;
 use crate::nn::{ops, Linear, Module, Node, Param};
+use crate::weights::{Init, Weights};
 
 /// A zero-centred RMSNorm.
 #[derive(Clone)]

@@ -10,8 +10,8 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::VisionConfig;
-use crate::checkpoint::{Init, Weights};
 use crate::nn::{ops, Linear, Module, Node, Param};
+use crate::weights::{Init, Weights};
 
 #[derive(Clone)]
 pub struct LayerNorm {
