@@ -53,7 +53,9 @@ def main():
     from transformers import Qwen3_5ForConditionalGeneration
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    t_load = time.perf_counter()
     model = Qwen3_5ForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(dev)
+    load_s = time.perf_counter() - t_load
     g = torch.Generator().manual_seed(1)
     vocab = min(model.config.text_config.vocab_size, model.config.image_token_id)
     ids = torch.randint(0, vocab, (1, args.seq), generator=g)
@@ -105,8 +107,11 @@ def main():
         model.eval()
 
         def gen(n):
+            # The tokens generate() returned are counted, not the ones asked for: a stop rule it applies on
+            # its own (an EOS, max_length from generation_config.json) must not inflate the rate.
             with torch.no_grad():
-                model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                out = model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return out.shape[1] - ids.shape[1]
 
         gen(2)
         sync()
@@ -117,11 +122,14 @@ def main():
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0, c0 = time.perf_counter(), time.process_time()
-        gen(args.new_tokens)
+        made = gen(args.new_tokens)
         sync()
-        wall = (time.perf_counter() - t0 - ttft) / (args.new_tokens - 1)
-        cpu = (time.process_time() - c0 - cpu_first) / (args.new_tokens - 1)
-        print(json.dumps({**report(), "wall_per_sample": wall, "cpu_per_sample": cpu, "ttft": ttft}))
+        if made < 2:
+            raise SystemExit(f"generate() returned {made} new tokens of {args.new_tokens} asked for")
+        wall = (time.perf_counter() - t0 - ttft) / (made - 1)
+        cpu = (time.process_time() - c0 - cpu_first) / (made - 1)
+        print(json.dumps({**report(), "wall_per_sample": wall, "cpu_per_sample": cpu, "ttft": ttft,
+                          "generated": made, "load_s": load_s}))
         return
 
     once()
@@ -133,7 +141,7 @@ def main():
         once()
     sync()
     wall, cpu = (time.perf_counter() - t0) / per, (time.process_time() - c0) / per
-    print(json.dumps({**report(), "wall_per_sample": wall, "cpu_per_sample": cpu}))
+    print(json.dumps({**report(), "wall_per_sample": wall, "cpu_per_sample": cpu, "load_s": load_s}))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ pub struct BenchReport {
     pub peak_gpu: Option<u64>,
     /// Decode only: time to the first token (prefill), seconds.
     pub ttft: Option<f64>,
+    /// Seconds to load the checkpoint (None for the Python anchor's reports that lack it).
+    pub load_s: Option<f64>,
 }
 
 impl BenchReport {
@@ -55,6 +57,7 @@ impl BenchReport {
             "peak_rss": self.peak_rss,
             "peak_gpu": self.peak_gpu,
             "ttft": self.ttft,
+            "load_s": self.load_s,
         })
     }
 }
@@ -70,6 +73,16 @@ fn start_measure(device: &Device) -> Result<(Instant, f64)> {
 fn end_measure(device: &Device, (t0, c0): (Instant, f64)) -> Result<(f64, f64)> {
     crate::device::synchronize(device)?;
     Ok((t0.elapsed().as_secs_f64(), cpu_seconds() - c0))
+}
+
+/// Loads the model for a benchmark and times it. bf16 on the CPU means what training (`bf16: true`) and serving
+/// do there: 16-bit weights kept as stored, computing in f32.
+fn load(model_dir: &Path, dtype: DType, device: &Device) -> Result<(Qwen3_5, f64)> {
+    let t0 = Instant::now();
+    let keep = device.is_cpu() && dtype != DType::F32;
+    let compute = if keep { DType::F32 } else { dtype };
+    let model = Qwen3_5::load_as(model_dir, compute, device, keep)?;
+    Ok((model, t0.elapsed().as_secs_f64()))
 }
 
 /// All parameters of the model (vision tower included).
@@ -131,7 +144,7 @@ fn synthetic(model: &Qwen3_5, seq_len: usize, image_side: usize, seed: u64) -> R
 /// LoRA training steps (batch 1, one micro-batch per optimizer step) on `model_dir`, base weights in `dtype`
 /// (LoRA weights and optimizer state in f32).
 pub fn train(model_dir: &Path, opts: &TrainBench, dtype: DType, device: &Device) -> Result<BenchReport> {
-    let mut model = Qwen3_5::load(model_dir, dtype, device)?;
+    let (mut model, load_s) = load(model_dir, dtype, device)?;
     let params = count_params(&mut model);
     let spec = LoraSpec {
         r: opts.rank,
@@ -175,6 +188,7 @@ pub fn train(model_dir: &Path, opts: &TrainBench, dtype: DType, device: &Device)
         peak_rss: peak_rss_bytes(),
         peak_gpu: crate::device::peak_memory(device),
         ttft: None,
+        load_s: Some(load_s),
     })
 }
 
@@ -187,7 +201,7 @@ pub fn forward(
     dtype: DType,
     device: &Device,
 ) -> Result<BenchReport> {
-    let mut model = Qwen3_5::load(model_dir, dtype, device)?;
+    let (mut model, load_s) = load(model_dir, dtype, device)?;
     let params = count_params(&mut model);
     let mb = synthetic(&model, seq_len, image_side, 2)?;
     let go = || -> Result<()> {
@@ -215,6 +229,7 @@ pub fn forward(
         peak_rss: peak_rss_bytes(),
         peak_gpu: crate::device::peak_memory(device),
         ttft: None,
+        load_s: Some(load_s),
     })
 }
 
@@ -228,7 +243,7 @@ pub fn decode(
     device: &Device,
 ) -> Result<BenchReport> {
     use crate::models::qwen3_5::Cache;
-    let mut model = Qwen3_5::load(model_dir, dtype, device)?;
+    let (mut model, load_s) = load(model_dir, dtype, device)?;
     let params = count_params(&mut model);
     let mb = synthetic(&model, prompt_len, 0, 3)?;
     let run = || -> Result<(f64, f64)> {
@@ -265,5 +280,129 @@ pub fn decode(
         peak_rss: peak_rss_bytes(),
         peak_gpu: crate::device::peak_memory(device),
         ttft: Some(ttft),
+        load_s: Some(load_s),
     })
+}
+
+/// One row of `bench kernels`.
+pub struct KernelRow {
+    pub name: String,
+    pub seconds: f64,
+    /// Multiply-adds × 2 per second, or None for a pure memory pass.
+    pub gflops: Option<f64>,
+    /// Bytes of weights (or of the buffer) read per second.
+    pub gbytes: f64,
+}
+
+/// The machine's peaks and the frozen-weight kernels at the shapes of `sizes` (one MLP projection, hidden →
+/// intermediate): f32 FMA peak (registers only) and read bandwidth (a pass over 1 GiB), then the products of
+/// `m` rows with f32 and bf16 weights, and the matrix-vector product of decoding.
+pub fn kernels(hidden: usize, inter: usize, m: usize, reps: usize) -> Result<Vec<KernelRow>> {
+    let mut rows = Vec::new();
+    let threads = rayon::current_num_threads();
+    // FMA peak: independent accumulator chains per thread, long enough to hide latency.
+    let iters = 20_000_000usize;
+    let t0 = Instant::now();
+    let total: f32 = rayon::broadcast(|_| fma_loop(iters)).into_iter().sum();
+    let s = t0.elapsed().as_secs_f64();
+    let flops = (threads * iters * FMA_CHAINS * FMA_WIDTH * 2) as f64;
+    std::hint::black_box(total);
+    let name = format!("f32 FMA peak ({threads} threads, registers only)");
+    rows.push(KernelRow { name, seconds: s, gflops: Some(flops / s / 1e9), gbytes: 0.0 });
+    // Read bandwidth.
+    // XOR of u64 words: vectorises fully, so the pass is limited by memory, not by adds.
+    let buf: Vec<u64> = (0..(1u64 << 27)).collect();
+    let t0 = Instant::now();
+    let mut acc = 0u64;
+    for _ in 0..reps {
+        use rayon::prelude::*;
+        acc ^= buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &x| a ^ x)).reduce(|| 0, |a, b| a ^ b);
+    }
+    let s = t0.elapsed().as_secs_f64() / reps as f64;
+    std::hint::black_box(acc);
+    let gbytes = 8.0 * buf.len() as f64 / s / 1e9;
+    rows.push(KernelRow { name: "read bandwidth (a pass over 1 GiB)".into(), seconds: s, gflops: None, gbytes });
+    drop(buf);
+    let dev = Device::Cpu;
+    let w32 = Tensor::randn(0f32, 0.02, (inter, hidden), &dev)?;
+    let w16 = w32.to_dtype(DType::BF16)?;
+    for rows_m in [m, 1] {
+        let x = Tensor::randn(0f32, 1.0, (rows_m, hidden), &dev)?;
+        for (label, w, bytes) in [("f32", &w32, 4usize), ("bf16", &w16, 2)] {
+            crate::nn::frozen::frozen_matmul(&x, w)?;
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(crate::nn::frozen::frozen_matmul(&x, w)?);
+            }
+            let s = t0.elapsed().as_secs_f64() / reps as f64;
+            let flops = 2.0 * (rows_m * hidden * inter) as f64;
+            rows.push(KernelRow {
+                name: format!("x ({rows_m}×{hidden}) · W{label} ({inter}×{hidden})ᵀ"),
+                seconds: s,
+                gflops: Some(flops / s / 1e9),
+                gbytes: (bytes * hidden * inter) as f64 / s / 1e9,
+            });
+        }
+        // The input gradient of training: G (m×inter) · W.
+        if rows_m > 1 {
+            let g = Var::from_tensor(&x)?;
+            for (label, w) in [("f32", &w32), ("bf16", &w16)] {
+                let t0 = Instant::now();
+                for _ in 0..reps {
+                    let y = crate::nn::frozen::frozen_matmul(g.as_tensor(), w)?;
+                    std::hint::black_box(y.sum_all()?.backward()?);
+                }
+                let s = t0.elapsed().as_secs_f64() / reps as f64;
+                rows.push(KernelRow {
+                    name: format!("forward + input gradient, W{label}"),
+                    seconds: s,
+                    gflops: Some(4.0 * (rows_m * hidden * inter) as f64 / s / 1e9),
+                    gbytes: 0.0,
+                });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+const FMA_CHAINS: usize = 12;
+#[cfg(target_arch = "x86_64")]
+const FMA_WIDTH: usize = 16;
+#[cfg(not(target_arch = "x86_64"))]
+const FMA_WIDTH: usize = 1;
+
+/// `iters` rounds of [`FMA_CHAINS`] independent fused multiply-adds on [`FMA_WIDTH`] f32 lanes.
+fn fma_loop(iters: usize) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { fma_avx512(iters) };
+        }
+    }
+    let mut acc = [1f32; FMA_CHAINS * FMA_WIDTH];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = a.mul_add(0.999_999, 1e-7);
+        }
+    }
+    acc.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_avx512(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(1.0); FMA_CHAINS];
+    let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+    for _ in 0..iters {
+        for c in acc.iter_mut() {
+            *c = _mm512_fmadd_ps(*c, a, b);
+        }
+    }
+    let mut s = _mm512_setzero_ps();
+    for c in acc {
+        s = _mm512_add_ps(s, c);
+    }
+    _mm512_reduce_add_ps(s)
 }

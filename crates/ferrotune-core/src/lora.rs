@@ -349,7 +349,11 @@ impl Adapter {
             let (a, b) = (a.to_device(&dev)?, b.to_device(&dev)?);
             if merge {
                 let delta = (b.matmul(&a)? * scale)?;
-                let w = (lin.weight.to_dtype(DType::F32)? + delta)?.to_dtype(lin.weight.dtype())?;
+                let merged = (lin.weight.to_dtype(DType::F32)? + delta)?;
+                // A 16-bit weight kept as stored on the CPU computes in f32 anyway: rounding the merged weight
+                // back to 16 bits would only lose the adapter's small updates.
+                let kept = dev.is_cpu() && matches!(lin.weight.dtype(), DType::BF16 | DType::F16);
+                let w = if kept { merged } else { merged.to_dtype(lin.weight.dtype())? };
                 lin.weight.tensor = w;
             } else {
                 lin.lora = Some(Lora { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale, dropout: 0.0 });

@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use crate::nn::Param;
@@ -17,8 +16,17 @@ use crate::nn::Param;
 /// All safetensors shards of one checkpoint directory, indexed by tensor name.
 pub struct Checkpoint {
     dir: PathBuf,
-    files: Vec<(PathBuf, MmapedSafetensors)>,
+    files: Vec<Shard>,
     index: HashMap<String, usize>,
+}
+
+/// One memory-mapped safetensors file.
+struct Shard {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    /// Where the tensor data starts (after the 8-byte length and the JSON header).
+    data_start: usize,
+    tensors: HashMap<String, safetensors::tensor::TensorInfo>,
 }
 
 impl Checkpoint {
@@ -67,13 +75,18 @@ impl Checkpoint {
             if !path.exists() {
                 bail!("{}: listed in model.safetensors.index.json but missing", path.display());
             }
+            let file = std::fs::File::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
             // SAFETY: the file is mapped read-only; ferrotune never writes into a checkpoint it has open.
-            let st = unsafe { MmapedSafetensors::new(&path) }
+            let map =
+                unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
+            let (header, meta) = safetensors::SafeTensors::read_metadata(&map)
                 .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
-            for (name, _) in st.tensors() {
-                index.insert(name, i);
+            let tensors: HashMap<String, safetensors::tensor::TensorInfo> =
+                meta.tensors().into_iter().map(|(n, info)| (n, info.clone())).collect();
+            for name in tensors.keys() {
+                index.insert(name.clone(), i);
             }
-            files.push((path, st));
+            files.push(Shard { path, map, data_start: 8 + header, tensors });
         }
         Ok(Self { dir: dir.to_path_buf(), files, index })
     }
@@ -95,22 +108,41 @@ impl Checkpoint {
 
     /// Shape and dtype of a tensor as stored.
     pub fn info(&self, name: &str) -> Option<(Vec<usize>, DType)> {
-        let i = *self.index.get(name)?;
-        let view = self.files[i].1.get(name).ok()?;
-        let dtype = DType::try_from(view.dtype()).ok()?;
-        Some((view.shape().to_vec(), dtype))
+        let info = self.files[*self.index.get(name)?].tensors.get(name)?;
+        Some((info.shape.clone(), DType::try_from(info.dtype).ok()?))
     }
 
     /// The file a tensor lives in.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.index.get(name).map(|&i| self.files[i].0.as_path())
+        self.index.get(name).map(|&i| self.files[i].path.as_path())
     }
 
     /// Loads a tensor as stored (its file's dtype) onto `device`.
+    ///
+    /// The bytes are copied out of the mapping and the mapping's pages are then released, so a loaded model is
+    /// held once: a checkpoint's pages left mapped would count again in the process's memory.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let i = *self.index.get(name).with_context(|| self.missing(name))?;
-        let (path, st) = &self.files[i];
-        st.load(name, device).map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", path.display()))
+        let shard = &self.files[i];
+        let info = &shard.tensors[name];
+        let (start, end) = (shard.data_start + info.data_offsets.0, shard.data_start + info.data_offsets.1);
+        let bytes = shard.map.get(start..end).with_context(|| {
+            format!(
+                "{}: tensor {name}: its data lies past the end of the file (truncated download?)",
+                shard.path.display()
+            )
+        })?;
+        let dtype =
+            DType::try_from(info.dtype).map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", shard.path.display()))?;
+        let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, device)
+            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", shard.path.display()))?;
+        #[cfg(unix)]
+        // SAFETY: a read-only shared file mapping: dropped pages read back from the file if touched again, and no
+        // reference into the range outlives this call.
+        unsafe {
+            let _ = shard.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start);
+        }
+        Ok(t)
     }
 
     fn missing(&self, name: &str) -> String {
@@ -198,6 +230,8 @@ pub struct Weights<'a> {
     prefix: String,
     pub dtype: DType,
     pub device: Device,
+    /// Frozen matrices ([`Weights::frozen`]) stored in bf16 / f16 stay so on the CPU, with an f32 compute dtype.
+    keep_16bit: bool,
     used: std::rc::Rc<std::cell::RefCell<BTreeMap<String, ()>>>,
 }
 
@@ -215,7 +249,15 @@ impl<'a> Weights<'a> {
     }
 
     fn with_source(src: Source<'a>, dtype: DType, device: &Device) -> Self {
-        Self { src, prefix: String::new(), dtype, device: device.clone(), used: Default::default() }
+        Self { src, prefix: String::new(), dtype, device: device.clone(), keep_16bit: false, used: Default::default() }
+    }
+
+    /// Keeps frozen matrices stored in bf16 / f16 as they are (see [`Weights::frozen`]) when `keep`, the device
+    /// is the CPU and the compute dtype is f32: half the memory of an f32 copy, and the same numbers, since the
+    /// CPU kernels widen them exactly to f32.
+    pub fn keep_16bit(mut self, keep: bool) -> Self {
+        self.keep_16bit = keep && self.device.is_cpu() && self.dtype == DType::F32;
+        self
     }
 
     /// What the tensors come from, for messages: the checkpoint folder, or "random init".
@@ -279,6 +321,17 @@ impl<'a> Weights<'a> {
             }
         };
         Ok(Param::new(key, t.to_dtype(dtype)?))
+    }
+
+    /// A matrix used only through [`crate::nn::frozen::frozen_matmul`] and row lookups (linear weights and the
+    /// embedding table): in its stored 16-bit dtype when [`Weights::keep_16bit`] allows, else as [`Weights::param`].
+    pub fn frozen(&self, name: &str, shape: &[usize], why: &str, init: Init) -> Result<Param> {
+        if let (true, Source::Checkpoint(ckpt)) = (self.keep_16bit, &self.src) {
+            if let Some((_, stored @ (DType::BF16 | DType::F16))) = ckpt.info(&self.path(name)) {
+                return self.param_as(name, shape, why, init, stored);
+            }
+        }
+        self.param(name, shape, why, init)
     }
 
     /// Checkpoint keys not taken by any `param` so far, excluding those matching `ignore` prefixes.

@@ -52,7 +52,9 @@ pub struct BenchArgs {
     /// unpacked, with packing and with neat_packing (rows of at most --seq tokens) and compares tokens/s;
     /// config-fuzz: random values for every numeric config key through `data check` on the tiny fixture,
     /// counting Ok, errors and panics (exits non-zero on a panic)
-    #[arg(value_parser = ["train", "forward", "decode", "packing", "config-fuzz"])]
+    /// kernels: the machine's FMA peak and read bandwidth beside the frozen-weight matrix products (f32 and bf16
+    /// weights) at the --preset's MLP shape
+    #[arg(value_parser = ["train", "forward", "decode", "packing", "config-fuzz", "kernels"])]
     pub what: String,
     /// Cases to run (config-fuzz)
     #[arg(long, default_value_t = 10_000)]
@@ -63,8 +65,8 @@ pub struct BenchArgs {
     /// Checkpoint folder; without it a random-init checkpoint of --preset is generated (and cached)
     #[arg(long)]
     pub model: Option<std::path::PathBuf>,
-    /// Size of the generated checkpoint: tiny (the test fixture), 100m, 135m or 1b (packing: also demo, the
-    /// demo's embedded base)
+    /// Size of the generated checkpoint: tiny (the test fixture), demo, 100m, 135m, 1b, or the family's real
+    /// shapes and 248,320-row vocabulary: 0.8b, 2b, 4b (4b: 9.1 GB on disk in bf16)
     #[arg(long, default_value = "135m")]
     pub preset: String,
     /// Where generated checkpoints are cached

@@ -123,7 +123,7 @@ pub enum AdapterMode {
 }
 
 impl Engine {
-    /// Loads a checkpoint directory, applying `adapters` in order. Dtype: f32 on CPU, else the given one.
+    /// Loads a checkpoint directory, applying `adapters` in order, every weight in `dtype`.
     pub fn load(
         model_dir: &Path,
         adapters: &[&Path],
@@ -131,8 +131,24 @@ impl Engine {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_as(model_dir, adapters, mode, dtype, device, false)
+    }
+
+    /// [`Engine::load`], keeping 16-bit frozen matrices as stored when `keep_16bit` (CPU, f32 compute). One
+    /// adapter then stays a separate branch even when `mode` asks to merge: merged into a 16-bit weight it would
+    /// need an f32 copy of every adapted module (the numbers are the same either way).
+    pub fn load_as(
+        model_dir: &Path,
+        adapters: &[&Path],
+        mode: AdapterMode,
+        dtype: DType,
+        device: &Device,
+        keep_16bit: bool,
+    ) -> Result<Self> {
         crate::models::model_type(model_dir)?;
-        let mut model = Qwen3_5::load(model_dir, dtype, device)?;
+        let mut model = Qwen3_5::load_as(model_dir, dtype, device, keep_16bit)?;
+        let kept = model.embed_tokens.dtype() != model.dtype;
+        let mode = if kept && adapters.len() == 1 { AdapterMode::Separate } else { mode };
         for dir in adapters {
             let adapter = Adapter::load(dir, device)?;
             if mode == AdapterMode::Separate && adapters.len() > 1 {

@@ -5,7 +5,9 @@
 //! pass. This op computes the same product and never touches a gradient for W.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+
+use super::mixed::{self, SMALL_M};
 
 struct FrozenMatmul {
     /// (out, in), not tracked.
@@ -32,13 +34,21 @@ impl CustomOp1 for FrozenMatmul {
         let (m, n, k) = self.dims(l)?;
         let (ws, wl) = self.w.storage_and_layout();
         let Storage::Cpu(w) = &*ws else { candle_core::bail!("frozen matmul: weight and input on different devices") };
-        // Decoding multiplies one row at a time: a general GEMM would repack all of W for every token, so
-        // stream W's rows instead (memory-bound, no copies).
-        if let (CpuStorage::F32(xs), CpuStorage::F32(wsl)) = (s, w) {
-            if m <= SMALL_M && l.is_contiguous() && wl.is_contiguous() {
+        if let CpuStorage::F32(xs) = s {
+            if l.is_contiguous() && wl.is_contiguous() {
                 let x = &xs[l.start_offset()..l.start_offset() + m * k];
-                let wv = &wsl[wl.start_offset()..wl.start_offset() + n * k];
-                return Ok((CpuStorage::F32(small_m_matmul(x, wv, m, n, k)), Shape::from((m, n))));
+                // 16-bit weights kept as stored: widened on the fly, accumulated in f32.
+                if let Some(half) = half_weights(w, wl, n * k) {
+                    return Ok((CpuStorage::F32(mixed::matmul_xwt(x, m, k, half, n)), Shape::from((m, n))));
+                }
+                // Decoding multiplies one row at a time: a general GEMM would repack all of W for every token,
+                // so stream W's rows instead (memory-bound, no copies).
+                if let CpuStorage::F32(wsl) = w {
+                    if m <= SMALL_M {
+                        let wv = &wsl[wl.start_offset()..wl.start_offset() + n * k];
+                        return Ok((CpuStorage::F32(small_m_matmul(x, wv, m, n, k)), Shape::from((m, n))));
+                    }
+                }
             }
         }
         let out = s.matmul(w, (1, m, n, k), l, &wl.transpose(0, 1)?)?;
@@ -54,15 +64,61 @@ impl CustomOp1 for FrozenMatmul {
         Ok((out, Shape::from((m, n))))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // An upstream gradient can arrive strided (from a narrow or a transpose); the CUDA matmul accepts fewer
         // layouts than the CPU one, and this is a no-op for a contiguous gradient.
-        Ok(Some(grad.contiguous()?.matmul(&self.w)?))
+        let grad = grad.contiguous()?;
+        if arg.dtype() != self.w.dtype() {
+            // f32 activations with 16-bit weights (CPU): dX = G W with W widened on the fly.
+            return Ok(Some(grad.apply_op1_no_bwd(&InputGrad { w: self.w.clone() })?));
+        }
+        Ok(Some(grad.matmul(&self.w)?))
     }
 }
 
-/// Rows of x up to which the streaming kernel beats GEMM (measured on AVX-512: GEMM wins from ~8 rows on).
-const SMALL_M: usize = 4;
+/// `G (M, N) @ W` for a 16-bit frozen W (N, K) and f32 G: the input gradient of [`FrozenMatmul`].
+struct InputGrad {
+    w: Tensor,
+}
+
+impl CustomOp1 for InputGrad {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-input-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, n) = l.shape().dims2()?;
+        let (n2, k) = self.w.dims2()?;
+        if n != n2 {
+            candle_core::bail!("frozen matmul backward: gradient has {n} columns, weight has {n2} rows");
+        }
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*ws else {
+            candle_core::bail!("frozen matmul: weight and gradient on different devices")
+        };
+        let (CpuStorage::F32(gs), Some(half)) = (s, half_weights(w, wl, n * k)) else {
+            candle_core::bail!("frozen matmul backward: expected an f32 gradient and a contiguous 16-bit weight")
+        };
+        if !l.is_contiguous() {
+            candle_core::bail!("frozen matmul backward: the gradient must be contiguous");
+        }
+        let g = &gs[l.start_offset()..l.start_offset() + m * n];
+        Ok((CpuStorage::F32(mixed::matmul_gw(g, m, n, half, k)), Shape::from((m, k))))
+    }
+}
+
+/// The elements of a contiguous bf16 / f16 weight, as the mixed kernels take them.
+fn half_weights<'a>(w: &'a CpuStorage, wl: &Layout, len: usize) -> Option<mixed::Half<'a>> {
+    if !wl.is_contiguous() {
+        return None;
+    }
+    let o = wl.start_offset();
+    match w {
+        CpuStorage::BF16(v) => Some(mixed::Half::Bf16(&v[o..o + len])),
+        CpuStorage::F16(v) => Some(mixed::Half::F16(&v[o..o + len])),
+        _ => None,
+    }
+}
 
 /// y[i][j] = x[i] · w[j] for a few rows of x: each weight row is read once and dotted with every x row.
 fn small_m_matmul(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
@@ -95,7 +151,7 @@ fn small_m_matmul(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32
 
 /// Dot product with 16 independent accumulators (wide SIMD lanes once vectorised); compiled for AVX-512 / AVX2
 /// when the CPU has them, since the default target only allows SSE2.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
@@ -140,8 +196,10 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// x: (M, K) @ Wᵀ with W: (N, K) frozen -> (M, N). Gradients flow to x only.
+/// On the CPU an f32 x meets a 16-bit W as it is (f32 out); otherwise x takes W's dtype.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let x = if x.dtype() != w.dtype() { x.to_dtype(w.dtype())? } else { x.clone() };
+    let mixed = x.device().is_cpu() && x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F16);
+    let x = if x.dtype() != w.dtype() && !mixed { x.to_dtype(w.dtype())? } else { x.clone() };
     x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
 }
 
@@ -166,6 +224,26 @@ mod tests {
             let d = (dx - want_dx).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-3, "m={m}: dx differs by {d}");
             assert!(g.get(&w).is_none(), "no gradient may be computed for the frozen weight");
+        }
+    }
+
+    #[test]
+    fn a_bf16_weight_kept_as_stored_gives_the_f32_results_of_its_widened_copy() {
+        let dev = Device::Cpu;
+        let w16 = Tensor::randn(0f32, 1.0, (37, 70), &dev).unwrap().to_dtype(candle_core::DType::BF16).unwrap();
+        let w32 = w16.to_dtype(candle_core::DType::F32).unwrap();
+        for m in [1, 3, 9, 40] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, 70), &dev).unwrap()).unwrap();
+            let y16 = frozen_matmul(x.as_tensor(), &w16).unwrap();
+            assert_eq!(y16.dtype(), candle_core::DType::F32, "f32 activations stay f32");
+            let y32 = frozen_matmul(x.as_tensor(), &w32).unwrap();
+            let d = (&y16 - &y32).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "m={m}: {d}");
+            let g16 = y16.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g32 = y32.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let (a, b) = (g16.get(x.as_tensor()).unwrap(), g32.get(x.as_tensor()).unwrap());
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "m={m}: dx differs by {d}");
         }
     }
 }

@@ -35,7 +35,7 @@ impl Linear {
     /// Loads `<prefix>.weight` ([out, in]) and, when `bias`, `<prefix>.bias` ([out]). A random init draws
     /// the weight from normal(0, initializer_range) and zeroes the bias, as transformers does.
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool, why: &str) -> anyhow::Result<Self> {
-        let weight = w.param("weight", &[out_dim, in_dim], why, Init::Normal)?;
+        let weight = w.frozen("weight", &[out_dim, in_dim], why, Init::Normal)?;
         let bias = if bias { Some(w.param("bias", &[out_dim], why, Init::Const(0.0))?) } else { None };
         Ok(Self::new(w.prefix(), weight, bias))
     }
@@ -60,6 +60,10 @@ impl Linear {
         } else {
             super::frozen::frozen_matmul(&x2, &self.weight)?
         };
+        // Activations keep their dtype whatever the weight's (an adapter merged into a 16-bit weight is f32).
+        if y.dtype() != x.dtype() {
+            y = y.to_dtype(x.dtype())?;
+        }
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

@@ -7,6 +7,7 @@
 
 pub mod frozen;
 pub mod linear;
+pub mod mixed;
 pub mod ops;
 pub mod param;
 

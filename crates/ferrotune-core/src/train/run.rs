@@ -93,9 +93,10 @@ pub fn device_for(plan: &Plan, requested: Option<DeviceSpec>) -> Result<(Device,
         return Ok((device, dt, note));
     }
     let note = if plan.train.bf16 {
-        "CPU: computing in f32 (bf16: true is honoured on GPUs; bf16 arithmetic is ~2.5x slower than f32 on CPUs)"
+        "CPU: base weights stay in their checkpoint's 16-bit dtype (bf16: true), computing in f32 (bf16 arithmetic \
+         is ~2.5x slower than f32 on CPUs; 16-bit weights widen to f32 exactly)"
     } else {
-        "CPU: computing in f32"
+        "CPU: base weights converted to f32 (bf16: false), computing in f32"
     };
     Ok((Device::Cpu, DType::F32, format!("{note}{why_cpu}")))
 }
@@ -442,7 +443,9 @@ struct Trainable {
 fn trainable_model(plan: &Plan, requested: Option<DeviceSpec>) -> Result<Trainable> {
     let (device, dtype, device_note) = device_for(plan, requested)?;
     println!("{device_note}");
-    let mut model = Qwen3_5::load(&plan.model_name_or_path, dtype, &device)?;
+    // On the CPU `bf16: true` keeps the 16-bit base as stored (half the memory, the same numbers).
+    let keep_16bit = device.is_cpu() && plan.train.bf16;
+    let mut model = Qwen3_5::load_as(&plan.model_name_or_path, dtype, &device, keep_16bit)?;
     let adapters = &plan.adapter_name_or_path;
     let (merge, resume_adapter) = match adapters.split_last() {
         Some((last, rest)) => (rest.to_vec(), Some(last.clone())),

@@ -23,6 +23,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     if args.what == "packing" {
         return packing(&args);
     }
+    if args.what == "kernels" {
+        return kernels(&args);
+    }
     // The device first: no point generating a checkpoint for a GPU that is not there.
     let dev = ferrotune_core::device::parse_device(&args.device)?;
     let model = checkpoint(&args)?;
@@ -89,6 +92,35 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     if args.json {
         println!("{json}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bench kernels`: the machine's FMA peak and read bandwidth beside the frozen-weight products at the MLP shape
+/// of `--preset` (hidden → intermediate), with `--seq` rows (training, prefill) and one row (decoding).
+fn kernels(args: &BenchArgs) -> Result<ExitCode> {
+    let sizes = Sizes::preset(&args.preset).with_context(|| format!("unknown preset {:?}", args.preset))?;
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
+    println!(
+        "kernels at the {} MLP shape (hidden {}, intermediate {}), threads: {threads}",
+        args.preset, sizes.hidden_size, sizes.intermediate_size
+    );
+    let rows = bench::kernels(sizes.hidden_size, sizes.intermediate_size, args.seq, args.steps.max(1))?;
+    let peak = rows[0].gflops.unwrap_or(f64::NAN);
+    let bw = rows[1].gbytes;
+    println!("\n| kernel | ms | GFLOP/s | % of FMA peak | weight GB/s | % of read bandwidth |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        let (g, gp) = match r.gflops {
+            Some(g) => (format!("{g:.1}"), format!("{:.0}%", 100.0 * g / peak)),
+            None => ("–".into(), "–".into()),
+        };
+        let (b, bp) = if r.gbytes > 0.0 {
+            (format!("{:.1}", r.gbytes), format!("{:.0}%", 100.0 * r.gbytes / bw))
+        } else {
+            ("–".into(), "–".into())
+        };
+        println!("| {} | {:.2} | {g} | {gp} | {b} | {bp} |", r.name, r.seconds * 1e3);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -217,8 +249,9 @@ fn print_row(name: &str, args: &BenchArgs, r: &BenchReport) {
     let rss = r.peak_rss.map(|b| format!("{:.0} MB", b as f64 / 1e6)).unwrap_or_else(|| "?".into());
     let gpu = r.peak_gpu.map(|b| format!(", peak GPU memory {:.2} GiB", b as f64 / (1u64 << 30) as f64));
     let ttft = r.ttft.map(|t| format!(", time to first token {:.3} s", t)).unwrap_or_default();
+    let load = r.load_s.map(|t| format!(", load {t:.1} s")).unwrap_or_default();
     println!(
-        "{name:>14}: {:.4} s/{unit} wall, {:.4} CPU-s/{unit}, {:.2} {unit}s/s, {:.1} tokens/s, peak RSS {rss}{}{ttft}",
+        "{name:>14}: {:.4} s/{unit} wall, {:.4} CPU-s/{unit}, {:.2} {unit}s/s, {:.1} tokens/s, peak RSS {rss}{}{ttft}{load}",
         r.wall_per_sample,
         r.cpu_per_sample,
         1.0 / r.wall_per_sample,
@@ -237,7 +270,7 @@ fn checkpoint(args: &BenchArgs) -> Result<PathBuf> {
         return Ok(template);
     }
     let sizes = Sizes::preset(&args.preset)
-        .with_context(|| format!("unknown preset {:?} (tiny, 100m, 135m, 1b)", args.preset))?;
+        .with_context(|| format!("unknown preset {:?} (tiny, demo, 100m, 135m, 1b, 0.8b, 2b, 4b)", args.preset))?;
     let dir = args.cache.join(format!("qwen3_5-{}", args.preset));
     if !dir.join("model.safetensors").exists() {
         eprintln!("generating a random-init {} checkpoint in {}", args.preset, dir.display());
@@ -302,5 +335,6 @@ fn python_anchor(py: &Path, model: &Path, args: &BenchArgs, dev: &Device, dtype:
         peak_rss: v["peak_rss"].as_u64(),
         peak_gpu: v["peak_gpu"].as_u64(),
         ttft: v["ttft"].as_f64(),
+        load_s: v["load_s"].as_f64(),
     })
 }

@@ -141,18 +141,21 @@ pub fn load_engine(m: &ModelArgs, s: &SamplingArgs) -> Result<Loaded> {
     let adapters = adapter_dirs(m.adapter_name_or_path.as_deref())?;
     let dev = device(m.device.as_deref())?;
     super::threads_for_checkpoint(model_dir);
-    let dtype = match (ferrotune_core::export::parse_dtype(m.infer_dtype.as_deref().unwrap_or("auto"))?, &dev) {
+    let asked = ferrotune_core::export::parse_dtype(m.infer_dtype.as_deref().unwrap_or("auto"))?;
+    let dtype = match (asked, &dev) {
         (_, Device::Cpu) => DType::F32, // bf16 arithmetic on CPUs is slower than f32, and less exact
         (Some(d), _) => d,
         (None, _) => DType::BF16,
     };
+    // On the CPU a 16-bit checkpoint stays as stored (computing in f32) unless float32 is asked for.
+    let keep_16bit = dev.is_cpu() && asked != Some(DType::F32);
     let mode = match m.adapter_mode {
         Some(AdapterModeArg::Separate) => AdapterMode::Separate,
         _ => AdapterMode::Merge,
     };
     let started = std::time::Instant::now();
     let refs: Vec<&Path> = adapters.iter().map(PathBuf::as_path).collect();
-    let mut engine = Engine::load(model_dir, &refs, mode, dtype, &dev)?;
+    let mut engine = Engine::load_as(model_dir, &refs, mode, dtype, &dev, keep_16bit)?;
     // The engine renders with the template the adapter was trained with when the adapter folder carries one;
     // else a template named by --template (LLaMA-Factory's, rendered as training renders it); else the
     // checkpoint's own.

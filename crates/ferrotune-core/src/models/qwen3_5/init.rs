@@ -197,6 +197,56 @@ impl Sizes {
         }
     }
 
+    /// Qwen3.5-4B's shapes (4.54B parameters with the vision tower; 9.1 GB in bf16): the real vocabulary of
+    /// 248,320 rows (tied head), hidden 2560, 32 layers (every fourth full attention), a 24-block vision tower.
+    pub fn b4() -> Self {
+        Self {
+            vocab_size: 248_320,
+            hidden_size: 2560,
+            intermediate_size: 9216,
+            num_hidden_layers: 32,
+            num_attention_heads: 16,
+            num_key_value_heads: 4,
+            head_dim: 256,
+            linear_num_key_heads: 16,
+            linear_num_value_heads: 32,
+            linear_head_dim: 128,
+            vision_depth: 24,
+            vision_hidden_size: 1024,
+            vision_intermediate_size: 4096,
+            vision_heads: 16,
+            vision_position_side: 48,
+            full_attention_interval: 4,
+        }
+    }
+
+    /// About 2.2B parameters with the family's vocabulary, head dims and vision tower: the 2B size's hidden
+    /// 2048 with the depth and widths scaled as the family scales them (not read from its own config.json).
+    pub fn b2() -> Self {
+        Self {
+            hidden_size: 2048,
+            intermediate_size: 6144,
+            num_hidden_layers: 24,
+            num_attention_heads: 8,
+            num_key_value_heads: 2,
+            linear_num_value_heads: 16,
+            ..Self::b4()
+        }
+    }
+
+    /// About 0.8B parameters in the same way as [`Sizes::b2`], with a 12-block, 768-wide vision tower.
+    pub fn b0_8() -> Self {
+        Self {
+            hidden_size: 1024,
+            intermediate_size: 3584,
+            vision_depth: 12,
+            vision_hidden_size: 768,
+            vision_intermediate_size: 3072,
+            vision_heads: 12,
+            ..Self::b2()
+        }
+    }
+
     /// The demo's small base model: big enough to learn to see colours, shapes and positions in 128x128
     /// images and to describe them, small enough to train in minutes on a laptop CPU (about 3.6M parameters).
     pub fn demo() -> Self {
@@ -228,6 +278,9 @@ impl Sizes {
             "100m" => Some(Self::m100()),
             "135m" => Some(Self::m135()),
             "1b" => Some(Self::b1()),
+            "0.8b" => Some(Self::b0_8()),
+            "2b" => Some(Self::b2()),
+            "4b" => Some(Self::b4()),
             _ => None,
         }
     }

@@ -71,10 +71,16 @@ const IGNORED_PREFIXES: &[&str] = &["mtp."];
 impl Qwen3_5 {
     /// Loads a checkpoint directory, converting weights to `dtype` (f32 on CPU; the file's dtype otherwise).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_as(dir, dtype, device, false)
+    }
+
+    /// [`Qwen3_5::load`], keeping the 16-bit frozen matrices as stored when `keep_16bit` (see
+    /// [`Weights::keep_16bit`]).
+    pub fn load_as(dir: &Path, dtype: DType, device: &Device, keep_16bit: bool) -> Result<Self> {
         let json = read_config_json(dir)?;
         let cfg = Config::from_json(&json).with_context(|| format!("checkpoint {}", dir.display()))?;
         let ckpt = Checkpoint::open(dir)?;
-        Self::from_checkpoint(&ckpt, cfg, dtype, device)
+        Self::from_weights(&Weights::new(&ckpt, dtype, device).keep_16bit(keep_16bit), cfg)
     }
 
     pub fn from_checkpoint(ckpt: &Checkpoint, cfg: Config, dtype: DType, device: &Device) -> Result<Self> {
@@ -87,7 +93,7 @@ impl Qwen3_5 {
         let t = &cfg.text;
         let lm = w.pp("model.language_model");
         let embed_tokens =
-            lm.param("embed_tokens.weight", &[t.vocab_size, t.hidden_size], "vocab_size × hidden_size", Init::Normal)?;
+            lm.frozen("embed_tokens.weight", &[t.vocab_size, t.hidden_size], "vocab_size × hidden_size", Init::Normal)?;
         let layers = t
             .layer_types
             .iter()
@@ -217,7 +223,8 @@ impl Qwen3_5 {
     pub fn embed(&self, input_ids: &Tensor, image_features: Option<&Tensor>) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let flat = input_ids.flatten_all()?;
-        let text = self.embed_tokens.index_select(&flat, 0)?; // (B·S, D)
+        // A table kept in 16 bits widens exactly to the compute dtype.
+        let text = self.embed_tokens.index_select(&flat, 0)?.to_dtype(self.dtype)?; // (B·S, D)
         let emb = match image_features {
             None => text,
             Some(feats) => {

@@ -1,0 +1,345 @@
+//! Products of f32 activations with 16-bit (bf16 / f16) weights kept as stored, accumulated in f32.
+//!
+//! A bf16 or f16 value widens to f32 exactly, so these kernels give the f32 path's numbers while the weights take
+//! half its memory. Matrix products widen one panel of weight rows (or columns) at a time into f32 and hand
+//! it to gemm's f32 kernels (AVX-512 / AVX2+FMA, chosen by gemm at run time): the widening reads each weight
+//! once per product, a small cost next to the product's M·N·K multiply-adds when M is more than a few rows.
+//! Panels split only the output columns, so every output element sums over K in gemm's own order, as the
+//! f32 product does. Matrix-vector products (decoding, M ≤ [`SMALL_M`]) stream each weight row once and widen
+//! it in registers.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Rows of x up to which the streaming kernel beats a GEMM (measured on AVX-512: GEMM wins from ~8 rows on).
+pub const SMALL_M: usize = 4;
+
+/// Elements of one widened f32 panel: 16 MiB, large enough that gemm's repacking of the activations per panel
+/// stays a few per cent of the work.
+const PANEL_ELEMS: usize = 4 << 20;
+
+/// A row-major (rows, cols) weight matrix in its stored 16-bit format.
+#[derive(Clone, Copy)]
+pub enum Half<'a> {
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+impl Half<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Half::Bf16(s) => s.len(),
+            Half::F16(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Widens elements `start..start + out.len()` into `out`.
+    fn widen(&self, start: usize, out: &mut [f32]) {
+        match self {
+            Half::Bf16(s) => widen_bf16(&s[start..start + out.len()], out),
+            Half::F16(s) => {
+                let len = out.len();
+                for (o, v) in out.iter_mut().zip(&s[start..start + len]) {
+                    *o = v.to_f32();
+                }
+            }
+        }
+    }
+
+    fn dot(&self, x: &[f32], row_start: usize) -> f32 {
+        match self {
+            Half::Bf16(s) => dot_bf16(x, &s[row_start..row_start + x.len()]),
+            Half::F16(s) => {
+                let mut buf = vec![0f32; x.len()];
+                for (o, v) in buf.iter_mut().zip(&s[row_start..row_start + x.len()]) {
+                    *o = v.to_f32();
+                }
+                crate::nn::frozen::dot(x, &buf)
+            }
+        }
+    }
+}
+
+/// `x (m, k) @ wᵀ` for `w` (n, k): (m, n), row-major.
+pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: Half, n: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(w.len(), n * k);
+    if m <= SMALL_M {
+        return small_m(x, m, k, w, n);
+    }
+    let mut y = vec![0f32; m * n];
+    let rows = panel_width(k, n);
+    let mut panel = vec![0f32; rows * k];
+    for j0 in (0..n).step_by(rows) {
+        let nb = rows.min(n - j0);
+        let p = &mut panel[..nb * k];
+        p.par_chunks_mut(k).enumerate().for_each(|(r, out)| w.widen((j0 + r) * k, out));
+        // SAFETY: y is (m, n) row-major and the block written is columns j0..j0+nb; x is (m, k); the panel is
+        // (nb, k) row-major, read as its transpose (k, nb). All pointers stay inside their buffers.
+        unsafe {
+            gemm::gemm(
+                m,
+                nb,
+                k,
+                y.as_mut_ptr().add(j0),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                p.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism(),
+            );
+        }
+    }
+    y
+}
+
+/// `g (m, n) @ w` for `w` (n, k): (m, k), row-major — the input gradient of `x @ wᵀ`.
+pub fn matmul_gw(g: &[f32], m: usize, n: usize, w: Half, k: usize) -> Vec<f32> {
+    debug_assert_eq!(g.len(), m * n);
+    debug_assert_eq!(w.len(), n * k);
+    let mut y = vec![0f32; m * k];
+    let cols = panel_width(n, k);
+    let mut panel = vec![0f32; n * cols];
+    for c0 in (0..k).step_by(cols) {
+        let kb = cols.min(k - c0);
+        let p = &mut panel[..n * kb];
+        p.par_chunks_mut(kb).enumerate().for_each(|(r, out)| w.widen(r * k + c0, out));
+        // SAFETY: y is (m, k) row-major and the block written is columns c0..c0+kb; g is (m, n); the panel is
+        // (n, kb) row-major. All pointers stay inside their buffers.
+        unsafe {
+            gemm::gemm(
+                m,
+                kb,
+                n,
+                y.as_mut_ptr().add(c0),
+                1,
+                k as isize,
+                false,
+                g.as_ptr(),
+                1,
+                n as isize,
+                p.as_ptr(),
+                1,
+                kb as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism(),
+            );
+        }
+    }
+    y
+}
+
+/// Output columns per panel: the panel holds `width × inner` f32s, at most [`PANEL_ELEMS`], in multiples of 64.
+fn panel_width(inner: usize, total: usize) -> usize {
+    let w = (PANEL_ELEMS / inner.max(1)).max(64) / 64 * 64;
+    w.min(total).max(1)
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    }
+}
+
+/// y[i][j] = x[i] · w[j] for a few rows of x: each weight row is read once and dotted with every x row, output
+/// columns in blocks so threads share nothing.
+fn small_m(x: &[f32], m: usize, k: usize, w: Half, n: usize) -> Vec<f32> {
+    let block = 64;
+    let blocks: Vec<Vec<f32>> = (0..n.div_ceil(block))
+        .into_par_iter()
+        .map(|b| {
+            let (j0, j1) = (b * block, ((b + 1) * block).min(n));
+            let mut out = vec![0f32; m * (j1 - j0)];
+            for j in j0..j1 {
+                for i in 0..m {
+                    out[i * (j1 - j0) + (j - j0)] = w.dot(&x[i * k..(i + 1) * k], j * k);
+                }
+            }
+            out
+        })
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for (b, out) in blocks.iter().enumerate() {
+        let (j0, width) = (b * block, out.len() / m.max(1));
+        for i in 0..m {
+            y[i * n + j0..i * n + j0 + width].copy_from_slice(&out[i * width..(i + 1) * width]);
+        }
+    }
+    y
+}
+
+/// bf16 → f32 is a 16-bit shift of the bits: exact, and vectorised once compiled for wide SIMD.
+#[inline(always)]
+fn widen_plain(src: &[bf16], out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(src) {
+        *o = f32::from_bits((v.to_bits() as u32) << 16);
+    }
+}
+
+fn widen_bf16(src: &[bf16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { widen_avx512(src, out) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { widen_avx2(src, out) };
+        }
+    }
+    widen_plain(src, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_avx512(src: &[bf16], out: &mut [f32]) {
+    widen_plain(src, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_avx2(src: &[bf16], out: &mut [f32]) {
+    widen_plain(src, out)
+}
+
+/// `a · b` with b in bf16, 16 independent f32 accumulators; the same summation order as the f32 kernel's dot.
+#[inline(always)]
+fn dot_bf16_plain(a: &[f32], b: &[bf16]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for t in 0..16 {
+            acc[t] += x[t] * f32::from_bits((y[t].to_bits() as u32) << 16);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * f32::from_bits((y.to_bits() as u32) << 16);
+    }
+    s
+}
+
+fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { dot_bf16_avx512(a, b) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { dot_bf16_avx2(a, b) };
+        }
+    }
+    dot_bf16_plain(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_bf16_avx512(a: &[f32], b: &[bf16]) -> f32 {
+    dot_bf16_plain(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_bf16_avx2(a: &[f32], b: &[bf16]) -> f32 {
+    dot_bf16_plain(a, b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plain reference: widen everything, then a triple loop in f64.
+    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
+            }
+        }
+        y
+    }
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        // A small LCG: values in [-1, 1) without a random-number dependency in the test.
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn products_with_16_bit_weights_match_the_plain_reference() {
+        // Shapes straddling the streaming threshold, panel edges (odd n, n above one panel's rows) and k not a
+        // multiple of the SIMD width.
+        for (m, k, n) in [(1, 37, 5), (3, 70, 130), (4, 16, 64), (9, 70, 37), (33, 257, 200), (7, 4096, 1100)] {
+            let x = data(m * k, 1);
+            let wf = data(n * k, 2);
+            let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+            let widened_b: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            let widened_h: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
+            for (w, wide) in [(Half::Bf16(&wb), &widened_b), (Half::F16(&wh), &widened_h)] {
+                let want = reference(&x, m, k, wide, n);
+                let got = matmul_xwt(&x, m, k, w, n);
+                let bound = 1e-5 * (k as f64).sqrt();
+                for (g, r) in got.iter().zip(&want) {
+                    assert!((*g as f64 - r).abs() <= bound * (1.0 + r.abs()), "x wᵀ m={m} k={k} n={n}: {g} vs {r}");
+                }
+                // dX = g @ w with g (m, n).
+                let g = data(m * n, 3);
+                let mut wt = vec![0f32; k * n];
+                for j in 0..n {
+                    for t in 0..k {
+                        wt[t * n + j] = wide[j * k + t];
+                    }
+                }
+                let want = reference(&g, m, n, &wt, k);
+                let got = matmul_gw(&g, m, n, w, k);
+                let bound = 1e-5 * (n as f64).sqrt();
+                for (a, r) in got.iter().zip(&want) {
+                    assert!((*a as f64 - r).abs() <= bound * (1.0 + r.abs()), "g w m={m} k={k} n={n}: {a} vs {r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn products_with_bf16_weights_equal_the_f32_product_of_the_widened_weights() {
+        // Widening is exact, and the panels leave each output's summation to gemm: the same bits as the f32 path.
+        let (m, k, n) = (40, 300, 150);
+        let x = data(m * k, 4);
+        let wb: Vec<bf16> = data(n * k, 5).iter().map(|&v| bf16::from_f32(v)).collect();
+        let wide: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+        let dev = candle_core::Device::Cpu;
+        let xt = candle_core::Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
+        let wt = candle_core::Tensor::from_vec(wide, (n, k), &dev).unwrap();
+        let want: Vec<f32> = xt.matmul(&wt.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(matmul_xwt(&x, m, k, Half::Bf16(&wb), n), want);
+    }
+}
