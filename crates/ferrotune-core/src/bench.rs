@@ -14,11 +14,21 @@ use crate::sys::{cpu_seconds, peak_rss_bytes};
 use crate::train::batch::MicroBatch;
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::train::step::{forward_backward, GradAccum, StepOptions};
+use crate::weights::FrozenFormat;
+
+/// How the benchmarked base weights are held: their dtype, and whether frozen matrices are quantized to int8.
+#[derive(Clone, Copy, Debug)]
+pub struct Base {
+    pub dtype: DType,
+    pub int8: bool,
+}
 
 pub struct BenchReport {
     /// Where it ran ("CPU", "CUDA device 0 (…)") and the base weights' dtype.
     pub device: String,
     pub dtype: DType,
+    /// Frozen matrices quantized to per-row int8 at load.
+    pub int8: bool,
     pub params: usize,
     pub trainable: usize,
     pub tokens_per_sample: usize,
@@ -34,6 +44,15 @@ pub struct BenchReport {
 }
 
 impl BenchReport {
+    /// The base weights' format for tables: the dtype, or `int8` when quantized.
+    pub fn dtype_label(&self) -> &'static str {
+        if self.int8 {
+            "int8"
+        } else {
+            crate::device::dtype_name(self.dtype)
+        }
+    }
+
     pub fn samples_per_second(&self) -> f64 {
         1.0 / self.wall_per_sample
     }
@@ -46,7 +65,7 @@ impl BenchReport {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "device": self.device,
-            "dtype": crate::device::dtype_name(self.dtype),
+            "dtype": self.dtype_label(),
             "params": self.params,
             "trainable": self.trainable,
             "tokens_per_sample": self.tokens_per_sample,
@@ -76,12 +95,17 @@ fn end_measure(device: &Device, (t0, c0): (Instant, f64)) -> Result<(f64, f64)> 
 }
 
 /// Loads the model for a benchmark and times it. bf16 on the CPU means what training (`bf16: true`) and serving
-/// do there: 16-bit weights kept as stored, computing in f32.
-fn load(model_dir: &Path, dtype: DType, device: &Device) -> Result<(Qwen3_5, f64)> {
+/// do there: 16-bit weights kept as stored, computing in f32; `int8` quantizes the frozen matrices at load.
+fn load(model_dir: &Path, Base { dtype, int8 }: Base, device: &Device) -> Result<(Qwen3_5, f64)> {
     let t0 = Instant::now();
-    let keep = device.is_cpu() && dtype != DType::F32;
-    let compute = if keep { DType::F32 } else { dtype };
-    let model = Qwen3_5::load_as(model_dir, compute, device, keep)?;
+    let compact = device.is_cpu() && (dtype != DType::F32 || int8);
+    let compute = if compact { DType::F32 } else { dtype };
+    let format = match (int8, compact) {
+        (true, _) => FrozenFormat::Int8,
+        (false, true) => FrozenFormat::Stored,
+        (false, false) => FrozenFormat::Compute,
+    };
+    let model = Qwen3_5::load_as(model_dir, compute, device, format)?;
     Ok((model, t0.elapsed().as_secs_f64()))
 }
 
@@ -143,8 +167,8 @@ fn synthetic(model: &Qwen3_5, seq_len: usize, image_side: usize, seed: u64) -> R
 
 /// LoRA training steps (batch 1, one micro-batch per optimizer step) on `model_dir`, base weights in `dtype`
 /// (LoRA weights and optimizer state in f32).
-pub fn train(model_dir: &Path, opts: &TrainBench, dtype: DType, device: &Device) -> Result<BenchReport> {
-    let (mut model, load_s) = load(model_dir, dtype, device)?;
+pub fn train(model_dir: &Path, opts: &TrainBench, base: Base, device: &Device) -> Result<BenchReport> {
+    let (mut model, load_s) = load(model_dir, base, device)?;
     let params = count_params(&mut model);
     let spec = LoraSpec {
         r: opts.rank,
@@ -179,7 +203,8 @@ pub fn train(model_dir: &Path, opts: &TrainBench, dtype: DType, device: &Device)
     let n = opts.steps.max(1) as f64;
     Ok(BenchReport {
         device: crate::device::describe(device),
-        dtype,
+        dtype: base.dtype,
+        int8: base.int8,
         params,
         trainable,
         tokens_per_sample: opts.seq_len,
@@ -198,10 +223,10 @@ pub fn forward(
     seq_len: usize,
     image_side: usize,
     iters: usize,
-    dtype: DType,
+    base: Base,
     device: &Device,
 ) -> Result<BenchReport> {
-    let (mut model, load_s) = load(model_dir, dtype, device)?;
+    let (mut model, load_s) = load(model_dir, base, device)?;
     let params = count_params(&mut model);
     let mb = synthetic(&model, seq_len, image_side, 2)?;
     let go = || -> Result<()> {
@@ -220,7 +245,8 @@ pub fn forward(
     let n = iters.max(1) as f64;
     Ok(BenchReport {
         device: crate::device::describe(device),
-        dtype,
+        dtype: base.dtype,
+        int8: base.int8,
         params,
         trainable: 0,
         tokens_per_sample: seq_len,
@@ -239,11 +265,11 @@ pub fn decode(
     model_dir: &Path,
     prompt_len: usize,
     new_tokens: usize,
-    dtype: DType,
+    base: Base,
     device: &Device,
 ) -> Result<BenchReport> {
     use crate::models::qwen3_5::Cache;
-    let (mut model, load_s) = load(model_dir, dtype, device)?;
+    let (mut model, load_s) = load(model_dir, base, device)?;
     let params = count_params(&mut model);
     let mb = synthetic(&model, prompt_len, 0, 3)?;
     let run = || -> Result<(f64, f64)> {
@@ -271,7 +297,8 @@ pub fn decode(
     let n = new_tokens.max(1) as f64;
     Ok(BenchReport {
         device: crate::device::describe(device),
-        dtype,
+        dtype: base.dtype,
+        int8: base.int8,
         params,
         trainable: 0,
         tokens_per_sample: 1,
@@ -380,6 +407,12 @@ fn fma_loop(iters: usize) -> f32 {
             return unsafe { fma_avx512(iters) };
         }
     }
+    fma_plain(iters)
+}
+
+/// Written so that each chain is one vector register once compiled for AVX-512.
+#[inline(always)]
+fn fma_plain(iters: usize) -> f32 {
     let mut acc = [1f32; FMA_CHAINS * FMA_WIDTH];
     for _ in 0..iters {
         for a in acc.iter_mut() {
@@ -390,19 +423,7 @@ fn fma_loop(iters: usize) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,fma")]
 unsafe fn fma_avx512(iters: usize) -> f32 {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm512_set1_ps(1.0); FMA_CHAINS];
-    let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
-    for _ in 0..iters {
-        for c in acc.iter_mut() {
-            *c = _mm512_fmadd_ps(*c, a, b);
-        }
-    }
-    let mut s = _mm512_setzero_ps();
-    for c in acc {
-        s = _mm512_add_ps(s, c);
-    }
-    _mm512_reduce_add_ps(s)
+    fma_plain(iters)
 }

@@ -349,12 +349,13 @@ impl Adapter {
             let (a, b) = (a.to_device(&dev)?, b.to_device(&dev)?);
             if merge {
                 let delta = (b.matmul(&a)? * scale)?;
-                let merged = (lin.weight.to_dtype(DType::F32)? + delta)?;
-                // A 16-bit weight kept as stored on the CPU computes in f32 anyway: rounding the merged weight
-                // back to 16 bits would only lose the adapter's small updates.
-                let kept = dev.is_cpu() && matches!(lin.weight.dtype(), DType::BF16 | DType::F16);
-                let w = if kept { merged } else { merged.to_dtype(lin.weight.dtype())? };
+                let merged = (lin.weight.to_f32()? + delta)?;
+                // A 16-bit or int8 weight kept compact on the CPU computes in f32 anyway: rounding the merged
+                // weight back would only lose the adapter's small updates.
+                let compact = lin.weight.scales.is_some() || matches!(lin.weight.dtype(), DType::BF16 | DType::F16);
+                let w = if dev.is_cpu() && compact { merged } else { merged.to_dtype(lin.weight.dtype())? };
                 lin.weight.tensor = w;
+                lin.weight.scales = None;
             } else {
                 lin.lora = Some(Lora { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale, dropout: 0.0 });
             }

@@ -13,6 +13,18 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::nn::Param;
 
+/// How frozen matrices (linear weights and the embedding table) are held in memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FrozenFormat {
+    /// In the compute dtype, as every other parameter.
+    #[default]
+    Compute,
+    /// bf16 / f16 checkpoint tensors as stored (CPU, f32 compute): half the memory of f32, the same numbers.
+    Stored,
+    /// Per-row int8, quantized at load (CPU, f32 compute): a quarter of f32's memory (`quantization_bit: 8`).
+    Int8,
+}
+
 /// All safetensors shards of one checkpoint directory, indexed by tensor name.
 pub struct Checkpoint {
     dir: PathBuf,
@@ -230,8 +242,8 @@ pub struct Weights<'a> {
     prefix: String,
     pub dtype: DType,
     pub device: Device,
-    /// Frozen matrices ([`Weights::frozen`]) stored in bf16 / f16 stay so on the CPU, with an f32 compute dtype.
-    keep_16bit: bool,
+    /// How [`Weights::frozen`] holds frozen matrices.
+    format: FrozenFormat,
     used: std::rc::Rc<std::cell::RefCell<BTreeMap<String, ()>>>,
 }
 
@@ -249,15 +261,28 @@ impl<'a> Weights<'a> {
     }
 
     fn with_source(src: Source<'a>, dtype: DType, device: &Device) -> Self {
-        Self { src, prefix: String::new(), dtype, device: device.clone(), keep_16bit: false, used: Default::default() }
+        Self {
+            src,
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+            format: FrozenFormat::Compute,
+            used: Default::default(),
+        }
     }
 
-    /// Keeps frozen matrices stored in bf16 / f16 as they are (see [`Weights::frozen`]) when `keep`, the device
-    /// is the CPU and the compute dtype is f32: half the memory of an f32 copy, and the same numbers, since the
-    /// CPU kernels widen them exactly to f32.
-    pub fn keep_16bit(mut self, keep: bool) -> Self {
-        self.keep_16bit = keep && self.device.is_cpu() && self.dtype == DType::F32;
-        self
+    /// How [`Weights::frozen`] holds frozen matrices. The compact formats need the CPU and an f32 compute dtype:
+    /// there [`FrozenFormat::Stored`] falls back to the compute dtype, and [`FrozenFormat::Int8`] is an error.
+    pub fn frozen_format(mut self, format: FrozenFormat) -> Result<Self> {
+        let compact_ok = self.device.is_cpu() && self.dtype == DType::F32;
+        self.format = match format {
+            FrozenFormat::Int8 if !compact_ok => {
+                bail!("quantization_bit: 8-bit base weights run on the CPU only; remove the key to use the GPU in bf16")
+            }
+            FrozenFormat::Stored if !compact_ok => FrozenFormat::Compute,
+            f => f,
+        };
+        Ok(self)
     }
 
     /// What the tensors come from, for messages: the checkpoint folder, or "random init".
@@ -323,15 +348,23 @@ impl<'a> Weights<'a> {
         Ok(Param::new(key, t.to_dtype(dtype)?))
     }
 
-    /// A matrix used only through [`crate::nn::frozen::frozen_matmul`] and row lookups (linear weights and the
-    /// embedding table): in its stored 16-bit dtype when [`Weights::keep_16bit`] allows, else as [`Weights::param`].
+    /// A matrix used only through [`crate::nn::frozen::frozen_matmul_param`] and row lookups (linear weights and
+    /// the embedding table), held as [`Weights::frozen_format`] says; otherwise as [`Weights::param`].
     pub fn frozen(&self, name: &str, shape: &[usize], why: &str, init: Init) -> Result<Param> {
-        if let (true, Source::Checkpoint(ckpt)) = (self.keep_16bit, &self.src) {
-            if let Some((_, stored @ (DType::BF16 | DType::F16))) = ckpt.info(&self.path(name)) {
-                return self.param_as(name, shape, why, init, stored);
+        let stored = match &self.src {
+            Source::Checkpoint(ckpt) => ckpt.info(&self.path(name)).map(|(_, d)| d),
+            Source::Random(_) => None,
+        };
+        let p = match stored {
+            Some(d @ (DType::BF16 | DType::F16)) if self.format != FrozenFormat::Compute => {
+                self.param_as(name, shape, why, init, d)?
             }
+            _ => self.param(name, shape, why, init)?,
+        };
+        match self.format {
+            FrozenFormat::Int8 if shape.len() == 2 => Ok(p.quantize_int8()?),
+            _ => Ok(p),
         }
-        self.param(name, shape, why, init)
     }
 
     /// Checkpoint keys not taken by any `param` so far, excluding those matching `ignore` prefixes.

@@ -100,6 +100,10 @@ pub struct BenchArgs {
     /// state are f32 either way)
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16"])]
     pub dtype: String,
+    /// 8: quantize the frozen base matrices to per-row int8 at load, as `quantization_bit: 8` (CPU); the Python
+    /// anchor then runs in bf16
+    #[arg(long = "quantization_bit", alias = "quantization-bit", value_parser = clap::value_parser!(u32).range(8..=8))]
+    pub quantization_bit: Option<u32>,
     /// cpu, cuda, cuda:N or auto (the first GPU when built with CUDA and one is usable)
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -217,6 +221,9 @@ pub struct DemoArgs {
     /// Use this base checkpoint instead of the embedded one
     #[arg(long)]
     pub base: Option<std::path::PathBuf>,
+    /// 8: quantize the frozen base matrices to per-row int8 at load (CPU), as `quantization_bit: 8`, for training and both evaluations
+    #[arg(long = "quantization_bit", alias = "quantization-bit", value_parser = clap::value_parser!(u32).range(8..=8))]
+    pub quantization_bit: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -249,6 +256,10 @@ pub struct EvalArgs {
     /// Examples shown in report.md
     #[arg(long, default_value_t = 8)]
     pub examples: usize,
+    /// 8: quantize the frozen base matrices to per-row int8 at load (CPU), as `quantization_bit: 8`
+    #[arg(long = "quantization_bit", alias = "quantization-bit", value_parser = clap::value_parser!(u32).range(8..=8))]
+    pub quantization_bit: Option<u32>,
+
     /// Or: a training config (its eval_dataset, or its val_size split of dataset, is used)
     pub config: Option<std::path::PathBuf>,
 }

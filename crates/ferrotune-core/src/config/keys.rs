@@ -131,6 +131,14 @@ pub static KEYS: &[KeyDef] = &[
         "\"auto\"",
         "Weight dtype for chat/api/export: auto, float16, bfloat16 or float32.",
     ),
+    used(
+        "quantization_bit",
+        Model,
+        Int,
+        "null",
+        "8: the frozen base matrices (linears, embedding / tied head, vision tower) are quantized to per-row int8 \
+         at load, LoRA trains and serves on top in f32 (CPU; a quarter of f32's memory). 4 is not implemented.",
+    ),
     used("export_dir", Model, Str, "null", "Where `export` writes the merged checkpoint."),
     used("export_size", Model, Int, "5", "Shard size of the exported safetensors, in GB."),
     inert("export_device", Model, "\"cpu\"", "export runs on the device ferrotune runs on"),
@@ -407,11 +415,10 @@ pub struct Unimplemented {
 
 pub static UNIMPLEMENTED: &[Unimplemented] = &[
     Unimplemented {
-        feature: "quantized training (QLoRA)",
-        hint: "remove the key to train a plain LoRA on bf16/f32 weights",
+        feature: "4-bit and other quantization methods (bitsandbytes NF4/FP4, HQQ, EETQ)",
+        hint: "remove the key; ferrotune quantizes the base to per-row int8 with quantization_bit: 8",
         keys: &[
             ("quantization_method", "\"bnb\""),
-            ("quantization_bit", "null"),
             ("quantization_type", "\"nf4\""),
             ("double_quantization", "true"),
             ("quantization_device_map", "null"),

@@ -255,6 +255,8 @@ pub struct Plan {
     pub finetuning_type: FinetuningType,
     pub model_name_or_path: PathBuf,
     pub adapter_name_or_path: Vec<PathBuf>,
+    /// `quantization_bit: 8`: frozen base matrices in per-row int8.
+    pub quantization_bit: Option<u32>,
     pub do_train: bool,
     pub do_eval: bool,
     pub data: DataPlan,
@@ -297,6 +299,19 @@ impl Plan {
                 "{}: finetuning_type `{other}` is not implemented; ferrotune implements `lora` and `full`",
                 raw.place("finetuning_type")
             ),
+        };
+        let quantization_bit = match raw.opt_i64("quantization_bit")? {
+            None => None,
+            Some(8) if finetuning_type == FinetuningType::Full => bail!(
+                "{}: a quantized base cannot be fully fine-tuned; use finetuning_type: lora, or remove the key",
+                raw.place("quantization_bit")
+            ),
+            Some(8) => Some(8),
+            Some(4) => bail!(
+                "{}: 4-bit quantization is not implemented; use quantization_bit: 8 (per-row int8) or remove the key",
+                raw.place("quantization_bit")
+            ),
+            Some(b) => bail!("{}: expected 8 (or no key), got {b}", raw.place("quantization_bit")),
         };
 
         // ---- model ----
@@ -634,6 +649,7 @@ impl Plan {
             finetuning_type,
             model_name_or_path,
             adapter_name_or_path,
+            quantization_bit,
             do_train,
             do_eval,
             data,
@@ -766,6 +782,9 @@ impl fmt::Display for Plan {
         let t = &self.train;
         let l = &self.lora;
         writeln!(f, "model:      {}", self.model_name_or_path.display())?;
+        if let Some(b) = self.quantization_bit {
+            writeln!(f, "base:       frozen matrices in per-row int{b} (quantization_bit: {b}), LoRA in f32")?;
+        }
         writeln!(f, "template:   {}", d.template.as_deref().unwrap_or("(from the checkpoint)"))?;
         writeln!(f, "datasets:   {} (dir {})", d.datasets.join(", "), d.dataset_dir.display())?;
         if !d.eval_datasets.is_empty() {

@@ -493,9 +493,9 @@ mod tests {
 
     #[test]
     fn unimplemented_key_is_an_error_unless_default() {
-        assert!(yaml("deepspeed: null\nquantization_bit: null\n").check_keys().is_ok());
-        let err = yaml("quantization_bit: 4\n").check_keys().unwrap_err().to_string();
-        assert!(err.contains("QLoRA") && err.contains("does not implement"), "{err}");
+        assert!(yaml("deepspeed: null\nquantization_type: nf4\n").check_keys().is_ok());
+        let err = yaml("quantization_type: fp4\n").check_keys().unwrap_err().to_string();
+        assert!(err.contains("4-bit") && err.contains("does not implement"), "{err}");
         let err = yaml("deepspeed: examples/deepspeed/ds_z3_config.json\n").check_keys().unwrap_err().to_string();
         assert!(err.contains("distributed training"), "{err}");
     }

@@ -13,6 +13,7 @@ use super::robots::{self, RobotOptions};
 use super::Lang;
 use crate::config::Plan;
 use crate::eval::runner::{items, report_runs, run_model, Candidate, CompareOptions, Comparison};
+use crate::weights::FrozenFormat;
 
 /// Sizes and knobs of a demo run; the defaults are the full demo.
 #[derive(Clone, Debug)]
@@ -27,6 +28,8 @@ pub struct DemoOptions {
     pub progress: bool,
     /// Base model folder to use instead of the embedded one.
     pub base: Option<PathBuf>,
+    /// `quantization_bit` of the LoRA training and both evaluations (8: an int8 base).
+    pub quantization_bit: Option<u32>,
     /// The embedded base, which the binary passes in (see [`BaseWeights`]); written to `out/base` when `base` is
     /// None.
     pub embedded: Option<BaseWeights>,
@@ -46,6 +49,7 @@ impl Default for DemoOptions {
             seed: 42,
             progress: false,
             base: None,
+            quantization_bit: None,
             embedded: None,
         }
     }
@@ -97,13 +101,14 @@ pub fn train_yaml(base: &Path, data: &Path, out: &Path, opts: &DemoOptions) -> S
          save_steps: 500\n\
          plot_loss: true\n\
          overwrite_output_dir: true\n\
-         seed: {seed}\n",
+         seed: {seed}\n{quant}",
         base = base.display(),
         data = data.display(),
         out = out.display(),
         lr = opts.learning_rate,
         ep = opts.epochs,
-        seed = opts.seed
+        seed = opts.seed,
+        quant = opts.quantization_bit.map(|b| format!("quantization_bit: {b}\n")).unwrap_or_default(),
     )
 }
 
@@ -147,7 +152,9 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool) -> Result<DemoResult> {
     let eval_items = items(&prepared.eval, &crate::tokenizer::Tokenizer::from_path(&base)?)?;
     let max_new = 96;
     println!("[2/4] measuring the base model on {} held-out robots (before)", eval_items.len());
-    let base_c = Candidate { name: "base".into(), model_dir: base.clone(), adapters: vec![] };
+    let format = crate::train::run::frozen_format(&plan, &candle_core::Device::Cpu);
+    let format = if format == FrozenFormat::Int8 { format } else { FrozenFormat::Compute };
+    let base_c = Candidate { name: "base".into(), model_dir: base.clone(), adapters: vec![], format };
     let before = run_model(&base_c, &eval_items, max_new, opts.progress)?;
     // 4. LoRA training.
     println!("[3/4] LoRA training on {} robots", prepared.train.len());
@@ -167,7 +174,8 @@ pub fn run(opts: &DemoOptions, stop: &AtomicBool) -> Result<DemoResult> {
     }
     // 5. After: base + adapter, and the side-by-side report.
     println!("[4/4] measuring base + LoRA on the same held-out robots (after)");
-    let tuned_c = Candidate { name: "base+LoRA".into(), model_dir: base.clone(), adapters: vec![adapter.clone()] };
+    let tuned_c =
+        Candidate { name: "base+LoRA".into(), model_dir: base.clone(), adapters: vec![adapter.clone()], format };
     let after = run_model(&tuned_c, &eval_items, max_new, opts.progress)?;
     let copts = CompareOptions {
         max_new_tokens: max_new,

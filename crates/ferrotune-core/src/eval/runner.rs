@@ -12,6 +12,7 @@ use crate::data::Sample;
 use crate::infer::{AdapterMode, Engine, GenerateRequest, Prompt, SamplingParams};
 use crate::models::qwen3_5::VisionInput;
 use crate::tokenizer::Tokenizer;
+use crate::weights::FrozenFormat;
 
 /// One model to evaluate: a checkpoint plus adapters (none for the base).
 #[derive(Clone, Debug)]
@@ -19,6 +20,8 @@ pub struct Candidate {
     pub name: String,
     pub model_dir: PathBuf,
     pub adapters: Vec<PathBuf>,
+    /// How the base's frozen matrices are held (int8 with `quantization_bit: 8`).
+    pub format: FrozenFormat,
 }
 
 /// One held-out example: the prompt as training encoded it, the reference answer and the row's labels.
@@ -86,8 +89,15 @@ fn vision(engine: &Engine, s: &Sample) -> Result<Option<VisionInput>> {
 pub fn run_model(candidate: &Candidate, items: &[Item], max_new_tokens: usize, progress: bool) -> Result<ModelRun> {
     let adapters: Vec<&Path> = candidate.adapters.iter().map(PathBuf::as_path).collect();
     let workers = crate::parallel::Workers::global();
-    let engine = Engine::load(&candidate.model_dir, &adapters, AdapterMode::Merge, DType::F32, &Device::Cpu)
-        .with_context(|| format!("loading {}", candidate.name))?;
+    let engine = Engine::load_as(
+        &candidate.model_dir,
+        &adapters,
+        AdapterMode::Merge,
+        DType::F32,
+        &Device::Cpu,
+        candidate.format,
+    )
+    .with_context(|| format!("loading {}", candidate.name))?;
     let pad = engine.tokenizer.token_id("<|endoftext|>").unwrap_or(0);
     let samples: Vec<Sample> = items.iter().map(|i| i.sample.clone()).collect();
     let (eval_loss, _) = crate::train::step::evaluate(&engine.model, &engine.processor, &samples, 1, pad, workers)?;

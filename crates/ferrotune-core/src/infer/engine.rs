@@ -14,6 +14,7 @@ use crate::image::ImageProcessorConfig;
 use crate::lora::Adapter;
 use crate::models::qwen3_5::{Cache, Qwen3_5, RopePositions, VisionInput};
 use crate::tokenizer::Tokenizer;
+use crate::weights::FrozenFormat;
 
 /// `generation_config.json`: stop ids and sampling defaults of the checkpoint.
 #[derive(Clone, Debug, Default)]
@@ -131,22 +132,22 @@ impl Engine {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        Self::load_as(model_dir, adapters, mode, dtype, device, false)
+        Self::load_as(model_dir, adapters, mode, dtype, device, FrozenFormat::Compute)
     }
 
-    /// [`Engine::load`], keeping 16-bit frozen matrices as stored when `keep_16bit` (CPU, f32 compute). One
-    /// adapter then stays a separate branch even when `mode` asks to merge: merged into a 16-bit weight it would
-    /// need an f32 copy of every adapted module (the numbers are the same either way).
+    /// [`Engine::load`], holding frozen matrices as `format` says (16-bit as stored or int8; CPU, f32 compute).
+    /// One adapter on a compact base then stays a separate branch even when `mode` asks to merge: merged it
+    /// would need an f32 copy of every adapted module (the numbers are the same either way).
     pub fn load_as(
         model_dir: &Path,
         adapters: &[&Path],
         mode: AdapterMode,
         dtype: DType,
         device: &Device,
-        keep_16bit: bool,
+        format: FrozenFormat,
     ) -> Result<Self> {
         crate::models::model_type(model_dir)?;
-        let mut model = Qwen3_5::load_as(model_dir, dtype, device, keep_16bit)?;
+        let mut model = Qwen3_5::load_as(model_dir, dtype, device, format)?;
         let kept = model.embed_tokens.dtype() != model.dtype;
         let mode = if kept && adapters.len() == 1 { AdapterMode::Separate } else { mode };
         for dir in adapters {

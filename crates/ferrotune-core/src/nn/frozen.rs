@@ -12,6 +12,8 @@ use super::mixed::{self, SMALL_M};
 struct FrozenMatmul {
     /// (out, in), not tracked.
     w: Tensor,
+    /// Per-row f32 scales when `w` holds int8 values (offset-binary u8).
+    scales: Option<Tensor>,
 }
 
 impl FrozenMatmul {
@@ -34,11 +36,13 @@ impl CustomOp1 for FrozenMatmul {
         let (m, n, k) = self.dims(l)?;
         let (ws, wl) = self.w.storage_and_layout();
         let Storage::Cpu(w) = &*ws else { candle_core::bail!("frozen matmul: weight and input on different devices") };
+        let scales = self.scales.as_ref().map(|s| s.storage_and_layout());
+        let scales = cpu_scales(scales.as_ref().map(|(g, l)| (&**g, *l)), n)?;
         if let CpuStorage::F32(xs) = s {
             if l.is_contiguous() && wl.is_contiguous() {
                 let x = &xs[l.start_offset()..l.start_offset() + m * k];
-                // 16-bit weights kept as stored: widened on the fly, accumulated in f32.
-                if let Some(half) = half_weights(w, wl, n * k) {
+                // 16-bit or int8 weights kept compact: widened on the fly, accumulated in f32.
+                if let Some(half) = packed_weights(w, wl, n, k, scales) {
                     return Ok((CpuStorage::F32(mixed::matmul_xwt(x, m, k, half, n)), Shape::from((m, n))));
                 }
                 // Decoding multiplies one row at a time: a general GEMM would repack all of W for every token,
@@ -51,6 +55,9 @@ impl CustomOp1 for FrozenMatmul {
                 }
             }
         }
+        if scales.is_some() {
+            candle_core::bail!("frozen matmul: int8 weights need f32 activations and a contiguous weight");
+        }
         let out = s.matmul(w, (1, m, n, k), l, &wl.transpose(0, 1)?)?;
         Ok((out, Shape::from((m, n))))
     }
@@ -60,6 +67,9 @@ impl CustomOp1 for FrozenMatmul {
         let (m, n, k) = self.dims(l)?;
         let (ws, wl) = self.w.storage_and_layout();
         let Storage::Cuda(w) = &*ws else { candle_core::bail!("frozen matmul: weight and input on different devices") };
+        if self.scales.is_some() {
+            candle_core::bail!("frozen matmul: int8 weights are implemented on the CPU only");
+        }
         let out = s.matmul(w, (1, m, n, k), l, &wl.transpose(0, 1)?)?;
         Ok((out, Shape::from((m, n))))
     }
@@ -69,16 +79,17 @@ impl CustomOp1 for FrozenMatmul {
         // layouts than the CPU one, and this is a no-op for a contiguous gradient.
         let grad = grad.contiguous()?;
         if arg.dtype() != self.w.dtype() {
-            // f32 activations with 16-bit weights (CPU): dX = G W with W widened on the fly.
-            return Ok(Some(grad.apply_op1_no_bwd(&InputGrad { w: self.w.clone() })?));
+            // f32 activations with 16-bit or int8 weights (CPU): dX = G W with W widened on the fly.
+            return Ok(Some(grad.apply_op1_no_bwd(&InputGrad { w: self.w.clone(), scales: self.scales.clone() })?));
         }
         Ok(Some(grad.matmul(&self.w)?))
     }
 }
 
-/// `G (M, N) @ W` for a 16-bit frozen W (N, K) and f32 G: the input gradient of [`FrozenMatmul`].
+/// `G (M, N) @ W` for a 16-bit or int8 frozen W (N, K) and f32 G: the input gradient of [`FrozenMatmul`].
 struct InputGrad {
     w: Tensor,
+    scales: Option<Tensor>,
 }
 
 impl CustomOp1 for InputGrad {
@@ -96,8 +107,12 @@ impl CustomOp1 for InputGrad {
         let Storage::Cpu(w) = &*ws else {
             candle_core::bail!("frozen matmul: weight and gradient on different devices")
         };
-        let (CpuStorage::F32(gs), Some(half)) = (s, half_weights(w, wl, n * k)) else {
-            candle_core::bail!("frozen matmul backward: expected an f32 gradient and a contiguous 16-bit weight")
+        let scales = self.scales.as_ref().map(|s| s.storage_and_layout());
+        let scales = cpu_scales(scales.as_ref().map(|(g, l)| (&**g, *l)), n)?;
+        let (CpuStorage::F32(gs), Some(half)) = (s, packed_weights(w, wl, n, k, scales)) else {
+            candle_core::bail!(
+                "frozen matmul backward: expected an f32 gradient and a contiguous 16-bit or int8 weight"
+            )
         };
         if !l.is_contiguous() {
             candle_core::bail!("frozen matmul backward: the gradient must be contiguous");
@@ -107,16 +122,35 @@ impl CustomOp1 for InputGrad {
     }
 }
 
-/// The elements of a contiguous bf16 / f16 weight, as the mixed kernels take them.
-fn half_weights<'a>(w: &'a CpuStorage, wl: &Layout, len: usize) -> Option<mixed::Half<'a>> {
+/// The elements of a contiguous (n, k) bf16 / f16 weight, or of an int8 one with its scales, as the mixed kernels
+/// take them.
+fn packed_weights<'a>(
+    w: &'a CpuStorage,
+    wl: &Layout,
+    n: usize,
+    k: usize,
+    scales: Option<&'a [f32]>,
+) -> Option<mixed::Packed<'a>> {
     if !wl.is_contiguous() {
         return None;
     }
-    let o = wl.start_offset();
-    match w {
-        CpuStorage::BF16(v) => Some(mixed::Half::Bf16(&v[o..o + len])),
-        CpuStorage::F16(v) => Some(mixed::Half::F16(&v[o..o + len])),
+    let (o, len) = (wl.start_offset(), n * k);
+    match (w, scales) {
+        (CpuStorage::BF16(v), None) => Some(mixed::Packed::Bf16(&v[o..o + len])),
+        (CpuStorage::F16(v), None) => Some(mixed::Packed::F16(&v[o..o + len])),
+        (CpuStorage::U8(v), Some(scales)) => Some(mixed::Packed::Int8 { q: &v[o..o + len], scales, cols: k }),
         _ => None,
+    }
+}
+
+/// The n f32 scales of an int8 weight, from their (CPU) storage.
+fn cpu_scales<'a>(s: Option<(&'a Storage, &Layout)>, n: usize) -> Result<Option<&'a [f32]>> {
+    let Some((storage, l)) = s else { return Ok(None) };
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) if l.is_contiguous() && l.shape().elem_count() == n => {
+            Ok(Some(&v[l.start_offset()..l.start_offset() + n]))
+        }
+        _ => candle_core::bail!("frozen matmul: int8 scales must be {n} contiguous f32 values on the CPU"),
     }
 }
 
@@ -198,9 +232,26 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// x: (M, K) @ Wᵀ with W: (N, K) frozen -> (M, N). Gradients flow to x only.
 /// On the CPU an f32 x meets a 16-bit W as it is (f32 out); otherwise x takes W's dtype.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let mixed = x.device().is_cpu() && x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F16);
-    let x = if x.dtype() != w.dtype() && !mixed { x.to_dtype(w.dtype())? } else { x.clone() };
-    x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
+    frozen_matmul_scaled(x, w, None)
+}
+
+/// [`frozen_matmul`] with a parameter's weight, int8 ones (with their scales) included.
+pub fn frozen_matmul_param(x: &Tensor, w: &super::Param) -> Result<Tensor> {
+    frozen_matmul_scaled(x, &w.tensor, w.scales.as_ref())
+}
+
+fn frozen_matmul_scaled(x: &Tensor, w: &Tensor, scales: Option<&Tensor>) -> Result<Tensor> {
+    let compact = matches!(w.dtype(), DType::BF16 | DType::F16) || scales.is_some();
+    let mixed = x.device().is_cpu() && x.dtype() == DType::F32 && compact;
+    let x = if x.dtype() != w.dtype() && !mixed {
+        if scales.is_some() {
+            candle_core::bail!("frozen matmul: int8 weights need f32 activations on the CPU");
+        }
+        x.to_dtype(w.dtype())?
+    } else {
+        x.clone()
+    };
+    x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone(), scales: scales.cloned() })
 }
 
 #[cfg(test)]
@@ -244,6 +295,27 @@ mod tests {
             let (a, b) = (g16.get(x.as_tensor()).unwrap(), g32.get(x.as_tensor()).unwrap());
             let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-4, "m={m}: dx differs by {d}");
+        }
+    }
+
+    #[test]
+    fn an_int8_weight_gives_the_f32_results_of_its_dequantized_copy() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (37, 70), &dev).unwrap().to_dtype(candle_core::DType::BF16).unwrap();
+        let q = super::super::Param::new("w", w).quantize_int8().unwrap();
+        assert_eq!(q.tensor.dtype(), candle_core::DType::U8);
+        let deq = q.to_f32().unwrap();
+        for m in [1, 3, 9, 40] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, 70), &dev).unwrap()).unwrap();
+            let yq = frozen_matmul_param(x.as_tensor(), &q).unwrap();
+            let y32 = frozen_matmul(x.as_tensor(), &deq).unwrap();
+            let d = (&yq - &y32).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "m={m}: {d}");
+            let gq = yq.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g32 = y32.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let (a, b) = (gq.get(x.as_tensor()).unwrap(), g32.get(x.as_tensor()).unwrap());
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-3, "m={m}: dx differs by {d}");
         }
     }
 }

@@ -58,7 +58,7 @@ impl Linear {
         let mut y = if self.weight.is_variable() {
             x2.matmul(&self.weight.t()?)?
         } else {
-            super::frozen::frozen_matmul(&x2, &self.weight)?
+            super::frozen::frozen_matmul_param(&x2, &self.weight)?
         };
         // Activations keep their dtype whatever the weight's (an adapter merged into a 16-bit weight is f32).
         if y.dtype() != x.dtype() {

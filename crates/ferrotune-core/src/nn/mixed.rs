@@ -1,7 +1,8 @@
-//! Products of f32 activations with 16-bit (bf16 / f16) weights kept as stored, accumulated in f32.
+//! Products of f32 activations with compact frozen weights, accumulated in f32: 16-bit (bf16 / f16) weights
+//! kept as stored, and per-row int8 weights quantized at load.
 //!
 //! A bf16 or f16 value widens to f32 exactly, so these kernels give the f32 path's numbers while the weights take
-//! half its memory. Matrix products widen one panel of weight rows (or columns) at a time into f32 and hand
+//! half its memory; int8 weights widen to their dequantized f32 values (a quarter of the memory). Matrix products widen one panel of weight rows (or columns) at a time into f32 and hand
 //! it to gemm's f32 kernels (AVX-512 / AVX2+FMA, chosen by gemm at run time): the widening reads each weight
 //! once per product, a small cost next to the product's M·N·K multiply-adds when M is more than a few rows.
 //! Panels split only the output columns, so every output element sums over K in gemm's own order, as the
@@ -18,18 +19,26 @@ pub const SMALL_M: usize = 4;
 /// stays a few per cent of the work.
 const PANEL_ELEMS: usize = 4 << 20;
 
-/// A row-major (rows, cols) weight matrix in its stored 16-bit format.
+/// A row-major (rows, cols) weight matrix in its compact storage format.
 #[derive(Clone, Copy)]
-pub enum Half<'a> {
+pub enum Packed<'a> {
     Bf16(&'a [bf16]),
     F16(&'a [f16]),
+    /// Per-row symmetric int8: element (r, c) is `(q[r·cols + c] − 128) · scales[r]` (offset binary, since the
+    /// tensor type holding it is unsigned).
+    Int8 {
+        q: &'a [u8],
+        scales: &'a [f32],
+        cols: usize,
+    },
 }
 
-impl Half<'_> {
+impl Packed<'_> {
     pub fn len(&self) -> usize {
         match self {
-            Half::Bf16(s) => s.len(),
-            Half::F16(s) => s.len(),
+            Packed::Bf16(s) => s.len(),
+            Packed::F16(s) => s.len(),
+            Packed::Int8 { q, .. } => q.len(),
         }
     }
 
@@ -37,35 +46,64 @@ impl Half<'_> {
         self.len() == 0
     }
 
-    /// Widens elements `start..start + out.len()` into `out`.
-    fn widen(&self, start: usize, out: &mut [f32]) {
+    /// Widens elements `start..start + out.len()` into `out` (for int8, a range inside one row).
+    pub(crate) fn widen(&self, start: usize, out: &mut [f32]) {
         match self {
-            Half::Bf16(s) => widen_bf16(&s[start..start + out.len()], out),
-            Half::F16(s) => {
+            Packed::Bf16(s) => widen_bf16(&s[start..start + out.len()], out),
+            Packed::F16(s) => {
                 let len = out.len();
                 for (o, v) in out.iter_mut().zip(&s[start..start + len]) {
                     *o = v.to_f32();
                 }
+            }
+            Packed::Int8 { q, scales, cols } => {
+                let row = start / cols;
+                debug_assert!(start % cols + out.len() <= *cols, "an int8 range crosses a row");
+                widen_i8(&q[start..start + out.len()], scales[row], out)
             }
         }
     }
 
     fn dot(&self, x: &[f32], row_start: usize) -> f32 {
         match self {
-            Half::Bf16(s) => dot_bf16(x, &s[row_start..row_start + x.len()]),
-            Half::F16(s) => {
+            Packed::Bf16(s) => dot_bf16(x, &s[row_start..row_start + x.len()]),
+            Packed::F16(s) => {
                 let mut buf = vec![0f32; x.len()];
                 for (o, v) in buf.iter_mut().zip(&s[row_start..row_start + x.len()]) {
                     *o = v.to_f32();
                 }
                 crate::nn::frozen::dot(x, &buf)
             }
+            Packed::Int8 { q, scales, cols } => {
+                dot_i8(x, &q[row_start..row_start + x.len()]) * scales[row_start / cols]
+            }
         }
     }
 }
 
+/// Per-row symmetric int8 of an (n, k) matrix whose rows `row(r, out)` writes in f32: the scale of a row is its
+/// largest magnitude over 127, and each element rounds to the nearest step. Returns the offset-binary values
+/// (`q + 128`) and the n scales.
+pub fn quantize_rows(n: usize, k: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> (Vec<u8>, Vec<f32>) {
+    let mut q = vec![0u8; n * k];
+    let mut scales = vec![0f32; n];
+    q.par_chunks_mut(k.max(1)).zip(scales.par_iter_mut()).enumerate().for_each_init(
+        || vec![0f32; k],
+        |buf, (r, (qr, s))| {
+            row(r, buf);
+            let max = buf.iter().fold(0f32, |m, v| m.max(v.abs()));
+            *s = if max > 0.0 { max / 127.0 } else { 1.0 };
+            let inv = 1.0 / *s;
+            for (o, v) in qr.iter_mut().zip(buf.iter()) {
+                *o = ((v * inv).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+            }
+        },
+    );
+    (q, scales)
+}
+
 /// `x (m, k) @ wᵀ` for `w` (n, k): (m, n), row-major.
-pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: Half, n: usize) -> Vec<f32> {
+pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: Packed, n: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
     if m <= SMALL_M {
@@ -108,7 +146,7 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: Half, n: usize) -> Vec<f32> 
 }
 
 /// `g (m, n) @ w` for `w` (n, k): (m, k), row-major — the input gradient of `x @ wᵀ`.
-pub fn matmul_gw(g: &[f32], m: usize, n: usize, w: Half, k: usize) -> Vec<f32> {
+pub fn matmul_gw(g: &[f32], m: usize, n: usize, w: Packed, k: usize) -> Vec<f32> {
     debug_assert_eq!(g.len(), m * n);
     debug_assert_eq!(w.len(), n * k);
     let mut y = vec![0f32; m * k];
@@ -162,7 +200,7 @@ fn parallelism() -> gemm::Parallelism {
 
 /// y[i][j] = x[i] · w[j] for a few rows of x: each weight row is read once and dotted with every x row, output
 /// columns in blocks so threads share nothing.
-fn small_m(x: &[f32], m: usize, k: usize, w: Half, n: usize) -> Vec<f32> {
+fn small_m(x: &[f32], m: usize, k: usize, w: Packed, n: usize) -> Vec<f32> {
     let block = 64;
     let blocks: Vec<Vec<f32>> = (0..n.div_ceil(block))
         .into_par_iter()
@@ -267,6 +305,86 @@ unsafe fn dot_bf16_avx2(a: &[f32], b: &[bf16]) -> f32 {
     dot_bf16_plain(a, b)
 }
 
+#[inline(always)]
+fn widen_i8_plain(src: &[u8], scale: f32, out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(src) {
+        *o = (*v as i32 - 128) as f32 * scale;
+    }
+}
+
+fn widen_i8(src: &[u8], scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { widen_i8_avx512(src, scale, out) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { widen_i8_avx2(src, scale, out) };
+        }
+    }
+    widen_i8_plain(src, scale, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_i8_avx512(src: &[u8], scale: f32, out: &mut [f32]) {
+    widen_i8_plain(src, scale, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_i8_avx2(src: &[u8], scale: f32, out: &mut [f32]) {
+    widen_i8_plain(src, scale, out)
+}
+
+/// `a · (b − 128)` for offset-binary int8 b, 16 independent f32 accumulators (exact products: an int8 times an
+/// f32 rounds once, as the f32 kernel's does).
+#[inline(always)]
+fn dot_i8_plain(a: &[f32], b: &[u8]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for t in 0..16 {
+            acc[t] += x[t] * (y[t] as i32 - 128) as f32;
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * (*y as i32 - 128) as f32;
+    }
+    s
+}
+
+fn dot_i8(a: &[f32], b: &[u8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { dot_i8_avx512(a, b) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { dot_i8_avx2(a, b) };
+        }
+    }
+    dot_i8_plain(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_i8_avx512(a: &[f32], b: &[u8]) -> f32 {
+    dot_i8_plain(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_i8_avx2(a: &[f32], b: &[u8]) -> f32 {
+    dot_i8_plain(a, b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,7 +422,11 @@ mod tests {
             let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
             let widened_b: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
             let widened_h: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
-            for (w, wide) in [(Half::Bf16(&wb), &widened_b), (Half::F16(&wh), &widened_h)] {
+            let (q, scales) = quantize_rows(n, k, |r, out| out.copy_from_slice(&wf[r * k..(r + 1) * k]));
+            let widened_q: Vec<f32> =
+                q.iter().enumerate().map(|(i, &v)| (v as i32 - 128) as f32 * scales[i / k]).collect();
+            let wq = Packed::Int8 { q: &q, scales: &scales, cols: k };
+            for (w, wide) in [(Packed::Bf16(&wb), &widened_b), (Packed::F16(&wh), &widened_h), (wq, &widened_q)] {
                 let want = reference(&x, m, k, wide, n);
                 let got = matmul_xwt(&x, m, k, w, n);
                 let bound = 1e-5 * (k as f64).sqrt();
@@ -330,6 +452,24 @@ mod tests {
     }
 
     #[test]
+    fn int8_rows_round_to_the_nearest_step_of_their_own_scale() {
+        let (n, k) = (5, 300);
+        let mut w = data(n * k, 6);
+        w[k..2 * k].iter_mut().for_each(|v| *v *= 100.0); // rows of very different ranges
+        w[2 * k..3 * k].iter_mut().for_each(|v| *v = 0.0); // an all-zero row
+        let (q, scales) = quantize_rows(n, k, |r, out| out.copy_from_slice(&w[r * k..(r + 1) * k]));
+        for r in 0..n {
+            let row = &w[r * k..(r + 1) * k];
+            let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(q[r * k..(r + 1) * k].iter().all(|&v| v >= 1), "row {r}: -128 is never used (symmetric)");
+            for (c, &v) in row.iter().enumerate() {
+                let back = (q[r * k + c] as i32 - 128) as f32 * scales[r];
+                assert!((back - v).abs() <= 0.5 * max / 127.0 * (1.0 + 1e-5), "row {r} col {c}: {v} → {back}");
+            }
+        }
+    }
+
+    #[test]
     fn products_with_bf16_weights_equal_the_f32_product_of_the_widened_weights() {
         // Widening is exact, and the panels leave each output's summation to gemm: the same bits as the f32 path.
         let (m, k, n) = (40, 300, 150);
@@ -340,6 +480,6 @@ mod tests {
         let xt = candle_core::Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
         let wt = candle_core::Tensor::from_vec(wide, (n, k), &dev).unwrap();
         let want: Vec<f32> = xt.matmul(&wt.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(matmul_xwt(&x, m, k, Half::Bf16(&wb), n), want);
+        assert_eq!(matmul_xwt(&x, m, k, Packed::Bf16(&wb), n), want);
     }
 }

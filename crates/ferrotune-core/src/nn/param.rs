@@ -31,11 +31,13 @@ pub struct Param {
     pub stored: Stored,
     /// Written in this dtype whatever dtype a state dict is asked for.
     pub save_dtype: Option<DType>,
+    /// Per-row f32 scales of a frozen matrix quantized to int8 at load: `tensor` then holds `q + 128` as u8.
+    pub scales: Option<Tensor>,
 }
 
 impl Param {
     pub fn new(path: impl Into<Arc<str>>, tensor: Tensor) -> Self {
-        Self { path: path.into(), tensor, stored: Stored::Plain, save_dtype: None }
+        Self { path: path.into(), tensor, stored: Stored::Plain, save_dtype: None, scales: None }
     }
 
     /// Held as `1 + w` (a zero-centred RMSNorm weight).
@@ -58,9 +60,48 @@ impl Param {
         self
     }
 
+    /// This (n, k) matrix as per-row int8 ([`super::mixed::quantize_rows`]), on the CPU.
+    pub fn quantize_int8(self) -> Result<Self> {
+        use super::mixed::{quantize_rows, Packed};
+        use candle_core::{CpuStorage, Storage};
+        let (n, k) = self.tensor.dims2()?;
+        let t = self.tensor.to_device(&Device::Cpu)?.contiguous()?;
+        let (q, scales) = {
+            let (storage, layout) = t.storage_and_layout();
+            let o = layout.start_offset();
+            match &*storage {
+                Storage::Cpu(CpuStorage::BF16(v)) => {
+                    let w = Packed::Bf16(&v[o..o + n * k]);
+                    quantize_rows(n, k, |r, out| w.widen(r * k, out))
+                }
+                Storage::Cpu(CpuStorage::F16(v)) => {
+                    let w = Packed::F16(&v[o..o + n * k]);
+                    quantize_rows(n, k, |r, out| w.widen(r * k, out))
+                }
+                Storage::Cpu(CpuStorage::F32(v)) => {
+                    quantize_rows(n, k, |r, out| out.copy_from_slice(&v[o + r * k..o + (r + 1) * k]))
+                }
+                _ => candle_core::bail!("{}: only f32, bf16 and f16 matrices quantize to int8", self.path),
+            }
+        };
+        drop(t);
+        let q = Tensor::from_vec(q, (n, k), &Device::Cpu)?;
+        let scales = Tensor::from_vec(scales, n, &Device::Cpu)?;
+        Ok(Self { tensor: q, scales: Some(scales), ..self })
+    }
+
+    /// The value in f32: int8 matrices dequantized, others converted.
+    pub fn to_f32(&self) -> Result<Tensor> {
+        match &self.scales {
+            None => self.tensor.to_dtype(DType::F32),
+            Some(s) => (self.tensor.to_dtype(DType::F32)? - 128.0)?.broadcast_mul(&s.unsqueeze(1)?),
+        }
+    }
+
     /// The checkpoint tensor of the current value, in `dtype` (or the one it is always saved in), on the CPU.
     pub fn checkpoint_tensor(&self, dtype: DType) -> Result<Tensor> {
-        let t = self.tensor.detach().to_device(&Device::Cpu)?;
+        let t = if self.scales.is_some() { self.to_f32()? } else { self.tensor.clone() };
+        let t = t.detach().to_device(&Device::Cpu)?;
         let t = match &self.stored {
             Stored::Plain => t,
             Stored::OnePlus => (t.to_dtype(DType::F32)? - 1.0)?,
@@ -157,7 +198,8 @@ pub fn make_trainable<M: Module + ?Sized>(
 ) -> Result<Vec<(String, Var, bool)>> {
     let mut vars = Vec::new();
     for p in params(m) {
-        let f32 = p.tensor.to_dtype(DType::F32)?;
+        let f32 = p.to_f32()?;
+        p.scales = None;
         if !trained(&p.path) {
             p.tensor = f32;
             continue;

@@ -30,6 +30,7 @@ use crate::lora::{self, Init, LoraSpec, Targets};
 use crate::models::qwen3_5::LayerType;
 use crate::models::qwen3_5::Qwen3_5;
 use crate::parallel::Workers;
+use crate::weights::FrozenFormat;
 
 /// Knobs of a run that are not LLaMA-Factory keys.
 pub struct RunOptions<'a> {
@@ -92,13 +93,25 @@ pub fn device_for(plan: &Plan, requested: Option<DeviceSpec>) -> Result<(Device,
         }
         return Ok((device, dt, note));
     }
-    let note = if plan.train.bf16 {
+    let note = if plan.quantization_bit == Some(8) {
+        "CPU: frozen base matrices quantized to per-row int8 at load (quantization_bit: 8), computing in f32"
+    } else if plan.train.bf16 {
         "CPU: base weights stay in their checkpoint's 16-bit dtype (bf16: true), computing in f32 (bf16 arithmetic \
          is ~2.5x slower than f32 on CPUs; 16-bit weights widen to f32 exactly)"
     } else {
         "CPU: base weights converted to f32 (bf16: false), computing in f32"
     };
     Ok((Device::Cpu, DType::F32, format!("{note}{why_cpu}")))
+}
+
+/// How the base's frozen matrices are held: int8 with `quantization_bit: 8`; on the CPU `bf16: true` keeps a
+/// 16-bit base as stored (half the memory of f32, the same numbers).
+pub fn frozen_format(plan: &Plan, device: &Device) -> FrozenFormat {
+    match plan.quantization_bit {
+        Some(8) => FrozenFormat::Int8,
+        _ if device.is_cpu() && plan.train.bf16 => FrozenFormat::Stored,
+        _ => FrozenFormat::Compute,
+    }
 }
 
 /// The LoRA target list of the plan as PEFT target names.
@@ -443,9 +456,7 @@ struct Trainable {
 fn trainable_model(plan: &Plan, requested: Option<DeviceSpec>) -> Result<Trainable> {
     let (device, dtype, device_note) = device_for(plan, requested)?;
     println!("{device_note}");
-    // On the CPU `bf16: true` keeps the 16-bit base as stored (half the memory, the same numbers).
-    let keep_16bit = device.is_cpu() && plan.train.bf16;
-    let mut model = Qwen3_5::load_as(&plan.model_name_or_path, dtype, &device, keep_16bit)?;
+    let mut model = Qwen3_5::load_as(&plan.model_name_or_path, dtype, &device, frozen_format(plan, &device))?;
     let adapters = &plan.adapter_name_or_path;
     let (merge, resume_adapter) = match adapters.split_last() {
         Some((last, rest)) => (rest.to_vec(), Some(last.clone())),

@@ -40,6 +40,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         _ if dev.is_cpu() => DType::F32,
         _ => DType::BF16,
     };
+    let base = bench::Base { dtype, int8: args.quantization_bit == Some(8) };
     let report = match args.what.as_str() {
         "train" => {
             let opts = TrainBench {
@@ -51,15 +52,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 targets: ferrotune_core::lora::ALL_DECODER_LINEARS.iter().map(|s| s.to_string()).collect(),
                 checkpointing: !args.no_checkpointing,
             };
-            bench::train(&model, &opts, dtype, &dev)?
+            bench::train(&model, &opts, base, &dev)?
         }
-        "forward" => bench::forward(&model, args.seq, args.image, args.steps, dtype, &dev)?,
-        "decode" => bench::decode(&model, args.seq, args.new_tokens, dtype, &dev)?,
+        "forward" => bench::forward(&model, args.seq, args.image, args.steps, base, &dev)?,
+        "decode" => bench::decode(&model, args.seq, args.new_tokens, base, &dev)?,
         other => bail!("unknown benchmark {other}"),
     };
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     println!("model: {} ({:.1}M parameters), threads: {threads}", model.display(), report.params as f64 / 1e6);
-    println!("device: {}, base weights in {}", report.device, ferrotune_core::device::dtype_name(report.dtype));
+    println!("device: {}, base weights in {}", report.device, report.dtype_label());
     print_row("ferrotune", &args, &report);
     let mut json =
         serde_json::json!({"bench": args.what, "model": model.display().to_string(), "ferrotune": report.to_json()});
@@ -68,7 +69,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         println!("{json}");
     }
     // A failing anchor is reported, not fatal: ferrotune's own numbers above stand.
-    let anchor = args.python.as_ref().map(|py| python_anchor(py, &model, &args, &dev, dtype)).transpose();
+    let anchor = args
+        .python
+        .as_ref()
+        .map(|py| python_anchor(py, &model, &args, &dev, if base.int8 { DType::BF16 } else { dtype }))
+        .transpose();
     let anchor = anchor.unwrap_or_else(|e| {
         eprintln!("the Python anchor did not run: {e:#}");
         None
@@ -327,6 +332,7 @@ fn python_anchor(py: &Path, model: &Path, args: &BenchArgs, dev: &Device, dtype:
     Ok(BenchReport {
         device: v["device"].as_str().unwrap_or("?").to_string(),
         dtype,
+        int8: false,
         params: 0,
         trainable: 0,
         tokens_per_sample: if args.what == "decode" { 1 } else { args.seq },

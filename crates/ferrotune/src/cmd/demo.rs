@@ -44,6 +44,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         epochs: args.epochs,
         progress,
         base: args.base.clone(),
+        quantization_bit: args.quantization_bit,
         embedded: EMBEDDED_BASE,
         ..Default::default()
     };

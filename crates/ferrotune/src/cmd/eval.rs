@@ -6,12 +6,16 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use ferrotune_core::config::Plan;
 use ferrotune_core::eval::runner::{compare, items, Candidate, CompareOptions};
+use ferrotune_core::weights::FrozenFormat;
 
 use crate::cli::EvalArgs;
 
 pub fn run(args: EvalArgs) -> Result<ExitCode> {
     // A plan gives the template, cutoff and image settings exactly as training used them.
     let mut overrides: Vec<String> = vec!["do_train=false".into()];
+    if let Some(b) = args.quantization_bit {
+        overrides.push(format!("quantization_bit={b}"));
+    }
     let mut plan = match &args.config {
         Some(cfg) => {
             let mut p = Plan::load(Some(cfg), &overrides)?;
@@ -48,14 +52,16 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         bail!("no held-out rows to evaluate");
     }
     let base = plan.model_name_or_path.clone();
-    let mut candidates = vec![Candidate { name: "base".into(), model_dir: base.clone(), adapters: vec![] }];
+    let format = if plan.quantization_bit == Some(8) { FrozenFormat::Int8 } else { FrozenFormat::Compute };
+    let mut candidates = vec![Candidate { name: "base".into(), model_dir: base.clone(), adapters: vec![], format }];
     for a in &adapters {
         let name = a.file_name().and_then(|n| n.to_str()).unwrap_or("adapter").to_string();
-        candidates.push(Candidate { name: format!("base+{name}"), model_dir: base.clone(), adapters: vec![a.clone()] });
+        let adapters = vec![a.clone()];
+        candidates.push(Candidate { name: format!("base+{name}"), model_dir: base.clone(), adapters, format });
     }
     for m in &args.merged {
         let name = m.file_name().and_then(|n| n.to_str()).unwrap_or("merged").to_string();
-        candidates.push(Candidate { name, model_dir: m.clone(), adapters: vec![] });
+        candidates.push(Candidate { name, model_dir: m.clone(), adapters: vec![], format });
     }
     let eval_items = items(&prepared.eval, &ferrotune_core::tokenizer::Tokenizer::from_path(&base)?)?;
     let opts = CompareOptions {

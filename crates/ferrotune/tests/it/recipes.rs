@@ -167,3 +167,39 @@ fn batch4_val_size_eval_steps_equals_llamafactory() {
 fn cosine_warmup_clipping_max_steps_equals_llamafactory() {
     run_recipe("cosine_warmup_clip");
 }
+
+/// LoRA on a per-row int8 base (`quantization_bit: 8`, QLoRA-style): the same recipe as LLaMA-Factory's on the
+/// full-precision base, within the quantization's cost. Measured: per-step losses within 1.5e-3 relative, the
+/// final adapter within 4.2e-2 relative L2 (bounds 1e-2 and 1e-1; at full precision: 2.2e-7 and 8.4e-7).
+#[test]
+fn lora_on_an_int8_base_stays_near_the_full_precision_recipe() {
+    let name = "batch2_accum2";
+    let dir = recipes().join(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("out");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .current_dir(&dir)
+        .args(["train", "train.yaml", &format!("output_dir={}", out_dir.display()), "quantization_bit=8"])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("run ferrotune");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ferrotune train failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("quantized to per-row int8"), "the log says the base is int8:\n{stdout}");
+    let (got, wanted) = (jsonl(&out_dir.join("trainer_log.jsonl")), jsonl(&dir.join("trainer_log.jsonl")));
+    assert_eq!(got.len(), wanted.len(), "trainer_log.jsonl lines");
+    let mut worst_loss = 0f64;
+    for (g, w) in got.iter().zip(&wanted) {
+        if w.get("loss").is_some() {
+            let ctx = format!("step {}", w["current_steps"]);
+            worst_loss = worst_loss.max(rel(num(g, "loss", &ctx), num(w, "loss", &ctx)));
+        }
+    }
+    let got = candle_core::safetensors::load(out_dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let wanted = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(got.len(), wanted.len(), "adapter tensors");
+    let worst_adapter = wanted.iter().map(|(k, w)| rel_l2(&got[k], w)).fold(0f64, f64::max);
+    eprintln!("int8 base vs LLaMA-Factory full precision: loss {worst_loss:.1e}, adapter {worst_adapter:.1e}");
+    assert!(worst_loss < 1e-2, "per-step loss differs by {worst_loss:e} relative");
+    assert!(worst_adapter < 1e-1, "adapter differs by {worst_adapter:e} relative L2");
+}

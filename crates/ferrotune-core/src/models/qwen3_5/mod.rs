@@ -18,7 +18,7 @@ pub use text::{DecoderLayer, LayerCache, Segments, Stored};
 pub use vision::VisionModel;
 
 use crate::nn::{Linear, Module, Node, Param};
-use crate::weights::{read_config_json, Checkpoint, Init, Weights};
+use crate::weights::{read_config_json, Checkpoint, FrozenFormat, Init, Weights};
 
 /// Images of one forward pass: processor output for all images of the batch, in order of appearance.
 #[derive(Clone)]
@@ -71,16 +71,15 @@ const IGNORED_PREFIXES: &[&str] = &["mtp."];
 impl Qwen3_5 {
     /// Loads a checkpoint directory, converting weights to `dtype` (f32 on CPU; the file's dtype otherwise).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_as(dir, dtype, device, false)
+        Self::load_as(dir, dtype, device, FrozenFormat::Compute)
     }
 
-    /// [`Qwen3_5::load`], keeping the 16-bit frozen matrices as stored when `keep_16bit` (see
-    /// [`Weights::keep_16bit`]).
-    pub fn load_as(dir: &Path, dtype: DType, device: &Device, keep_16bit: bool) -> Result<Self> {
+    /// [`Qwen3_5::load`], holding the frozen matrices as `format` says (see [`Weights::frozen_format`]).
+    pub fn load_as(dir: &Path, dtype: DType, device: &Device, format: FrozenFormat) -> Result<Self> {
         let json = read_config_json(dir)?;
         let cfg = Config::from_json(&json).with_context(|| format!("checkpoint {}", dir.display()))?;
         let ckpt = Checkpoint::open(dir)?;
-        Self::from_weights(&Weights::new(&ckpt, dtype, device).keep_16bit(keep_16bit), cfg)
+        Self::from_weights(&Weights::new(&ckpt, dtype, device).frozen_format(format)?, cfg)
     }
 
     pub fn from_checkpoint(ckpt: &Checkpoint, cfg: Config, dtype: DType, device: &Device) -> Result<Self> {
@@ -183,8 +182,8 @@ impl Qwen3_5 {
     }
 
     /// The head matrix (V, D).
-    pub fn head(&self) -> &Tensor {
-        self.lm_head.as_ref().map_or(&self.embed_tokens.tensor, |l| &l.weight.tensor)
+    pub fn head(&self) -> &Param {
+        self.lm_head.as_ref().map_or(&self.embed_tokens, |l| &l.weight)
     }
 
     /// 3-D positions of one sequence (transformers' `get_rope_index`): text advances all three axes by one;
@@ -223,8 +222,14 @@ impl Qwen3_5 {
     pub fn embed(&self, input_ids: &Tensor, image_features: Option<&Tensor>) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let flat = input_ids.flatten_all()?;
-        // A table kept in 16 bits widens exactly to the compute dtype.
-        let text = self.embed_tokens.index_select(&flat, 0)?.to_dtype(self.dtype)?; // (B·S, D)
+        // A table kept in 16 bits widens exactly to the compute dtype; an int8 one dequantizes its rows.
+        let rows = self.embed_tokens.index_select(&flat, 0)?;
+        let text = match &self.embed_tokens.scales {
+            None => rows.to_dtype(self.dtype)?,
+            Some(s) => (rows.to_dtype(DType::F32)? - 128.0)?
+                .broadcast_mul(&s.index_select(&flat, 0)?.unsqueeze(1)?)?
+                .to_dtype(self.dtype)?,
+        }; // (B·S, D)
         let emb = match image_features {
             None => text,
             Some(feats) => {

@@ -527,12 +527,13 @@ pub fn mrope_cos_sin(
 }
 
 /// Logits from final hidden states: x (.., D) against the head (V, D).
-pub fn lm_logits(x: &Tensor, head: &Tensor) -> candle_core::Result<Tensor> {
+pub fn lm_logits(x: &Tensor, head: &crate::nn::Param) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
     let d = dims[dims.len() - 1];
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((rows, d))?;
-    let y = if head.is_variable() { x2.matmul(&head.t()?)? } else { crate::nn::frozen::frozen_matmul(&x2, head)? };
+    let y =
+        if head.is_variable() { x2.matmul(&head.t()?)? } else { crate::nn::frozen::frozen_matmul_param(&x2, head)? };
     let mut out = dims;
     let last = out.len() - 1;
     out[last] = head.dim(0)?;
