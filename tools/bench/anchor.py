@@ -41,8 +41,20 @@ def main():
         if cuda:
             torch.cuda.synchronize()
 
+    def peak_rss():
+        # VmHWM is this process's own high-water mark: ru_maxrss keeps the parent's peak across fork + exec, so
+        # under `ferrotune bench --python` it would report ferrotune's peak when that is larger.
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     def report():
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = peak_rss()
         out = {"peak_rss": rss, "device": "cpu"}
         if cuda:
             out.update(peak_gpu=torch.cuda.max_memory_allocated(), device=torch.cuda.get_device_name())

@@ -95,14 +95,15 @@ fn end_measure(device: &Device, (t0, c0): (Instant, f64)) -> Result<(f64, f64)> 
 }
 
 /// Loads the model for a benchmark and times it. bf16 on the CPU means what training (`bf16: true`) and serving
-/// do there: 16-bit weights kept as stored, computing in f32; `int8` quantizes the frozen matrices at load.
+/// do there: bf16 weights kept as stored, multiplied in bf16 with f32 accumulation; `int8` quantizes the frozen
+/// matrices at load.
 fn load(model_dir: &Path, Base { dtype, int8 }: Base, device: &Device) -> Result<(Qwen3_5, f64)> {
     let t0 = Instant::now();
     let compact = device.is_cpu() && (dtype != DType::F32 || int8);
     let compute = if compact { DType::F32 } else { dtype };
     let format = match (int8, compact) {
         (true, _) => FrozenFormat::Int8,
-        (false, true) => FrozenFormat::Stored,
+        (false, true) => FrozenFormat::Bf16,
         (false, false) => FrozenFormat::Compute,
     };
     let model = Qwen3_5::load_as(model_dir, compute, device, format)?;
@@ -272,7 +273,9 @@ pub fn decode(
     let (mut model, load_s) = load(model_dir, base, device)?;
     let params = count_params(&mut model);
     let mb = synthetic(&model, prompt_len, 0, 3)?;
-    let run = || -> Result<(f64, f64)> {
+    // (time to first token, decoding seconds, decoding CPU seconds): prefill's CPU time stays out of the per-token
+    // figure.
+    let run = || -> Result<(f64, f64, f64)> {
         let t0 = Instant::now();
         let mut cache = Cache::new(model.layers.len());
         let emb = model.embed(&mb.input_ids, None)?;
@@ -280,7 +283,7 @@ pub fn decode(
         let mut logits: Vec<f32> =
             model.logits(&h.narrow(1, prompt_len - 1, 1)?)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         let ttft = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
+        let (t1, c1) = (Instant::now(), cpu_seconds());
         for _ in 0..new_tokens {
             let tok = crate::infer::sample::argmax(&logits);
             let rope = model.rope_continue(1, cache.seen, 1, 0)?;
@@ -288,12 +291,12 @@ pub fn decode(
             let (h, _) = model.decode(&emb, &rope, Some(&mut cache), false)?;
             logits = model.logits(&h)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         }
-        Ok((ttft, t1.elapsed().as_secs_f64()))
+        Ok((ttft, t1.elapsed().as_secs_f64(), cpu_seconds() - c1))
     };
     run()?;
     let m = start_measure(device)?;
-    let (ttft, secs) = run()?;
-    let (_, cpu) = end_measure(device, m)?;
+    let (ttft, secs, cpu) = run()?;
+    end_measure(device, m)?;
     let n = new_tokens.max(1) as f64;
     Ok(BenchReport {
         device: crate::device::describe(device),
@@ -323,7 +326,8 @@ pub struct KernelRow {
 
 /// The machine's peaks and the frozen-weight kernels at the shapes of `sizes` (one MLP projection, hidden →
 /// intermediate): f32 FMA peak (registers only) and read bandwidth (a pass over 1 GiB), then the products of
-/// `m` rows with f32 and bf16 weights, and the matrix-vector product of decoding.
+/// `m` rows with f32, bf16 (exact, and with bf16 products: AMX where the CPU has it) and int8 weights, and the
+/// matrix-vector product of decoding.
 pub fn kernels(hidden: usize, inter: usize, m: usize, reps: usize) -> Result<Vec<KernelRow>> {
     let mut rows = Vec::new();
     let threads = rayon::current_num_threads();
@@ -336,6 +340,15 @@ pub fn kernels(hidden: usize, inter: usize, m: usize, reps: usize) -> Result<Vec
     std::hint::black_box(total);
     let name = format!("f32 FMA peak ({threads} threads, registers only)");
     rows.push(KernelRow { name, seconds: s, gflops: Some(flops / s / 1e9), gbytes: 0.0 });
+    if crate::nn::amx::available() {
+        let steps = 2_000_000usize;
+        let t0 = Instant::now();
+        rayon::broadcast(|_| crate::nn::amx::peak_loop(steps));
+        let s = t0.elapsed().as_secs_f64();
+        let flops = (threads * steps) as f64 * crate::nn::amx::PEAK_FLOPS_PER_STEP;
+        let name = format!("AMX bf16 peak ({threads} threads, tiles only)");
+        rows.push(KernelRow { name, seconds: s, gflops: Some(flops / s / 1e9), gbytes: 0.0 });
+    }
     // Read bandwidth.
     // XOR of u64 words: vectorises fully, so the pass is limited by memory, not by adds.
     let buf: Vec<u64> = (0..(1u64 << 27)).collect();
@@ -353,13 +366,27 @@ pub fn kernels(hidden: usize, inter: usize, m: usize, reps: usize) -> Result<Vec
     let dev = Device::Cpu;
     let w32 = Tensor::randn(0f32, 0.02, (inter, hidden), &dev)?;
     let w16 = w32.to_dtype(DType::BF16)?;
+    let w8 = crate::nn::Param::new("w", w16.clone()).quantize_int8()?;
+    let mut wbf = crate::nn::Param::new("w", w16.clone());
+    wbf.bf16_products = true;
+    let bf_label = if crate::nn::amx::available() { "bf16, bf16 products on AMX" } else { "bf16, bf16 products" };
+    let weights = [
+        ("f32", crate::nn::Param::new("w", w32)),
+        ("bf16", crate::nn::Param::new("w", w16)),
+        (bf_label, wbf),
+        ("int8", w8),
+    ];
+    // Bytes a product reads per weight element: the matrix and, for int8, the per-row scale.
+    let bytes_of = |p: &crate::nn::Param| {
+        p.dtype().size_in_bytes() as f64 + if p.scales.is_some() { 4.0 / hidden as f64 } else { 0.0 }
+    };
     for rows_m in [m, 1] {
         let x = Tensor::randn(0f32, 1.0, (rows_m, hidden), &dev)?;
-        for (label, w, bytes) in [("f32", &w32, 4usize), ("bf16", &w16, 2)] {
-            crate::nn::frozen::frozen_matmul(&x, w)?;
+        for (label, w) in &weights {
+            crate::nn::frozen::frozen_matmul_param(&x, w)?;
             let t0 = Instant::now();
             for _ in 0..reps {
-                std::hint::black_box(crate::nn::frozen::frozen_matmul(&x, w)?);
+                std::hint::black_box(crate::nn::frozen::frozen_matmul_param(&x, w)?);
             }
             let s = t0.elapsed().as_secs_f64() / reps as f64;
             let flops = 2.0 * (rows_m * hidden * inter) as f64;
@@ -367,16 +394,16 @@ pub fn kernels(hidden: usize, inter: usize, m: usize, reps: usize) -> Result<Vec
                 name: format!("x ({rows_m}×{hidden}) · W{label} ({inter}×{hidden})ᵀ"),
                 seconds: s,
                 gflops: Some(flops / s / 1e9),
-                gbytes: (bytes * hidden * inter) as f64 / s / 1e9,
+                gbytes: bytes_of(w) * (hidden * inter) as f64 / s / 1e9,
             });
         }
         // The input gradient of training: G (m×inter) · W.
         if rows_m > 1 {
             let g = Var::from_tensor(&x)?;
-            for (label, w) in [("f32", &w32), ("bf16", &w16)] {
+            for (label, w) in &weights {
                 let t0 = Instant::now();
                 for _ in 0..reps {
-                    let y = crate::nn::frozen::frozen_matmul(g.as_tensor(), w)?;
+                    let y = crate::nn::frozen::frozen_matmul_param(g.as_tensor(), w)?;
                     std::hint::black_box(y.sum_all()?.backward()?);
                 }
                 let s = t0.elapsed().as_secs_f64() / reps as f64;

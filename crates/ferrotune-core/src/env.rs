@@ -37,9 +37,11 @@ pub fn report() -> Vec<(String, String)> {
     }
     push(
         "dtypes",
-        "CPU computes in f32 (bf16 checkpoints are upcast: bf16 arithmetic is ~2.5x slower on CPUs); \
-         on CUDA bf16 weights with f32 LoRA and optimizer state"
-            .into(),
+        format!(
+            "CPU computes in f32; bf16 base weights stay as stored, their products in bf16 ({}); \
+             on CUDA bf16 weights with f32 LoRA and optimizer state",
+            if crate::nn::amx::available() { "AMX tiles" } else { "no AMX here: widened to f32 kernels" }
+        ),
     );
     push("models", crate::models::SUPPORTED.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(", "));
     out

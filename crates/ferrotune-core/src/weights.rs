@@ -21,6 +21,10 @@ pub enum FrozenFormat {
     Compute,
     /// bf16 / f16 checkpoint tensors as stored (CPU, f32 compute): half the memory of f32, the same numbers.
     Stored,
+    /// bf16 checkpoint tensors as stored (CPU), multiplied in bf16 with f32 accumulation: the activations are
+    /// rounded to bf16, as PyTorch's bf16 does, so the products run on AMX tiles where the CPU has them.
+    /// f16 tensors are kept as [`FrozenFormat::Stored`] keeps them.
+    Bf16,
     /// Per-row int8, quantized at load (CPU, f32 compute): a quarter of f32's memory (`quantization_bit: 8`).
     Int8,
 }
@@ -279,7 +283,7 @@ impl<'a> Weights<'a> {
             FrozenFormat::Int8 if !compact_ok => {
                 bail!("quantization_bit: 8-bit base weights run on the CPU only; remove the key to use the GPU in bf16")
             }
-            FrozenFormat::Stored if !compact_ok => FrozenFormat::Compute,
+            FrozenFormat::Stored | FrozenFormat::Bf16 if !compact_ok => FrozenFormat::Compute,
             f => f,
         };
         Ok(self)
@@ -357,7 +361,9 @@ impl<'a> Weights<'a> {
         };
         let p = match stored {
             Some(d @ (DType::BF16 | DType::F16)) if self.format != FrozenFormat::Compute => {
-                self.param_as(name, shape, why, init, d)?
+                let mut p = self.param_as(name, shape, why, init, d)?;
+                p.bf16_products = d == DType::BF16 && self.format == FrozenFormat::Bf16;
+                p
             }
             _ => self.param(name, shape, why, init)?,
         };

@@ -52,8 +52,8 @@ pub struct BenchArgs {
     /// unpacked, with packing and with neat_packing (rows of at most --seq tokens) and compares tokens/s;
     /// config-fuzz: random values for every numeric config key through `data check` on the tiny fixture,
     /// counting Ok, errors and panics (exits non-zero on a panic)
-    /// kernels: the machine's FMA peak and read bandwidth beside the frozen-weight matrix products (f32 and bf16
-    /// weights) at the --preset's MLP shape
+    /// kernels: the machine's FMA and AMX peaks and read bandwidth beside the frozen-weight matrix products (f32,
+    /// bf16 exact, bf16 products, int8 weights) at the --preset's MLP shape
     #[arg(value_parser = ["train", "forward", "decode", "packing", "config-fuzz", "kernels"])]
     pub what: String,
     /// Cases to run (config-fuzz)

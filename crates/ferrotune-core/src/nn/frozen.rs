@@ -7,6 +7,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
+use super::amx;
 use super::mixed::{self, SMALL_M};
 
 struct FrozenMatmul {
@@ -14,6 +15,8 @@ struct FrozenMatmul {
     w: Tensor,
     /// Per-row f32 scales when `w` holds int8 values (offset-binary u8).
     scales: Option<Tensor>,
+    /// Products in bf16 (activations rounded), for a bf16 `w`: [`super::Param::bf16_products`].
+    bf16: bool,
 }
 
 impl FrozenMatmul {
@@ -43,7 +46,11 @@ impl CustomOp1 for FrozenMatmul {
                 let x = &xs[l.start_offset()..l.start_offset() + m * k];
                 // 16-bit or int8 weights kept compact: widened on the fly, accumulated in f32.
                 if let Some(half) = packed_weights(w, wl, n, k, scales) {
-                    return Ok((CpuStorage::F32(mixed::matmul_xwt(x, m, k, half, n)), Shape::from((m, n))));
+                    let y = match half {
+                        mixed::Packed::Bf16(wb) if self.bf16 => bf16_xwt(x, m, k, wb, n),
+                        _ => mixed::matmul_xwt(x, m, k, half, n),
+                    };
+                    return Ok((CpuStorage::F32(y), Shape::from((m, n))));
                 }
                 // Decoding multiplies one row at a time: a general GEMM would repack all of W for every token,
                 // so stream W's rows instead (memory-bound, no copies).
@@ -80,7 +87,8 @@ impl CustomOp1 for FrozenMatmul {
         let grad = grad.contiguous()?;
         if arg.dtype() != self.w.dtype() {
             // f32 activations with 16-bit or int8 weights (CPU): dX = G W with W widened on the fly.
-            return Ok(Some(grad.apply_op1_no_bwd(&InputGrad { w: self.w.clone(), scales: self.scales.clone() })?));
+            let op = InputGrad { w: self.w.clone(), scales: self.scales.clone(), bf16: self.bf16 };
+            return Ok(Some(grad.apply_op1_no_bwd(&op)?));
         }
         Ok(Some(grad.matmul(&self.w)?))
     }
@@ -90,6 +98,7 @@ impl CustomOp1 for FrozenMatmul {
 struct InputGrad {
     w: Tensor,
     scales: Option<Tensor>,
+    bf16: bool,
 }
 
 impl CustomOp1 for InputGrad {
@@ -118,7 +127,27 @@ impl CustomOp1 for InputGrad {
             candle_core::bail!("frozen matmul backward: the gradient must be contiguous");
         }
         let g = &gs[l.start_offset()..l.start_offset() + m * n];
-        Ok((CpuStorage::F32(mixed::matmul_gw(g, m, n, half, k)), Shape::from((m, k))))
+        let y = match half {
+            mixed::Packed::Bf16(wb) if self.bf16 => {
+                if m > SMALL_M && amx::available() && amx::fits_gw(n, k) {
+                    amx::matmul_gw(g, m, n, wb, k)
+                } else {
+                    mixed::matmul_gw(&amx::round_to_bf16(g), m, n, half, k)
+                }
+            }
+            _ => mixed::matmul_gw(g, m, n, half, k),
+        };
+        Ok((CpuStorage::F32(y), Shape::from((m, k))))
+    }
+}
+
+/// `x @ wᵀ` with x rounded to bf16: on AMX tiles where the CPU has them and the shapes fit, otherwise the
+/// rounded activations through the widening kernels (the same products, summed in another order).
+fn bf16_xwt(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize) -> Vec<f32> {
+    if m > SMALL_M && amx::available() && amx::fits_xwt(n, k) {
+        amx::matmul_xwt(x, m, k, w, n)
+    } else {
+        mixed::matmul_xwt(&amx::round_to_bf16(x), m, k, mixed::Packed::Bf16(w), n)
     }
 }
 
@@ -232,15 +261,15 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// x: (M, K) @ Wᵀ with W: (N, K) frozen -> (M, N). Gradients flow to x only.
 /// On the CPU an f32 x meets a 16-bit W as it is (f32 out); otherwise x takes W's dtype.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    frozen_matmul_scaled(x, w, None)
+    frozen_matmul_scaled(x, w, None, false)
 }
 
 /// [`frozen_matmul`] with a parameter's weight, int8 ones (with their scales) included.
 pub fn frozen_matmul_param(x: &Tensor, w: &super::Param) -> Result<Tensor> {
-    frozen_matmul_scaled(x, &w.tensor, w.scales.as_ref())
+    frozen_matmul_scaled(x, &w.tensor, w.scales.as_ref(), w.bf16_products)
 }
 
-fn frozen_matmul_scaled(x: &Tensor, w: &Tensor, scales: Option<&Tensor>) -> Result<Tensor> {
+fn frozen_matmul_scaled(x: &Tensor, w: &Tensor, scales: Option<&Tensor>, bf16: bool) -> Result<Tensor> {
     let compact = matches!(w.dtype(), DType::BF16 | DType::F16) || scales.is_some();
     let mixed = x.device().is_cpu() && x.dtype() == DType::F32 && compact;
     let x = if x.dtype() != w.dtype() && !mixed {
@@ -251,7 +280,7 @@ fn frozen_matmul_scaled(x: &Tensor, w: &Tensor, scales: Option<&Tensor>) -> Resu
     } else {
         x.clone()
     };
-    x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone(), scales: scales.cloned() })
+    x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone(), scales: scales.cloned(), bf16 })
 }
 
 #[cfg(test)]

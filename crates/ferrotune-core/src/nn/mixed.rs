@@ -146,34 +146,37 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: Packed, n: usize) -> Vec<f32
 }
 
 /// `g (m, n) @ w` for `w` (n, k): (m, k), row-major — the input gradient of `x @ wᵀ`.
+///
+/// Panels are blocks of W's rows (the sum's dimension), each widened once and added into the whole output: a
+/// panel of columns would be only 64 wide for the 248,320-row head, too narrow for gemm to use every core.
 pub fn matmul_gw(g: &[f32], m: usize, n: usize, w: Packed, k: usize) -> Vec<f32> {
     debug_assert_eq!(g.len(), m * n);
     debug_assert_eq!(w.len(), n * k);
     let mut y = vec![0f32; m * k];
-    let cols = panel_width(n, k);
-    let mut panel = vec![0f32; n * cols];
-    for c0 in (0..k).step_by(cols) {
-        let kb = cols.min(k - c0);
-        let p = &mut panel[..n * kb];
-        p.par_chunks_mut(kb).enumerate().for_each(|(r, out)| w.widen(r * k + c0, out));
-        // SAFETY: y is (m, k) row-major and the block written is columns c0..c0+kb; g is (m, n); the panel is
-        // (n, kb) row-major. All pointers stay inside their buffers.
+    let rows = panel_width(k, n);
+    let mut panel = vec![0f32; rows * k];
+    for r0 in (0..n).step_by(rows) {
+        let nb = rows.min(n - r0);
+        let p = &mut panel[..nb * k];
+        p.par_chunks_mut(k).enumerate().for_each(|(r, out)| w.widen((r0 + r) * k, out));
+        // SAFETY: y is (m, k) row-major; the block of g read is its columns r0..r0+nb (row stride n); the panel
+        // is (nb, k) row-major. All pointers stay inside their buffers.
         unsafe {
             gemm::gemm(
                 m,
-                kb,
-                n,
-                y.as_mut_ptr().add(c0),
+                k,
+                nb,
+                y.as_mut_ptr(),
                 1,
                 k as isize,
-                false,
-                g.as_ptr(),
+                r0 > 0,
+                g.as_ptr().add(r0),
                 1,
                 n as isize,
                 p.as_ptr(),
                 1,
-                kb as isize,
-                0.0,
+                k as isize,
+                1.0,
                 1.0,
                 false,
                 false,
@@ -260,18 +263,38 @@ unsafe fn widen_avx2(src: &[bf16], out: &mut [f32]) {
     widen_plain(src, out)
 }
 
-/// `a · b` with b in bf16, 16 independent f32 accumulators; the same summation order as the f32 kernel's dot.
+/// Lanes of the streaming dot products: four 16-lane chains, since one chain's FMA latency (not memory) would
+/// bound a 2-byte or 1-byte weight stream.
+const DOT_LANES: usize = 64;
+
+/// The sum of the accumulator lanes as a tree of vector adds: summed in order, the 64 dependent scalar adds
+/// would take longer than the whole pass over a 2,560-element row.
+#[inline(always)]
+fn reduce_lanes(acc: &[f32; DOT_LANES]) -> f32 {
+    let mut v = [0f32; 16];
+    for t in 0..16 {
+        v[t] = (acc[t] + acc[t + 16]) + (acc[t + 32] + acc[t + 48]);
+    }
+    for w in [8, 4, 2, 1] {
+        for t in 0..w {
+            v[t] += v[t + w];
+        }
+    }
+    v[0]
+}
+
+/// `a · b` with b in bf16, [`DOT_LANES`] independent f32 accumulators.
 #[inline(always)]
 fn dot_bf16_plain(a: &[f32], b: &[bf16]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let mut acc = [0f32; DOT_LANES];
+    let (ca, cb) = (a.chunks_exact(DOT_LANES), b.chunks_exact(DOT_LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for t in 0..16 {
+        for t in 0..DOT_LANES {
             acc[t] += x[t] * f32::from_bits((y[t].to_bits() as u32) << 16);
         }
     }
-    let mut s: f32 = acc.iter().sum();
+    let mut s = reduce_lanes(&acc);
     for (x, y) in ra.iter().zip(rb) {
         s += x * f32::from_bits((y.to_bits() as u32) << 16);
     }
@@ -339,19 +362,19 @@ unsafe fn widen_i8_avx2(src: &[u8], scale: f32, out: &mut [f32]) {
     widen_i8_plain(src, scale, out)
 }
 
-/// `a · (b − 128)` for offset-binary int8 b, 16 independent f32 accumulators (exact products: an int8 times an
-/// f32 rounds once, as the f32 kernel's does).
+/// `a · (b − 128)` for offset-binary int8 b, [`DOT_LANES`] independent f32 accumulators (each product is exact
+/// before its rounding, as in the f32 kernel).
 #[inline(always)]
 fn dot_i8_plain(a: &[f32], b: &[u8]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let mut acc = [0f32; DOT_LANES];
+    let (ca, cb) = (a.chunks_exact(DOT_LANES), b.chunks_exact(DOT_LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for t in 0..16 {
+        for t in 0..DOT_LANES {
             acc[t] += x[t] * (y[t] as i32 - 128) as f32;
         }
     }
-    let mut s: f32 = acc.iter().sum();
+    let mut s = reduce_lanes(&acc);
     for (x, y) in ra.iter().zip(rb) {
         s += x * (*y as i32 - 128) as f32;
     }

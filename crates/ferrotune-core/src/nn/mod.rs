@@ -5,6 +5,7 @@
 //! success. Everything here is a composite of differentiable ops (or a custom op with an analytic backward),
 //! and the tests check gradients against finite differences.
 
+pub mod amx;
 pub mod frozen;
 pub mod linear;
 pub mod mixed;

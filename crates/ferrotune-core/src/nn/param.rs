@@ -33,11 +33,14 @@ pub struct Param {
     pub save_dtype: Option<DType>,
     /// Per-row f32 scales of a frozen matrix quantized to int8 at load: `tensor` then holds `q + 128` as u8.
     pub scales: Option<Tensor>,
+    /// A bf16 frozen matrix whose products round the activations to bf16 too (PyTorch's bf16 arithmetic, and
+    /// AMX tiles where the CPU has them); otherwise its products are exact in f32.
+    pub bf16_products: bool,
 }
 
 impl Param {
     pub fn new(path: impl Into<Arc<str>>, tensor: Tensor) -> Self {
-        Self { path: path.into(), tensor, stored: Stored::Plain, save_dtype: None, scales: None }
+        Self { path: path.into(), tensor, stored: Stored::Plain, save_dtype: None, scales: None, bf16_products: false }
     }
 
     /// Held as `1 + w` (a zero-centred RMSNorm weight).

@@ -95,9 +95,12 @@ pub fn device_for(plan: &Plan, requested: Option<DeviceSpec>) -> Result<(Device,
     }
     let note = if plan.quantization_bit == Some(8) {
         "CPU: frozen base matrices quantized to per-row int8 at load (quantization_bit: 8), computing in f32"
+    } else if plan.train.bf16 && crate::nn::amx::available() {
+        "CPU: bf16 base weights stay as stored (bf16: true); frozen products in bf16 on AMX tiles, f32 \
+         accumulation, the rest in f32"
     } else if plan.train.bf16 {
-        "CPU: base weights stay in their checkpoint's 16-bit dtype (bf16: true), computing in f32 (bf16 arithmetic \
-         is ~2.5x slower than f32 on CPUs; 16-bit weights widen to f32 exactly)"
+        "CPU: bf16 base weights stay as stored (bf16: true); frozen products in bf16 (widened to f32 kernels: this \
+         CPU has no AMX), the rest in f32"
     } else {
         "CPU: base weights converted to f32 (bf16: false), computing in f32"
     };
@@ -105,11 +108,11 @@ pub fn device_for(plan: &Plan, requested: Option<DeviceSpec>) -> Result<(Device,
 }
 
 /// How the base's frozen matrices are held: int8 with `quantization_bit: 8`; on the CPU `bf16: true` keeps a
-/// 16-bit base as stored (half the memory of f32, the same numbers).
+/// 16-bit base as stored (half the memory of f32) and multiplies a bf16 one in bf16, as PyTorch's bf16 does.
 pub fn frozen_format(plan: &Plan, device: &Device) -> FrozenFormat {
     match plan.quantization_bit {
         Some(8) => FrozenFormat::Int8,
-        _ if device.is_cpu() && plan.train.bf16 => FrozenFormat::Stored,
+        _ if device.is_cpu() && plan.train.bf16 => FrozenFormat::Bf16,
         _ => FrozenFormat::Compute,
     }
 }

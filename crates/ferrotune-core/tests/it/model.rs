@@ -108,6 +108,8 @@ fn bf16_forward_matches_transformers_within_bf16_bound() {
 /// every weight to 1/254 of its row's range, about 2.5 times bf16's rounding on these rows: its logits may be at
 /// most three times as far from transformers' f32 logits as transformers' own bf16 logits are. Measured (logits of
 /// magnitude 22–26): int8 0.45 / 0.82 / 0.59 against bf16's 0.18 / 0.83 / 0.28; bf16 as stored 1.3e-5–4.1e-5.
+/// bf16 products (activations rounded to bf16 before each frozen product, AMX tiles where the CPU has them)
+/// round less than transformers' bf16, which rounds every op: at most twice its distance from f32.
 #[test]
 fn compact_cpu_weights_match_transformers() {
     use ferrotune_core::weights::FrozenFormat;
@@ -115,6 +117,8 @@ fn compact_cpu_weights_match_transformers() {
     assert_eq!(stored.embed_tokens.dtype(), DType::BF16, "the bf16 table stays bf16");
     let int8 = Qwen3_5::load_as(&tiny_checkpoint(), DType::F32, &Device::Cpu, FrozenFormat::Int8).unwrap();
     assert_eq!(int8.embed_tokens.dtype(), DType::U8, "the table is quantized");
+    let bf16 = Qwen3_5::load_as(&tiny_checkpoint(), DType::F32, &Device::Cpu, FrozenFormat::Bf16).unwrap();
+    assert!(bf16.head().bf16_products, "bf16 products on the head");
     for c in cases() {
         let ids = ids(&c);
         let images = vision_input(&c);
@@ -127,6 +131,11 @@ fn compact_cpu_weights_match_transformers() {
         let d = assert_close(&logits(&stored), want, 1e-4, &format!("{}: bf16-as-stored logits", c.name));
         let hf_bf16 = crate::common::max_abs_diff(&c.t["logits_tail_bf16"], want, "hf bf16 vs f32");
         let q = assert_close(&logits(&int8), want, 3.0 * hf_bf16, &format!("{}: int8 logits", c.name));
-        eprintln!("{}: bf16-as-stored {d:e}, int8 {q:e} (transformers bf16 vs f32: {hf_bf16:e})", c.name);
+        let b = assert_close(&logits(&bf16), want, 2.0 * hf_bf16, &format!("{}: bf16-product logits", c.name));
+        assert!(b > d, "{}: bf16 products must differ from the exact path ({b:e} vs {d:e})", c.name);
+        eprintln!(
+            "{}: bf16-as-stored {d:e}, bf16 products {b:e}, int8 {q:e} (transformers bf16 vs f32: {hf_bf16:e})",
+            c.name
+        );
     }
 }

@@ -152,10 +152,11 @@ pub fn load_engine(m: &ModelArgs, s: &SamplingArgs) -> Result<Loaded> {
         (Some(d), _) => d,
         (None, _) => DType::BF16,
     };
-    // On the CPU a 16-bit checkpoint stays as stored (computing in f32) unless float32 is asked for.
+    // On the CPU a bf16 checkpoint stays as stored and multiplies in bf16 (as PyTorch's bf16 does) unless
+    // float32 is asked for.
     let format = match m.quantization_bit {
         Some(_) => FrozenFormat::Int8,
-        None if dev.is_cpu() && asked != Some(DType::F32) => FrozenFormat::Stored,
+        None if dev.is_cpu() && asked != Some(DType::F32) => FrozenFormat::Bf16,
         None => FrozenFormat::Compute,
     };
     let mode = match m.adapter_mode {
