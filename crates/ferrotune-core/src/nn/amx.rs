@@ -156,12 +156,16 @@ unsafe fn store_c(c: [*mut f32; 4], cs: usize) {
 }
 
 /// `steps` times: A tiles at `a0`, `a1` (row stride `sa`, advancing 64 bytes), B tiles at `b0`, `b1` (row
-/// stride 64, advancing 1,024 bytes); tmm0 += A0·B0, tmm1 += A0·B1, tmm2 += A1·B0, tmm3 += A1·B1.
+/// stride 64, advancing `bs` bytes); tmm0 += A0·B0, tmm1 += A0·B1, tmm2 += A1·B0, tmm3 += A1·B1.
 ///
 /// # Safety
 /// Tiles configured; every tile read stays inside its buffer; `steps` > 0.
 #[inline(always)]
-unsafe fn dot_2x2(a0: *const u16, a1: *const u16, sa: usize, b0: *const u32, b1: *const u32, steps: usize) {
+unsafe fn dot_2x2(
+    (a0, a1, sa): (*const u16, *const u16, usize),
+    (b0, b1, bs): (*const u32, *const u32, usize),
+    steps: usize,
+) {
     asm!(
         "2:",
         "tileloadd tmm4, [{a0} + {sa}*1]",
@@ -174,12 +178,12 @@ unsafe fn dot_2x2(a0: *const u16, a1: *const u16, sa: usize, b0: *const u32, b1:
         "tdpbf16ps tmm3, tmm5, tmm7",
         "add {a0}, 64",
         "add {a1}, 64",
-        "add {b0}, 1024",
-        "add {b1}, 1024",
+        "add {b0}, {bs}",
+        "add {b1}, {bs}",
         "dec {n}",
         "jnz 2b",
         a0 = inout(reg) a0 => _, a1 = inout(reg) a1 => _, sa = in(reg) sa,
-        b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _, sb = in(reg) 64usize,
+        b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _, sb = in(reg) 64usize, bs = in(reg) bs,
         n = inout(reg) steps => _,
         options(nostack, readonly),
     );
@@ -241,11 +245,12 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize) -> Vec<f3
                         unsafe {
                             load_c(cs, 64, k0 == 0);
                             dot_2x2(
-                                wp.add(32 * j * k + k0),
-                                wp.add((32 * j + 16) * k + k0),
-                                2 * k,
-                                xp.as_ptr().add((2 * i * half + k0 / 2) * 16),
-                                xp.as_ptr().add(((2 * i + 1) * half + k0 / 2) * 16),
+                                (wp.add(32 * j * k + k0), wp.add((32 * j + 16) * k + k0), 2 * k),
+                                (
+                                    xp.as_ptr().add((2 * i * half + k0 / 2) * 16),
+                                    xp.as_ptr().add(((2 * i + 1) * half + k0 / 2) * 16),
+                                    1024,
+                                ),
                                 steps,
                             );
                             store_c(cs, 64);
@@ -336,11 +341,15 @@ pub fn matmul_gw(g: &[f32], m: usize, n: usize, w: &[bf16], k: usize) -> Vec<f32
                         // are inside out.
                         unsafe {
                             load_c(cs, 128, n0 == 0);
-                            dot_2x2_gw(
-                                gb.as_ptr().add(n0 * mp + 32 * i * nc),
-                                gb.as_ptr().add(n0 * mp + (32 * i + 16) * nc),
-                                2 * nc,
-                                panel[bb * panel_len..].as_ptr(),
+                            // A block's B tiles for columns 0–15 and 16–31 of one 16-pair step are adjacent.
+                            let b0 = panel[bb * panel_len..].as_ptr();
+                            dot_2x2(
+                                (
+                                    gb.as_ptr().add(n0 * mp + 32 * i * nc),
+                                    gb.as_ptr().add(n0 * mp + (32 * i + 16) * nc),
+                                    2 * nc,
+                                ),
+                                (b0, b0.add(256), 2048),
                                 steps,
                             );
                             store_c(cs, 128);
@@ -360,35 +369,6 @@ pub fn matmul_gw(g: &[f32], m: usize, n: usize, w: &[bf16], k: usize) -> Vec<f32
         }
     });
     y
-}
-
-/// As [`dot_2x2`] for the backward's panel: B tiles for columns 0–15 and 16–31 of each 16-pair block are
-/// adjacent (1 KiB each), so both advance 2 KiB per step.
-///
-/// # Safety
-/// As [`dot_2x2`], with `panel` holding `steps` pair blocks of 2 KiB.
-#[inline(always)]
-unsafe fn dot_2x2_gw(a0: *const u16, a1: *const u16, sa: usize, panel: *const u32, steps: usize) {
-    asm!(
-        "2:",
-        "tileloadd tmm4, [{a0} + {sa}*1]",
-        "tileloadd tmm6, [{b} + {sb}*1]",
-        "tdpbf16ps tmm0, tmm4, tmm6",
-        "tileloadd tmm7, [{b} + {sb}*1 + 1024]",
-        "tdpbf16ps tmm1, tmm4, tmm7",
-        "tileloadd tmm5, [{a1} + {sa}*1]",
-        "tdpbf16ps tmm2, tmm5, tmm6",
-        "tdpbf16ps tmm3, tmm5, tmm7",
-        "add {a0}, 64",
-        "add {a1}, 64",
-        "add {b}, 2048",
-        "dec {n}",
-        "jnz 2b",
-        a0 = inout(reg) a0 => _, a1 = inout(reg) a1 => _, sa = in(reg) sa,
-        b = inout(reg) panel => _, sb = in(reg) 64usize,
-        n = inout(reg) steps => _,
-        options(nostack, readonly),
-    );
 }
 
 /// Floating-point operations of one [`peak_loop`] step: four 16×16×32 tile products.

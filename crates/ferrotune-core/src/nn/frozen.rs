@@ -128,13 +128,7 @@ impl CustomOp1 for InputGrad {
         }
         let g = &gs[l.start_offset()..l.start_offset() + m * n];
         let y = match half {
-            mixed::Packed::Bf16(wb) if self.bf16 => {
-                if m > SMALL_M && amx::available() && amx::fits_gw(n, k) {
-                    amx::matmul_gw(g, m, n, wb, k)
-                } else {
-                    mixed::matmul_gw(&amx::round_to_bf16(g), m, n, half, k)
-                }
-            }
+            mixed::Packed::Bf16(wb) if self.bf16 => bf16_gw(g, m, n, wb, k),
             _ => mixed::matmul_gw(g, m, n, half, k),
         };
         Ok((CpuStorage::F32(y), Shape::from((m, k))))
@@ -148,6 +142,15 @@ fn bf16_xwt(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize) -> Vec<f3
         amx::matmul_xwt(x, m, k, w, n)
     } else {
         mixed::matmul_xwt(&amx::round_to_bf16(x), m, k, mixed::Packed::Bf16(w), n)
+    }
+}
+
+/// `g @ w` with g rounded to bf16, as [`bf16_xwt`] chooses its kernel.
+fn bf16_gw(g: &[f32], m: usize, n: usize, w: &[half::bf16], k: usize) -> Vec<f32> {
+    if m > SMALL_M && amx::available() && amx::fits_gw(n, k) {
+        amx::matmul_gw(g, m, n, w, k)
+    } else {
+        mixed::matmul_gw(&amx::round_to_bf16(g), m, n, mixed::Packed::Bf16(w), k)
     }
 }
 
