@@ -48,7 +48,8 @@ fn detect() -> bool {
     }
     let edx = unsafe { __cpuid_count(7, 0) }.edx;
     let (amx_bf16, amx_tile) = (edx & (1 << 22) != 0, edx & (1 << 24) != 0);
-    if !(amx_bf16 && amx_tile) {
+    // The packing loops run as AVX-512 code on the tile path (`wide_fn!`); every AMX CPU has it.
+    if !(amx_bf16 && amx_tile && std::is_x86_feature_detected!("avx512bw")) {
         return false;
     }
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
@@ -76,15 +77,54 @@ pub fn fits_gw(n: usize, k: usize) -> bool {
 #[inline(always)]
 fn round_bits(v: f32) -> u16 {
     let b = v.to_bits();
-    if v.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    // Branch-free (a select), so that the loops calling it vectorise.
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let quiet_nan = (b >> 16) | 0x40;
+    (if v.is_nan() { quiet_nan } else { rounded }) as u16
 }
 
 /// `x` rounded to bf16 and back: the activations' values the products see.
 pub fn round_to_bf16(x: &[f32]) -> Vec<f32> {
-    x.par_chunks(1 << 14).flat_map_iter(|c| c.iter().map(|&v| f32::from_bits((round_bits(v) as u32) << 16))).collect()
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(o, c)| round_into(o, c));
+    out
+}
+
+/// Defines a function whose body is compiled for AVX-512 as well and runs so where the CPU has it: the default
+/// x86-64 target allows SSE2 only, and these packing and rounding loops move every element of a product. Every
+/// AMX CPU has AVX-512 F and BW, which [`detect`] checks.
+macro_rules! wide_fn {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($a: $t),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn wide($($a: $t),*) {
+                    body($($a),*)
+                }
+                if std::is_x86_feature_detected!("avx512bw") {
+                    // SAFETY: the CPU has the features `wide` is compiled for.
+                    return unsafe { wide($($a),*) };
+                }
+            }
+            body($($a),*)
+        }
+    };
+}
+
+wide_fn! {
+    /// `o[i]` = `x[i]` rounded to bf16 and back.
+    fn round_into(o: &mut [f32], x: &[f32]) {
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = f32::from_bits((round_bits(v) as u32) << 16);
+        }
+    }
 }
 
 #[repr(C, align(64))]
@@ -195,19 +235,62 @@ unsafe fn dot_2x2(
 fn pack_pairs(x: &[f32], m: usize, k: usize, blocks: usize) -> Vec<u32> {
     let half = k / 2;
     let mut out = vec![0u32; blocks * half * 16];
-    out.par_chunks_mut(half * 16).enumerate().for_each(|(blk, o)| {
+    out.par_chunks_mut(half * 16).enumerate().for_each(|(blk, o)| pack_block(o, x, m, k, blk));
+    out
+}
+
+/// `o[c] = lo[c] | hi[c] << 16` for 16 columns: one row of a B tile from two rows of W.
+#[inline(always)]
+fn interleave16(o: &mut [u32], lo: &[u16], hi: &[u16]) {
+    let (o, lo, hi): (&mut [u32; 16], &[u16; 16], &[u16; 16]) =
+        (o.try_into().expect("16"), lo.try_into().expect("16"), hi.try_into().expect("16"));
+    for c in 0..16 {
+        o[c] = lo[c] as u32 | (hi[c] as u32) << 16;
+    }
+}
+
+wide_fn! {
+    /// Block `blk` of [`pack_pairs`]: rows 16·blk.. of x (m, k) into `o`.
+    fn pack_block(o: &mut [u32], x: &[f32], m: usize, k: usize, blk: usize) {
         for c in 0..16 {
             let i = blk * 16 + c;
             if i >= m {
                 break;
             }
             let row = &x[i * k..(i + 1) * k];
-            for p in 0..half {
+            for p in 0..k / 2 {
                 o[p * 16 + c] = round_bits(row[2 * p]) as u32 | (round_bits(row[2 * p + 1]) as u32) << 16;
             }
         }
-    });
-    out
+    }
+}
+
+wide_fn! {
+    /// The first m rows of columns n0..n0+nc of g (·, n), rounded to bf16, as rows of nc in `o`.
+    fn round_slice(o: &mut [u16], g: &[f32], m: usize, n: usize, n0: usize, nc: usize) {
+        for (i, orow) in o.chunks_mut(nc).take(m).enumerate() {
+            for (o, &v) in orow.iter_mut().zip(&g[i * n + n0..i * n + n0 + nc]) {
+                *o = round_bits(v);
+            }
+        }
+    }
+}
+
+wide_fn! {
+    /// One KC panel of B tiles from W (·, k) as bits: for the nb blocks of 32 columns from c0, rows n0+2p and
+    /// n0+2p+1 (p < nc/2) interleaved, 16 columns per tile row ([`matmul_gw`]'s layout).
+    fn pack_w_panel(panel: &mut [u32], wu: &[u16], k: usize, n0: usize, nc: usize, c0: usize, nb: usize) {
+        let panel_len = KC / 2 * 32;
+        for p in 0..nc / 2 {
+            let r0 = &wu[(n0 + 2 * p) * k + c0..][..32 * nb];
+            let r1 = &wu[(n0 + 2 * p + 1) * k + c0..][..32 * nb];
+            for t in 0..2 * nb {
+                let (bb, half) = (t / 2, t % 2);
+                let at = bb * panel_len + ((p / 16) * 2 + half) * 256 + (p % 16) * 16;
+                interleave16(&mut panel[at..at + 16], &r0[16 * t..16 * t + 16], &r1[16 * t..16 * t + 16]);
+            }
+        }
+    }
 }
 
 /// `x (m, k) @ wᵀ` for bf16 `w` (n, k), with x rounded to bf16: (m, n) f32. Needs [`available`] and
@@ -292,11 +375,7 @@ pub fn matmul_gw(g: &[f32], m: usize, n: usize, w: &[bf16], k: usize) -> Vec<f32
     gb.par_chunks_mut(KC.min(n) * mp).enumerate().for_each(|(sl, o)| {
         let n0 = sl * KC;
         let nc = KC.min(n - n0);
-        for (i, orow) in o.chunks_mut(nc).take(m).enumerate() {
-            for (o, &v) in orow.iter_mut().zip(&g[i * n + n0..i * n + n0 + nc]) {
-                *o = round_bits(v);
-            }
-        }
+        round_slice(o, g, m, n, n0, nc);
     });
     let kb = k / 32;
     // SAFETY: bf16 is a transparent 16-bit value; the bits are only copied.
@@ -317,19 +396,7 @@ pub fn matmul_gw(g: &[f32], m: usize, n: usize, w: &[bf16], k: usize) -> Vec<f32
                 let nc = KC.min(n - n0);
                 // Pairs of W's rows n0+2p, n0+2p+1 over the group's columns: per block, two B tiles per 16
                 // pairs (columns 0–15, then 16–31).
-                for p in 0..nc / 2 {
-                    let c0 = 32 * blocks.start;
-                    let r0 = &wu[(n0 + 2 * p) * k + c0..][..32 * nb];
-                    let r1 = &wu[(n0 + 2 * p + 1) * k + c0..][..32 * nb];
-                    for t in 0..2 * nb {
-                        let (bb, half) = (t / 2, t % 2);
-                        let o = &mut panel[bb * panel_len + ((p / 16) * 2 + half) * 256 + (p % 16) * 16..][..16];
-                        let (lo, hi) = (&r0[16 * t..16 * t + 16], &r1[16 * t..16 * t + 16]);
-                        for ((o, &lo), &hi) in o.iter_mut().zip(lo).zip(hi) {
-                            *o = lo as u32 | (hi as u32) << 16;
-                        }
-                    }
-                }
+                pack_w_panel(&mut panel, wu, k, n0, nc, 32 * blocks.start, nb);
                 let steps = nc / 32;
                 for bb in 0..nb {
                     for i in 0..mp / 32 {

@@ -272,6 +272,21 @@ pub fn frozen_matmul_param(x: &Tensor, w: &super::Param) -> Result<Tensor> {
     frozen_matmul_scaled(x, &w.tensor, w.scales.as_ref(), w.bf16_products)
 }
 
+/// `g @ W` for a frozen parameter: the input gradient that [`frozen_matmul_param`]'s backward computes, for a
+/// caller that forms the gradient itself (the blockwise cross-entropy). Returns f32.
+pub fn frozen_input_grad(g: &Tensor, w: &super::Param) -> Result<Tensor> {
+    let g = g.contiguous()?;
+    let compact = matches!(w.dtype(), DType::BF16 | DType::F16) || w.scales.is_some();
+    if g.device().is_cpu() && g.dtype() == DType::F32 && compact {
+        let op = InputGrad { w: w.tensor.clone(), scales: w.scales.clone(), bf16: w.bf16_products };
+        return g.apply_op1_no_bwd(&op);
+    }
+    if w.scales.is_some() {
+        candle_core::bail!("frozen matmul: int8 weights need f32 gradients on the CPU");
+    }
+    g.to_dtype(w.dtype())?.matmul(&w.tensor)?.to_dtype(DType::F32)
+}
+
 fn frozen_matmul_scaled(x: &Tensor, w: &Tensor, scales: Option<&Tensor>, bf16: bool) -> Result<Tensor> {
     let compact = matches!(w.dtype(), DType::BF16 | DType::F16) || scales.is_some();
     let mixed = x.device().is_cpu() && x.dtype() == DType::F32 && compact;

@@ -120,15 +120,16 @@ fn decoder_loss(
             x = x.detach();
         }
     }
-    head_loss(model, &x, &mb.labels)
+    head_loss(model, &x, &mb.labels, keep_graph)
 }
 
 fn layer_seed(seed: u64, layer: usize) -> u64 {
     seed.wrapping_mul(1_000_003).wrapping_add(layer as u64)
 }
 
-/// Final norm, head and mean cross-entropy over the shifted label positions. `h`: (B, S, D).
-pub fn head_loss(model: &Qwen3_5, h: &Tensor, labels: &[Vec<i64>]) -> Result<(Tensor, usize)> {
+/// Final norm, head and mean cross-entropy over the shifted label positions. `h`: (B, S, D). Without
+/// `want_grad` the returned loss carries no gradient to `h` (evaluation).
+pub fn head_loss(model: &Qwen3_5, h: &Tensor, labels: &[Vec<i64>], want_grad: bool) -> Result<(Tensor, usize)> {
     let (b, s, d) = h.dims3()?;
     let mut rows = Vec::new();
     let mut targets = Vec::new();
@@ -153,12 +154,70 @@ pub fn head_loss(model: &Qwen3_5, h: &Tensor, labels: &[Vec<i64>]) -> Result<(Te
     }
     let dev = h.device();
     let picked = h.reshape((b * s, d))?.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-    let logits = model.logits(&model.norm.forward(&picked)?)?.to_dtype(DType::F32)?; // (N, V)
+    let hn = model.norm.forward(&picked)?;
+    if !model.head().is_variable() {
+        let block = (LOGIT_BLOCK_ELEMS / model.head().dim(0)?.max(1)).max(8);
+        return Ok((blockwise_cross_entropy(&hn, model.head(), &targets, want_grad, block)?, n));
+    }
+    // A trained head needs its own gradient: the whole graph.
+    let logits = model.logits(&hn)?.to_dtype(DType::F32)?; // (N, V)
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
     let picked_logit = logits.gather(&Tensor::from_vec(targets, (n, 1), dev)?, 1)?;
     let loss = (lse - picked_logit)?.sum_all()?.affine(1.0 / n as f64, 0.0)?;
     Ok((loss, n))
+}
+
+/// Rows of logits computed at a time by [`blockwise_cross_entropy`] (times the vocabulary): 32 MB of f32.
+const LOGIT_BLOCK_ELEMS: usize = 8 << 20;
+
+/// Mean cross-entropy of `hn · headᵀ` (N, V) against `targets` for a frozen head, a block of rows at a time: with
+/// Qwen3.5's 248,320-token vocabulary a few hundred rows of logits and the graph's copies of them (shifted, exp,
+/// their gradients) take a gigabyte. The head has no gradient, so each block's gradient with respect to `hn`,
+/// (softmax − one-hot) · W / N, is computed at once and the logits dropped; the result's value is the loss and its
+/// gradient with respect to `hn` is that, through `Σ (hn − stop_grad(hn)) · dhn`, which is zero in value.
+fn blockwise_cross_entropy(
+    hn: &Tensor,
+    head: &crate::nn::Param,
+    targets: &[u32],
+    want_grad: bool,
+    block: usize,
+) -> Result<Tensor> {
+    let dev = hn.device();
+    let n = targets.len();
+    let fixed = hn.detach();
+    let mut sum = 0f64;
+    let mut grads = Vec::new();
+    for r0 in (0..n).step_by(block) {
+        let r = block.min(n - r0);
+        let logits = model_logits(&fixed.narrow(0, r0, r)?, head)?; // (r, V) f32
+        let t = Tensor::from_slice(&targets[r0..r0 + r], (r, 1), dev)?;
+        let picked = logits.gather(&t, 1)?;
+        let max = logits.max_keepdim(D::Minus1)?;
+        let e = logits.broadcast_sub(&max)?.exp()?;
+        drop(logits);
+        let z = e.sum_keepdim(D::Minus1)?;
+        let nll = ((z.log()? + max)? - picked)?;
+        sum += nll.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        if want_grad {
+            let p = e.broadcast_div(&z)?;
+            drop(e);
+            let g = p.scatter_add(&t, &Tensor::full(-1f32, (r, 1), dev)?, 1)?.affine(1.0 / n as f64, 0.0)?;
+            grads.push(crate::nn::frozen::frozen_input_grad(&g, head)?);
+        }
+    }
+    let loss = Tensor::new((sum / n as f64) as f32, dev)?;
+    if !want_grad {
+        return Ok(loss);
+    }
+    let dhn = Tensor::cat(&grads, 0)?;
+    let zero = ((hn.to_dtype(DType::F32)? - fixed.to_dtype(DType::F32)?)? * dhn)?.sum_all()?;
+    Ok((zero + loss)?)
+}
+
+/// Head logits of normalised hidden rows, in f32.
+fn model_logits(x: &Tensor, head: &crate::nn::Param) -> Result<Tensor> {
+    Ok(crate::models::qwen3_5::text::lm_logits(x, head)?.to_dtype(DType::F32)?)
 }
 
 /// Forward and backward of one micro-batch; adds `scale · ∂loss/∂p` for every `params` entry to `acc`.
@@ -189,7 +248,7 @@ pub fn forward_backward(
     }
     // 2. Head segment.
     let h = Var::from_tensor(inputs.last().expect("non-empty"))?;
-    let (loss, n) = head_loss(model, h.as_tensor(), &mb.labels)?;
+    let (loss, n) = head_loss(model, h.as_tensor(), &mb.labels, true)?;
     let value = loss.to_scalar::<f32>()? as f64;
     if n == 0 {
         return Ok(StepStats { loss: value, tokens: 0 });
@@ -333,4 +392,53 @@ pub fn window_backward(
         }
     }
     Ok(Some(losses))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The blockwise loss and its gradient against candle's autograd through the whole log-softmax.
+    #[test]
+    fn blockwise_cross_entropy_matches_the_full_graph() {
+        let dev = Device::Cpu;
+        let (n, d, v) = (21, 16, 50);
+        // Values a bf16 copy holds exactly, so both dtypes of the head give the same products.
+        let w = Tensor::randn(0f32, 0.5, (v, d), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 3) % v as u32).collect();
+        let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap()).unwrap();
+        let logits = h.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let logp = log_softmax(&logits);
+        let t = Tensor::from_slice(&targets, (n, 1), &dev).unwrap();
+        let want = (logp.gather(&t, 1).unwrap().sum_all().unwrap() * (-1.0 / n as f64)).unwrap();
+        let want_grad = want.backward().unwrap().get(h.as_tensor()).unwrap().clone();
+        for dtype in [DType::F32, DType::BF16] {
+            let head = crate::nn::Param::new("w", w.to_dtype(dtype).unwrap());
+            for block in [4, 8, 64] {
+                let got = blockwise_cross_entropy(h.as_tensor(), &head, &targets, true, block).unwrap();
+                let tol = 1e-5;
+                let (a, b) = (got.to_scalar::<f32>().unwrap(), want.to_scalar::<f32>().unwrap());
+                assert!((a - b).abs() < tol * b.abs().max(1.0), "{dtype:?}, block {block}: loss {a} vs {b}");
+                let g = got.backward().unwrap().get(h.as_tensor()).unwrap().clone();
+                let err = (&g - &want_grad).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let scale = want_grad.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(err < tol * scale, "{dtype:?}, block {block}: gradient off by {err} (max {scale})");
+                let plain = blockwise_cross_entropy(h.as_tensor(), &head, &targets, false, block).unwrap();
+                assert_eq!(plain.to_scalar::<f32>().unwrap(), a, "the loss without a gradient is the same value");
+            }
+        }
+    }
+
+    fn log_softmax(x: &Tensor) -> Tensor {
+        let max = x.max_keepdim(D::Minus1).unwrap().detach();
+        let shifted = x.broadcast_sub(&max).unwrap();
+        let lse = shifted.exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap();
+        shifted.broadcast_sub(&lse).unwrap()
+    }
 }
