@@ -272,6 +272,14 @@ pub fn frozen_matmul_param(x: &Tensor, w: &super::Param) -> Result<Tensor> {
     frozen_matmul_scaled(x, &w.tensor, w.scales.as_ref(), w.bf16_products)
 }
 
+/// Whether products with `w` convert the whole matrix on every call (16-bit or int8 weights through the
+/// widening kernels, on the CPU): callers then make few calls with many rows rather than many small ones.
+pub fn widens_per_call(w: &super::Param) -> bool {
+    let compact = matches!(w.dtype(), DType::BF16 | DType::F16) || w.scales.is_some();
+    let tiles = w.bf16_products && w.dtype() == DType::BF16 && amx::available();
+    w.device().is_cpu() && compact && !tiles
+}
+
 /// `g @ W` for a frozen parameter: the input gradient that [`frozen_matmul_param`]'s backward computes, for a
 /// caller that forms the gradient itself (the blockwise cross-entropy). Returns f32.
 pub fn frozen_input_grad(g: &Tensor, w: &super::Param) -> Result<Tensor> {

@@ -156,7 +156,12 @@ pub fn head_loss(model: &Qwen3_5, h: &Tensor, labels: &[Vec<i64>], want_grad: bo
     let picked = h.reshape((b * s, d))?.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
     let hn = model.norm.forward(&picked)?;
     if !model.head().is_variable() {
-        let block = (LOGIT_BLOCK_ELEMS / model.head().dim(0)?.max(1)).max(8);
+        let budget = if crate::nn::frozen::widens_per_call(model.head()) {
+            LOGIT_BLOCK_ELEMS_WIDENING
+        } else {
+            LOGIT_BLOCK_ELEMS
+        };
+        let block = (budget / model.head().dim(0)?.max(1)).max(8);
         return Ok((blockwise_cross_entropy(&hn, model.head(), &targets, want_grad, block)?, n));
     }
     // A trained head needs its own gradient: the whole graph.
@@ -168,8 +173,10 @@ pub fn head_loss(model: &Qwen3_5, h: &Tensor, labels: &[Vec<i64>], want_grad: bo
     Ok((loss, n))
 }
 
-/// Rows of logits computed at a time by [`blockwise_cross_entropy`] (times the vocabulary): 32 MB of f32.
+/// Logits [`blockwise_cross_entropy`] computes at a time: 32 MB of f32; 256 MB where each product widens the
+/// whole head (int8, or bf16 without AMX), so that the head is converted once or twice, not once per few rows.
 const LOGIT_BLOCK_ELEMS: usize = 8 << 20;
+const LOGIT_BLOCK_ELEMS_WIDENING: usize = 64 << 20;
 
 /// Mean cross-entropy of `hn · headᵀ` (N, V) against `targets` for a frozen head, a block of rows at a time: with
 /// Qwen3.5's 248,320-token vocabulary a few hundred rows of logits and the graph's copies of them (shifted, exp,
