@@ -84,13 +84,11 @@ impl CustomOp1 for FrozenMatmul {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // An upstream gradient can arrive strided (from a narrow or a transpose); the CUDA matmul accepts fewer
         // layouts than the CPU one, and this is a no-op for a contiguous gradient.
-        let grad = grad.contiguous()?;
         if arg.dtype() != self.w.dtype() {
             // f32 activations with 16-bit or int8 weights (CPU): dX = G W with W widened on the fly.
-            let op = InputGrad { w: self.w.clone(), scales: self.scales.clone(), bf16: self.bf16 };
-            return Ok(Some(grad.apply_op1_no_bwd(&op)?));
+            return Ok(Some(input_grad(&grad.contiguous()?, &self.w, self.scales.as_ref(), self.bf16)?));
         }
-        Ok(Some(grad.matmul(&self.w)?))
+        Ok(Some(grad.contiguous()?.matmul(&self.w)?))
     }
 }
 
@@ -275,19 +273,16 @@ pub fn frozen_matmul_param(x: &Tensor, w: &super::Param) -> Result<Tensor> {
 /// Whether products with `w` convert the whole matrix on every call (16-bit or int8 weights through the
 /// widening kernels, on the CPU): callers then make few calls with many rows rather than many small ones.
 pub fn widens_per_call(w: &super::Param) -> bool {
-    let compact = matches!(w.dtype(), DType::BF16 | DType::F16) || w.scales.is_some();
     let tiles = w.bf16_products && w.dtype() == DType::BF16 && amx::available();
-    w.device().is_cpu() && compact && !tiles
+    w.device().is_cpu() && compact(&w.tensor, w.scales.as_ref()) && !tiles
 }
 
 /// `g @ W` for a frozen parameter: the input gradient that [`frozen_matmul_param`]'s backward computes, for a
 /// caller that forms the gradient itself (the blockwise cross-entropy). Returns f32.
 pub fn frozen_input_grad(g: &Tensor, w: &super::Param) -> Result<Tensor> {
     let g = g.contiguous()?;
-    let compact = matches!(w.dtype(), DType::BF16 | DType::F16) || w.scales.is_some();
-    if g.device().is_cpu() && g.dtype() == DType::F32 && compact {
-        let op = InputGrad { w: w.tensor.clone(), scales: w.scales.clone(), bf16: w.bf16_products };
-        return g.apply_op1_no_bwd(&op);
+    if g.device().is_cpu() && g.dtype() == DType::F32 && compact(&w.tensor, w.scales.as_ref()) {
+        return input_grad(&g, &w.tensor, w.scales.as_ref(), w.bf16_products);
     }
     if w.scales.is_some() {
         candle_core::bail!("frozen matmul: int8 weights need f32 gradients on the CPU");
@@ -295,9 +290,18 @@ pub fn frozen_input_grad(g: &Tensor, w: &super::Param) -> Result<Tensor> {
     g.to_dtype(w.dtype())?.matmul(&w.tensor)?.to_dtype(DType::F32)
 }
 
+/// `g @ w` through the mixed kernels: f32 `g` (contiguous), 16-bit or int8 `w`, on the CPU.
+fn input_grad(g: &Tensor, w: &Tensor, scales: Option<&Tensor>, bf16: bool) -> Result<Tensor> {
+    g.apply_op1_no_bwd(&InputGrad { w: w.clone(), scales: scales.cloned(), bf16 })
+}
+
+/// Whether a weight is held compactly (bf16, f16, or int8 with its scales) rather than in the compute dtype.
+fn compact(w: &Tensor, scales: Option<&Tensor>) -> bool {
+    matches!(w.dtype(), DType::BF16 | DType::F16) || scales.is_some()
+}
+
 fn frozen_matmul_scaled(x: &Tensor, w: &Tensor, scales: Option<&Tensor>, bf16: bool) -> Result<Tensor> {
-    let compact = matches!(w.dtype(), DType::BF16 | DType::F16) || scales.is_some();
-    let mixed = x.device().is_cpu() && x.dtype() == DType::F32 && compact;
+    let mixed = x.device().is_cpu() && x.dtype() == DType::F32 && compact(w, scales);
     let x = if x.dtype() != w.dtype() && !mixed {
         if scales.is_some() {
             candle_core::bail!("frozen matmul: int8 weights need f32 activations on the CPU");

@@ -13,6 +13,7 @@ use candle_core::{DType, Tensor, TensorId, Var, D};
 use super::batch::{micro_batch, MicroBatch};
 use crate::data::Sample;
 use crate::image::ImageProcessorConfig;
+use crate::models::qwen3_5::text::lm_logits;
 use crate::models::qwen3_5::Qwen3_5;
 use crate::nn::linear::seed_dropout;
 use crate::parallel::Workers;
@@ -197,7 +198,7 @@ fn blockwise_cross_entropy(
     let mut grads = Vec::new();
     for r0 in (0..n).step_by(block) {
         let r = block.min(n - r0);
-        let logits = model_logits(&fixed.narrow(0, r0, r)?, head)?; // (r, V) f32
+        let logits = lm_logits(&fixed.narrow(0, r0, r)?, head)?.to_dtype(DType::F32)?; // (r, V)
         let t = Tensor::from_slice(&targets[r0..r0 + r], (r, 1), dev)?;
         let picked = logits.gather(&t, 1)?;
         let max = logits.max_keepdim(D::Minus1)?;
@@ -220,11 +221,6 @@ fn blockwise_cross_entropy(
     let dhn = Tensor::cat(&grads, 0)?;
     let zero = ((hn.to_dtype(DType::F32)? - fixed.to_dtype(DType::F32)?)? * dhn)?.sum_all()?;
     Ok((zero + loss)?)
-}
-
-/// Head logits of normalised hidden rows, in f32.
-fn model_logits(x: &Tensor, head: &crate::nn::Param) -> Result<Tensor> {
-    Ok(crate::models::qwen3_5::text::lm_logits(x, head)?.to_dtype(DType::F32)?)
 }
 
 /// Forward and backward of one micro-batch; adds `scale · ∂loss/∂p` for every `params` entry to `acc`.
