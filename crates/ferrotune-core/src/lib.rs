@@ -15,6 +15,8 @@ pub mod export;
 pub mod image;
 pub mod infer;
 pub mod lora;
+#[cfg(unix)]
+pub mod mapped;
 pub mod models;
 pub mod nn;
 pub mod parallel;
@@ -26,6 +28,11 @@ pub mod template;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
+
+/// Checkpoint tensors used in place need an allocator that knows their buffers (see [`mapped`]).
+#[cfg(unix)]
+#[global_allocator]
+static ALLOCATOR: mapped::Allocator = mapped::Allocator;
 
 /// The crate version, as printed by `ferrotune env`.
 pub fn version() -> &'static str {

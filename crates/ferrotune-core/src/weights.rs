@@ -39,10 +39,40 @@ pub struct Checkpoint {
 /// One memory-mapped safetensors file.
 struct Shard {
     path: PathBuf,
-    map: memmap2::Mmap,
+    map: ShardMap,
     /// Where the tensor data starts (after the 8-byte length and the JSON header).
     data_start: usize,
     tensors: HashMap<String, safetensors::tensor::TensorInfo>,
+    /// Tensors whose bytes were handed out in place (a second load of one gets a copy, so that no two tensors
+    /// share a buffer).
+    in_place: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+enum ShardMap {
+    /// Private mapping whose ranges become CPU tensors without a copy.
+    #[cfg(unix)]
+    InPlace(crate::mapped::Mapping),
+    /// Read-only mapping tensors are copied out of.
+    Copied(memmap2::Mmap),
+}
+
+impl ShardMap {
+    fn open(file: &std::fs::File) -> std::io::Result<Self> {
+        #[cfg(unix)]
+        if let Some(m) = crate::mapped::Mapping::open(file) {
+            return Ok(Self::InPlace(m));
+        }
+        // SAFETY: the file is mapped read-only; ferrotune never writes into a checkpoint it has open.
+        Ok(Self::Copied(unsafe { memmap2::Mmap::map(file) }?))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            #[cfg(unix)]
+            Self::InPlace(m) => m.bytes(),
+            Self::Copied(m) => m,
+        }
+    }
 }
 
 impl Checkpoint {
@@ -92,17 +122,15 @@ impl Checkpoint {
                 bail!("{}: listed in model.safetensors.index.json but missing", path.display());
             }
             let file = std::fs::File::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
-            // SAFETY: the file is mapped read-only; ferrotune never writes into a checkpoint it has open.
-            let map =
-                unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
-            let (header, meta) = safetensors::SafeTensors::read_metadata(&map)
+            let map = ShardMap::open(&file).with_context(|| format!("{}: cannot map", path.display()))?;
+            let (header, meta) = safetensors::SafeTensors::read_metadata(map.bytes())
                 .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
             let tensors: HashMap<String, safetensors::tensor::TensorInfo> =
                 meta.tensors().into_iter().map(|(n, info)| (n, info.clone())).collect();
             for name in tensors.keys() {
                 index.insert(name.clone(), i);
             }
-            files.push(Shard { path, map, data_start: 8 + header, tensors });
+            files.push(Shard { path, map, data_start: 8 + header, tensors, in_place: Default::default() });
         }
         Ok(Self { dir: dir.to_path_buf(), files, index })
     }
@@ -135,14 +163,15 @@ impl Checkpoint {
 
     /// Loads a tensor as stored (its file's dtype) onto `device`.
     ///
-    /// The bytes are copied out of the mapping and the mapping's pages are then released, so a loaded model is
-    /// held once: a checkpoint's pages left mapped would count again in the process's memory.
+    /// On the CPU the tensor's buffer is the file mapping itself (see [`crate::mapped`]): no copy, and the pages
+    /// are the page cache's. Otherwise (another device, a misaligned tensor, a second load of the same name) the
+    /// bytes are copied out and the mapping's pages released, so a loaded model is held once either way.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let i = *self.index.get(name).with_context(|| self.missing(name))?;
         let shard = &self.files[i];
         let info = &shard.tensors[name];
         let (start, end) = (shard.data_start + info.data_offsets.0, shard.data_start + info.data_offsets.1);
-        let bytes = shard.map.get(start..end).with_context(|| {
+        let bytes = shard.map.bytes().get(start..end).with_context(|| {
             format!(
                 "{}: tensor {name}: its data lies past the end of the file (truncated download?)",
                 shard.path.display()
@@ -150,13 +179,39 @@ impl Checkpoint {
         })?;
         let dtype =
             DType::try_from(info.dtype).map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", shard.path.display()))?;
-        let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, device)
-            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", shard.path.display()))?;
+        let what = |e: candle_core::Error| anyhow::anyhow!("{}: tensor {name}: {e}", shard.path.display());
+        let n: usize = info.shape.iter().product();
+        let mut handed = shard.in_place.lock().unwrap_or_else(|e| e.into_inner());
+        let first = !handed.contains(name);
         #[cfg(unix)]
-        // SAFETY: a read-only shared file mapping: dropped pages read back from the file if touched again, and no
-        // reference into the range outlives this call.
-        unsafe {
-            let _ = shard.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start);
+        if let (ShardMap::InPlace(map), true, true) = (&shard.map, device.is_cpu(), first) {
+            // SAFETY: each name's range is handed out once (`in_place`), ranges of different tensors are
+            // disjoint (safetensors checks that the offsets tile the data), and the element types are plain numbers.
+            let t = unsafe {
+                match dtype {
+                    DType::BF16 => map.vec::<half::bf16>(start, n).map(|v| Tensor::from_vec(v, info.shape.as_slice(), device)),
+                    DType::F16 => map.vec::<half::f16>(start, n).map(|v| Tensor::from_vec(v, info.shape.as_slice(), device)),
+                    DType::F32 => map.vec::<f32>(start, n).map(|v| Tensor::from_vec(v, info.shape.as_slice(), device)),
+                    _ => None,
+                }
+            };
+            if let Some(t) = t {
+                handed.insert(name.to_owned());
+                return t.map_err(what);
+            }
+        }
+        let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, device).map_err(what)?;
+        match &shard.map {
+            // SAFETY: a read-only shared file mapping: dropped pages read back from the file if touched again, and
+            // no reference into the range outlives this call.
+            #[cfg(unix)]
+            ShardMap::Copied(m) => unsafe {
+                let _ = m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start);
+            },
+            // Pages of a range handed out in place may hold its owner's writes: only a never-handed range is dropped.
+            #[cfg(unix)]
+            ShardMap::InPlace(m) if first => m.release(start, end - start),
+            _ => {}
         }
         Ok(t)
     }
