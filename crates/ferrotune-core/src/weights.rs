@@ -189,8 +189,12 @@ impl Checkpoint {
             // disjoint (safetensors checks that the offsets tile the data), and the element types are plain numbers.
             let t = unsafe {
                 match dtype {
-                    DType::BF16 => map.vec::<half::bf16>(start, n).map(|v| Tensor::from_vec(v, info.shape.as_slice(), device)),
-                    DType::F16 => map.vec::<half::f16>(start, n).map(|v| Tensor::from_vec(v, info.shape.as_slice(), device)),
+                    DType::BF16 => {
+                        map.vec::<half::bf16>(start, n).map(|v| Tensor::from_vec(v, info.shape.as_slice(), device))
+                    }
+                    DType::F16 => {
+                        map.vec::<half::f16>(start, n).map(|v| Tensor::from_vec(v, info.shape.as_slice(), device))
+                    }
                     DType::F32 => map.vec::<f32>(start, n).map(|v| Tensor::from_vec(v, info.shape.as_slice(), device)),
                     _ => None,
                 }
@@ -214,6 +218,11 @@ impl Checkpoint {
             _ => {}
         }
         Ok(t)
+    }
+
+    /// How many tensors were handed out in place (their buffers are the file mapping).
+    pub fn used_in_place(&self) -> usize {
+        self.files.iter().map(|f| f.in_place.lock().map_or(0, |s| s.len())).sum()
     }
 
     fn missing(&self, name: &str) -> String {

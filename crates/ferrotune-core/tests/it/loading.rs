@@ -101,3 +101,39 @@ fn missing_untied_head_is_an_error() {
     let err = load_err(dir.path());
     assert!(err.contains("lm_head.weight"), "{err}");
 }
+
+#[test]
+fn tensors_used_in_place_equal_the_files_and_outlive_the_checkpoint() {
+    use ferrotune_core::weights::Checkpoint;
+    let dir = tiny_checkpoint();
+    let mut reference = HashMap::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "safetensors") {
+            reference.extend(candle_core::safetensors::load(&p, &Device::Cpu).unwrap());
+        }
+    }
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let names: Vec<String> = ckpt.names().into_iter().map(str::to_owned).collect();
+    assert_eq!(names.len(), reference.len());
+    let first: Vec<Tensor> = names.iter().map(|n| ckpt.load(n, &Device::Cpu).unwrap()).collect();
+    assert_eq!(ckpt.used_in_place(), names.len(), "every tensor of the fixture is aligned and used in place");
+    // A second load of a name gets its own buffer with the same values.
+    let again = ckpt.load(&names[0], &Device::Cpu).unwrap();
+    drop(ckpt);
+    // The mapping stays alive while any tensor uses it.
+    for (name, t) in names.iter().zip(&first) {
+        let want = &reference[name];
+        assert_eq!(t.dtype(), want.dtype(), "{name}");
+        let d = t.to_dtype(DType::F64).unwrap().sub(&want.to_dtype(DType::F64).unwrap()).unwrap();
+        assert_eq!(d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap(), 0.0, "{name}");
+    }
+    assert_close(&again.to_dtype(DType::F32).unwrap(), &first[0].to_dtype(DType::F32).unwrap(), 0.0, &names[0]);
+    drop(first);
+    assert_close(
+        &again.to_dtype(DType::F32).unwrap(),
+        &reference[&names[0]].to_dtype(DType::F32).unwrap(),
+        0.0,
+        "copy",
+    );
+}
