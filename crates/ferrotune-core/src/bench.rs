@@ -125,6 +125,8 @@ pub struct TrainBench {
     pub rank: usize,
     pub targets: Vec<String>,
     pub checkpointing: bool,
+    /// With checkpointing, the last layers whose activations are kept.
+    pub keep_layers: usize,
 }
 
 /// A synthetic SFT sample: `seq_len` tokens (half prompt, half labelled), optionally one image.
@@ -188,8 +190,13 @@ pub fn train(model_dir: &Path, opts: &TrainBench, base: Base, device: &Device) -
     let mut acc = GradAccum::default();
     let run = |n: usize, acc: &mut GradAccum, opt: &mut AdamW| -> Result<()> {
         for _ in 0..n {
-            let so =
-                StepOptions { scale: 1.0, checkpointing: opts.checkpointing, train_embeddings: false, dropout_seed: 0 };
+            let so = StepOptions {
+                scale: 1.0,
+                checkpointing: opts.checkpointing,
+                keep_last: opts.keep_layers,
+                train_embeddings: false,
+                dropout_seed: 0,
+            };
             forward_backward(&model, &mb, &plist, acc, so)?;
             let mut g = acc.take(&plist);
             clip_grad_norm(&mut g, 1.0)?;

@@ -437,7 +437,7 @@ pub fn lora_gradients(dev: &Device, fixtures: &Path, dtype: DType, checkpointing
         let mb = fx.micro_batch(&model, 0)?;
         let params: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
         let mut acc = GradAccum::default();
-        let opts = StepOptions { scale: 1.0, checkpointing, train_embeddings: false, dropout_seed: 0 };
+        let opts = StepOptions { scale: 1.0, checkpointing, keep_last: 0, train_embeddings: false, dropout_seed: 0 };
         let stats = forward_backward(&model, &mb, &params, &mut acc, opts)?;
         let grads = acc.take(&params);
         let mut worst = 0f64;
@@ -474,17 +474,20 @@ pub fn dropout_replay(dev: &Device, fixtures: &Path) -> Result<Check> {
     let mb = fx.micro_batch(&model, 0)?;
     let params: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
     let mut grads = Vec::new();
-    for checkpointing in [false, true] {
+    // Plain, every layer recomputed, and the last layer kept (its activations in the head segment).
+    for (checkpointing, keep_last) in [(false, 0), (true, 0), (true, 1)] {
         let mut acc = GradAccum::default();
-        let opts = StepOptions { scale: 1.0, checkpointing, train_embeddings: false, dropout_seed: 7 };
+        let opts = StepOptions { scale: 1.0, checkpointing, keep_last, train_embeddings: false, dropout_seed: 7 };
         forward_backward(&model, &mb, &params, &mut acc, opts)?;
         grads.push(acc.take(&params));
     }
     let mut worst = 0f64;
-    for (a, b) in grads[0].iter().zip(&grads[1]) {
-        match (a, b) {
-            (Some(a), Some(b)) => worst = worst.max(rel_l2(b, a)?),
-            _ => bail!("dropout replay: a LoRA tensor received no gradient"),
+    for other in &grads[1..] {
+        for (a, b) in grads[0].iter().zip(other) {
+            match (a, b) {
+                (Some(a), Some(b)) => worst = worst.max(rel_l2(b, a)?),
+                _ => bail!("dropout replay: a LoRA tensor received no gradient"),
+            }
         }
     }
     Ok(Check::new("LoRA dropout: checkpointed = plain", "rel L2", worst, 1e-5))

@@ -90,6 +90,10 @@ pub struct BenchArgs {
     /// Keep all activations instead of recomputing them per layer (train)
     #[arg(long)]
     pub no_checkpointing: bool,
+    /// With checkpointing, keep the activations of this many last layers instead of recomputing them (train; what
+    /// an activation budget decides in `train`)
+    #[arg(long, default_value_t = 0)]
+    pub keep_layers: usize,
     /// Tokens to generate (decode)
     #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,

@@ -168,6 +168,7 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
         steps,
         sched,
         checkpointing,
+        keep_last,
         cache,
         processor,
         pad_id,
@@ -205,7 +206,7 @@ pub fn run(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Outcome> {
             // sample workers; the sum is the window's gradient whatever their number).
             let units =
                 window_units(window, |i| label_tokens(&train[i]), split, |j| (step_index as u64) << 16 | j as u64);
-            let so = StepOptions { scale: 1.0, checkpointing, train_embeddings, dropout_seed: 0 };
+            let so = StepOptions { scale: 1.0, checkpointing, keep_last, train_embeddings, dropout_seed: 0 };
             let Some(losses) =
                 window_backward(&model, &units, window.len(), &build, &params, &mut acc, so, &workers, opts.stop)?
             else {
@@ -332,6 +333,8 @@ struct Setup {
     steps: Steps,
     sched: Schedule,
     checkpointing: bool,
+    /// With checkpointing, the last layers whose activations are kept.
+    keep_last: usize,
     cache: Option<FeatureCache>,
     processor: ImageProcessorConfig,
     pad_id: u32,
@@ -397,8 +400,9 @@ fn set_up(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Setup> {
         100.0 * trainable as f64 / total_params.max(1) as f64
     );
     let longest = train.iter().map(|s| s.input_ids.len()).max().unwrap_or(0) * if split { 1 } else { bs };
-    let (checkpointing, why) = checkpointing_choice(t.gradient_checkpointing, &model.cfg.text, longest);
-    println!("  Gradient checkpointing = {}{why}", if checkpointing { "on" } else { "off" });
+    let recompute = checkpointing_choice(t.gradient_checkpointing, &model.cfg.text, longest, activation_budget()?);
+    let (checkpointing, keep_last) = (recompute.checkpointing, recompute.keep_last);
+    println!("  Gradient checkpointing = {}{}", if checkpointing { "on" } else { "off" }, recompute.why);
     if workers.count() > 1 {
         println!(
             "  Sample workers = {} (the samples of a step computed side by side, one thread each)",
@@ -434,6 +438,7 @@ fn set_up(plan: &Plan, data: &Prepared, opts: &RunOptions) -> Result<Setup> {
         steps,
         sched,
         checkpointing,
+        keep_last,
         cache,
         processor,
         pad_id,
@@ -638,44 +643,107 @@ fn log_event(
 /// Feature bytes a training run keeps for a frozen vision tower ([`FeatureCache`]).
 const FEATURE_CACHE_BYTES: usize = 512 << 20;
 
-/// Activations of one micro-batch up to which gradient checkpointing is off unless the config sets it: below
-/// this the memory it saves is small next to the weights, and it costs a second forward pass.
-pub const CHECKPOINTING_FROM_BYTES: u64 = 512 << 20;
+/// Activations of one micro-batch kept in the backward pass when the config leaves checkpointing to ferrotune
+/// (`FERROTUNE_ACTIVATION_BUDGET_MB` overrides it): all of them when they fit (no recomputation), else those of as
+/// many last layers as fit, the others recomputed. Below this the memory saved is small next to the weights, and
+/// recomputing costs a second forward pass.
+pub const ACTIVATION_BUDGET_BYTES: u64 = 512 << 20;
 
-/// An estimate of the activations the backward pass keeps for `tokens` tokens with every layer's activations kept
-/// (f32): per token and layer 60 vectors of the hidden size and 20 of the MLP width (every intermediate of the
-/// graph, the chunked delta rule's included), plus the attention scores of the full-attention layers. Calibrated
-/// on the 135M preset, where keeping them for a 264-token sample took 2.1 GB more peak RSS than recomputing.
-pub fn activation_bytes(cfg: &crate::models::qwen3_5::config::TextConfig, tokens: usize) -> u64 {
-    let (t, h, f) = (tokens as u64, cfg.hidden_size as u64, cfg.intermediate_size as u64);
-    let layers = cfg.num_hidden_layers as u64;
-    let full = cfg.layer_types.iter().filter(|l| matches!(l, LayerType::Full)).count() as u64;
-    let per_token = layers * (60 * h + 20 * f);
-    4 * (t * per_token + full * 3 * cfg.num_attention_heads as u64 * t * t)
+/// The activation budget: `FERROTUNE_ACTIVATION_BUDGET_MB` when set to a number, else
+/// [`ACTIVATION_BUDGET_BYTES`].
+pub fn activation_budget() -> Result<u64> {
+    match std::env::var("FERROTUNE_ACTIVATION_BUDGET_MB") {
+        Ok(v) => v.trim().parse::<u64>().map(|mb| mb << 20).map_err(|_| {
+            anyhow::anyhow!("FERROTUNE_ACTIVATION_BUDGET_MB={v:?}: give a whole number of MiB (e.g. 2048), or unset it")
+        }),
+        Err(_) => Ok(ACTIVATION_BUDGET_BYTES),
+    }
 }
 
-/// Whether to recompute activations, and why (for the plan summary): as the config says when it sets
-/// `disable_gradient_checkpointing`, else off when the longest micro-batch's activations fit easily.
-fn checkpointing_choice(
+/// An estimate of the activations the backward pass keeps for `tokens` tokens with every layer's activations kept
+/// (f32): the sum of [`layer_activation_bytes`].
+pub fn activation_bytes(cfg: &crate::models::qwen3_5::config::TextConfig, tokens: usize) -> u64 {
+    cfg.layer_types.iter().map(|&kind| layer_activation_bytes(cfg, kind, tokens)).sum()
+}
+
+/// Activations one decoder layer keeps for `tokens` tokens (f32): per token 60 vectors of the hidden size and 20 of
+/// the MLP width (every intermediate of the graph, the chunked delta rule's included), plus a full-attention
+/// layer's scores. Calibrated on the 135M preset, where keeping them for a 264-token sample took 2.1 GB more peak
+/// RSS than recomputing.
+pub fn layer_activation_bytes(cfg: &crate::models::qwen3_5::config::TextConfig, kind: LayerType, tokens: usize) -> u64 {
+    let (t, h, f) = (tokens as u64, cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let scores = if matches!(kind, LayerType::Full) { 3 * cfg.num_attention_heads as u64 * t * t } else { 0 };
+    4 * (t * (60 * h + 20 * f) + scores)
+}
+
+/// How the backward pass treats activations (for the step and the plan summary).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recompute {
+    pub checkpointing: bool,
+    /// With checkpointing, layers at the end whose activations are kept.
+    pub keep_last: usize,
+    pub why: String,
+}
+
+/// As the config says when it sets `disable_gradient_checkpointing`; else within `budget` bytes for the longest
+/// micro-batch: nothing recomputed when everything fits, otherwise the last layers that fit keep their
+/// activations and the others are recomputed.
+pub fn checkpointing_choice(
     configured: Option<bool>,
     cfg: &crate::models::qwen3_5::config::TextConfig,
     longest_tokens: usize,
-) -> (bool, String) {
+    budget: u64,
+) -> Recompute {
     if let Some(on) = configured {
-        return (on, " (disable_gradient_checkpointing)".into());
+        return Recompute { checkpointing: on, keep_last: 0, why: " (disable_gradient_checkpointing)".into() };
     }
     let bytes = activation_bytes(cfg, longest_tokens);
-    let mb = bytes as f64 / 1e6;
-    let limit = CHECKPOINTING_FROM_BYTES >> 20;
-    if bytes <= CHECKPOINTING_FROM_BYTES {
-        (false, format!(" (activations of the longest micro-batch ~{mb:.0} MB: they fit, recomputing would only cost time; on from {limit} MiB or with disable_gradient_checkpointing: false)"))
-    } else {
-        (
-            true,
-            format!(
-                " (activations of the longest micro-batch ~{mb:.0} MB; off with disable_gradient_checkpointing: true)"
+    let mb = |b: u64| b as f64 / 1e6;
+    let limit = budget >> 20;
+    if bytes <= budget {
+        return Recompute {
+            checkpointing: false,
+            keep_last: 0,
+            why: format!(
+                " (activations of the longest micro-batch ~{:.0} MB fit the {limit} MiB budget: recomputing would \
+                 only cost time; FERROTUNE_ACTIVATION_BUDGET_MB sets the budget, disable_gradient_checkpointing: false \
+                 recomputes every layer)",
+                mb(bytes)
             ),
+        };
+    }
+    let (mut kept, mut keep_last) = (0u64, 0usize);
+    for &kind in cfg.layer_types.iter().rev() {
+        let b = layer_activation_bytes(cfg, kind, longest_tokens);
+        if kept + b > budget {
+            break;
+        }
+        kept += b;
+        keep_last += 1;
+    }
+    let n = cfg.layer_types.len();
+    let which = if keep_last == 0 {
+        format!(
+            "every layer recomputed (one layer's ~{:.0} MB is over",
+            mb(layer_activation_bytes(cfg, cfg.layer_types[n - 1], longest_tokens))
         )
+    } else {
+        format!(
+            "layers 0–{} recomputed, {}–{} keep theirs (~{:.0} MB, within",
+            n - keep_last - 1,
+            n - keep_last,
+            n - 1,
+            mb(kept)
+        )
+    };
+    Recompute {
+        checkpointing: true,
+        keep_last,
+        why: format!(
+            " (activations of the longest micro-batch ~{:.0} MB: {which} the {limit} MiB budget; \
+             FERROTUNE_ACTIVATION_BUDGET_MB sets it, disable_gradient_checkpointing: true keeps all)",
+            mb(bytes)
+        ),
     }
 }
 

@@ -14,6 +14,7 @@ use super::batch::{micro_batch, MicroBatch};
 use crate::data::Sample;
 use crate::image::ImageProcessorConfig;
 use crate::models::qwen3_5::text::lm_logits;
+use crate::models::qwen3_5::text::DecoderLayer;
 use crate::models::qwen3_5::Qwen3_5;
 use crate::nn::linear::seed_dropout;
 use crate::parallel::Workers;
@@ -73,6 +74,9 @@ pub struct StepOptions {
     /// Multiplier of the loss before backward (1 / micro-batches in the accumulation window).
     pub scale: f64,
     pub checkpointing: bool,
+    /// With checkpointing, how many layers at the end keep their activations (a memory budget's worth): they run
+    /// with the head as one segment and are not recomputed.
+    pub keep_last: usize,
     /// Whether embeddings / the vision tower are trainable (full fine-tuning).
     pub train_embeddings: bool,
     /// Seed of this micro-batch's dropout masks.
@@ -113,19 +117,39 @@ fn decoder_loss(
 ) -> Result<(Tensor, usize)> {
     let mut x = embed(model, mb, tracked)?;
     for (i, layer) in model.layers.iter().enumerate() {
-        if let Some(seed) = dropout {
-            seed_dropout(layer_seed(seed, i));
-        }
-        x = layer.forward(&x, &mb.rope, None, dropout.is_some(), mb.segments.as_ref())?;
-        if !keep_graph {
-            x = x.detach();
+        for half in [Half::Mixer, Half::Mlp] {
+            if let Some(seed) = dropout {
+                seed_dropout(half_seed(seed, i, half));
+            }
+            x = half.forward(layer, &x, mb, dropout.is_some())?;
+            if !keep_graph {
+                x = x.detach();
+            }
         }
     }
     head_loss(model, &x, &mb.labels, keep_graph)
 }
 
-fn layer_seed(seed: u64, layer: usize) -> u64 {
-    seed.wrapping_mul(1_000_003).wrapping_add(layer as u64)
+/// The two residual halves of a decoder layer: the unit of gradient checkpointing, so that a backward holds the
+/// activations of one half (at the 4B shapes an MLP's or a mixer's take hundreds of megabytes) rather than both.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Half {
+    Mixer,
+    Mlp,
+}
+
+impl Half {
+    fn forward(self, layer: &DecoderLayer, x: &Tensor, mb: &MicroBatch, train: bool) -> Result<Tensor> {
+        Ok(match self {
+            Half::Mixer => layer.forward_mixer(x, &mb.rope, None, train, mb.segments.as_ref())?,
+            Half::Mlp => layer.forward_mlp(x, train)?,
+        })
+    }
+}
+
+/// Dropout seed of one half of a layer (a recomputation reseeds with it, so it draws the same masks).
+fn half_seed(seed: u64, layer: usize, half: Half) -> u64 {
+    seed.wrapping_mul(1_000_003).wrapping_add(2 * layer as u64 + (half == Half::Mlp) as u64)
 }
 
 /// Final norm, head and mean cross-entropy over the shifted label positions. `h`: (B, S, D). Without
@@ -231,7 +255,6 @@ pub fn forward_backward(
     acc: &mut GradAccum,
     opts: StepOptions,
 ) -> Result<StepStats> {
-    let layer_seed = |i: usize| layer_seed(opts.dropout_seed, i);
     if !opts.checkpointing {
         let (loss, n) = forward_loss(model, mb, opts.train_embeddings, true, opts.dropout_seed)?;
         let value = loss.to_scalar::<f32>()? as f64;
@@ -242,16 +265,27 @@ pub fn forward_backward(
         return Ok(StepStats { loss: value, tokens: n });
     }
 
-    // 1. Forward without keeping activations: remember each layer's input.
+    // 1. Forward without keeping activations: remember the input of each recomputed layer half.
+    let split = model.layers.len() - opts.keep_last.min(model.layers.len());
+    let halves: Vec<(&DecoderLayer, Half, usize)> =
+        model.layers[..split].iter().enumerate().flat_map(|(i, l)| [(l, Half::Mixer, i), (l, Half::Mlp, i)]).collect();
     let mut inputs = vec![embed(model, mb, false)?];
-    for (i, layer) in model.layers.iter().enumerate() {
-        seed_dropout(layer_seed(i));
-        let x = layer.forward(inputs.last().expect("non-empty"), &mb.rope, None, true, mb.segments.as_ref())?.detach();
+    for &(layer, half, i) in &halves {
+        seed_dropout(half_seed(opts.dropout_seed, i, half));
+        let x = half.forward(layer, inputs.last().expect("non-empty"), mb, true)?.detach();
         inputs.push(x);
     }
-    // 2. Head segment.
-    let h = Var::from_tensor(inputs.last().expect("non-empty"))?;
-    let (loss, n) = head_loss(model, h.as_tensor(), &mb.labels, true)?;
+    // 2. Head segment: the kept layers and the loss, with their graph.
+    let h = Var::from_tensor(&inputs.pop().expect("non-empty"))?;
+    let mut x = h.as_tensor().clone();
+    for (i, layer) in model.layers.iter().enumerate().skip(split) {
+        for half in [Half::Mixer, Half::Mlp] {
+            seed_dropout(half_seed(opts.dropout_seed, i, half));
+            x = half.forward(layer, &x, mb, true)?;
+        }
+    }
+    let (loss, n) = head_loss(model, &x, &mb.labels, true)?;
+    drop(x);
     let value = loss.to_scalar::<f32>()? as f64;
     if n == 0 {
         return Ok(StepStats { loss: value, tokens: 0 });
@@ -259,12 +293,12 @@ pub fn forward_backward(
     let store = (loss * opts.scale)?.backward()?;
     acc.add(&store, params)?;
     let mut dy = store.get(h.as_tensor()).cloned().ok_or_else(|| anyhow::anyhow!("no gradient reached the head"))?;
-    drop(store);
-    // 3. Layers in reverse: recompute with the same dropout masks, then VJP.
-    for (i, layer) in model.layers.iter().enumerate().rev() {
-        seed_dropout(layer_seed(i));
-        let x = Var::from_tensor(&inputs[i])?;
-        let y = layer.forward(x.as_tensor(), &mb.rope, None, true, mb.segments.as_ref())?;
+    drop((store, h));
+    // 3. Halves in reverse: recompute with the same dropout masks, then VJP; each input is dropped once used.
+    for &(layer, half, i) in halves.iter().rev() {
+        seed_dropout(half_seed(opts.dropout_seed, i, half));
+        let x = Var::from_tensor(&inputs.pop().expect("one input per half"))?;
+        let y = half.forward(layer, x.as_tensor(), mb, true)?;
         let store = (y * &dy)?.sum_all()?.backward()?;
         acc.add(&store, params)?;
         dy = store.get(x.as_tensor()).cloned().ok_or_else(|| anyhow::anyhow!("no gradient reached layer {i}"))?;

@@ -117,7 +117,8 @@ fn neat_packing_equals_the_samples_one_by_one() {
     for m in members.iter().take(2) {
         for &i in m {
             let w = label_tokens(&alone[i]) as f64 / total as f64;
-            let o = StepOptions { scale: w, checkpointing: false, train_embeddings: false, dropout_seed: 0 };
+            let o =
+                StepOptions { scale: w, checkpointing: false, keep_last: 0, train_embeddings: false, dropout_seed: 0 };
             forward_backward(&model, &batch(&model, &[&alone[i]]), &params, &mut want_acc, o).unwrap();
         }
     }
@@ -125,7 +126,7 @@ fn neat_packing_equals_the_samples_one_by_one() {
     let mut worst_grad = 0f64;
     for checkpointing in [false, true] {
         let mut acc = GradAccum::default();
-        let o = StepOptions { scale: 1.0, checkpointing, train_embeddings: false, dropout_seed: 0 };
+        let o = StepOptions { scale: 1.0, checkpointing, keep_last: 0, train_embeddings: false, dropout_seed: 0 };
         forward_backward(&model, &mb, &params, &mut acc, o).unwrap();
         let got = acc.take(&params);
         for (k, (g, w)) in got.iter().zip(&want).enumerate() {

@@ -115,9 +115,10 @@ fn loss_and_every_lora_gradient_equal_peft() {
         let mb = samples.micro_batch(&model, 0);
         assert!(mb.images.is_some(), "sample 0 has an image");
         let params: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-        for checkpointing in [false, true] {
+        // Every layer kept, every layer recomputed, and a budget's split (the last two kept).
+        for (checkpointing, keep_last) in [(false, 0), (true, 0), (true, 2)] {
             let mut acc = GradAccum::default();
-            let opts = StepOptions { scale: 1.0, checkpointing, train_embeddings: false, dropout_seed: 0 };
+            let opts = StepOptions { scale: 1.0, checkpointing, keep_last, train_embeddings: false, dropout_seed: 0 };
             let stats = forward_backward(&model, &mb, &params, &mut acc, opts).unwrap();
             let rel_loss = (stats.loss - want_loss).abs() / want_loss;
             assert!(rel_loss < 1e-5, "{set}: loss {} vs PEFT {want_loss} (rel {rel_loss:e})", stats.loss);
@@ -129,10 +130,13 @@ fn loss_and_every_lora_gradient_equal_peft() {
                 let norm = want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(norm > 0.0, "{set}: PEFT's gradient of {name} is zero; the fixture cannot test it");
                 let r = rel(g, want);
-                assert!(r < 1e-4, "{set} (checkpointing {checkpointing}): {name} gradient rel err {r:e}");
+                assert!(
+                    r < 1e-4,
+                    "{set} (checkpointing {checkpointing}, {keep_last} kept): {name} gradient rel err {r:e}"
+                );
                 worst = worst.max(r);
             }
-            eprintln!("{set} checkpointing={checkpointing}: loss rel err {rel_loss:e}, worst gradient rel err {worst:e} over {} tensors", vars.len());
+            eprintln!("{set} checkpointing={checkpointing} kept={keep_last}: loss rel err {rel_loss:e}, worst gradient rel err {worst:e} over {} tensors", vars.len());
         }
     }
 }
@@ -162,6 +166,7 @@ fn twenty_steps_match_hf_trainer() {
             let opts = StepOptions {
                 scale: 1.0 / accum as f64,
                 checkpointing: j % 2 == 0,
+                keep_last: 0,
                 train_embeddings: false,
                 dropout_seed: 0,
             };
@@ -206,7 +211,7 @@ fn full_fine_tuning_gradients_equal_transformers() {
     let mb = samples.micro_batch(&model, 0);
     for checkpointing in [false, true] {
         let mut acc = GradAccum::default();
-        let opts = StepOptions { scale: 1.0, checkpointing, train_embeddings: true, dropout_seed: 0 };
+        let opts = StepOptions { scale: 1.0, checkpointing, keep_last: 0, train_embeddings: true, dropout_seed: 0 };
         let stats = forward_backward(&model, &mb, &params, &mut acc, opts).unwrap();
         let wl = want["loss"].as_f64().unwrap();
         assert!((stats.loss - wl).abs() / wl < 1e-5, "loss {} vs {wl}", stats.loss);

@@ -270,7 +270,7 @@ fn window_grads(
     let units = window_units(&batches, |i| label_tokens(&train[i]), split, |j| j as u64);
     assert_eq!(units.len(), if split { 8 } else { 2 });
     let mut acc = GradAccum::default();
-    let so = StepOptions { scale: 1.0, checkpointing, train_embeddings: false, dropout_seed: 0 };
+    let so = StepOptions { scale: 1.0, checkpointing, keep_last: 0, train_embeddings: false, dropout_seed: 0 };
     let stop = AtomicBool::new(false);
     let losses = window_backward(&model, &units, 2, &build, &params, &mut acc, so, workers, &stop).unwrap().unwrap();
     let grads = acc
@@ -341,4 +341,34 @@ fn two_sample_workers_train_the_same_adapter_as_one() {
     assert_eq!(outs[0].0.len(), 4, "12 rows, batch 3, accumulation 2, 2 epochs");
     assert_eq!(outs[0].0, outs[1].0, "losses per step");
     assert!(outs[0].1 == outs[1].1, "the adapters differ");
+}
+
+#[test]
+fn an_activation_budget_keeps_the_last_layers_that_fit_and_recomputes_the_rest() {
+    use ferrotune_core::models::qwen3_5::config::Config;
+    use ferrotune_core::train::run::{activation_bytes, checkpointing_choice, layer_activation_bytes};
+    let json = ferrotune_core::weights::read_config_json(&tiny_checkpoint()).unwrap();
+    let cfg = Config::from_json(&json).unwrap().text;
+    let kinds = cfg.layer_types.clone();
+    assert_eq!(kinds.len(), 4);
+    let tokens = 300;
+    let layer = |i: usize| layer_activation_bytes(&cfg, kinds[i], tokens);
+    // The full-attention layer (the last) also keeps its scores: more than a linear-attention layer.
+    assert!(layer(3) > layer(2));
+    assert_eq!(activation_bytes(&cfg, tokens), (0..4).map(layer).sum::<u64>());
+
+    let all = checkpointing_choice(None, &cfg, tokens, activation_bytes(&cfg, tokens));
+    assert!(!all.checkpointing, "everything fits: nothing is recomputed ({})", all.why);
+    let two = checkpointing_choice(None, &cfg, tokens, layer(3) + layer(2));
+    assert_eq!((two.checkpointing, two.keep_last), (true, 2), "{}", two.why);
+    assert!(two.why.contains("layers 0–1 recomputed, 2–3 keep theirs"), "{}", two.why);
+    let one = checkpointing_choice(None, &cfg, tokens, layer(3) + layer(2) - 1);
+    assert_eq!((one.checkpointing, one.keep_last), (true, 1), "{}", one.why);
+    let none = checkpointing_choice(None, &cfg, tokens, layer(3) - 1);
+    assert_eq!((none.checkpointing, none.keep_last), (true, 0), "{}", none.why);
+    assert!(none.why.contains("every layer recomputed"), "{}", none.why);
+    // A config that says what to do is obeyed whatever the budget.
+    let on = checkpointing_choice(Some(true), &cfg, tokens, u64::MAX);
+    assert_eq!((on.checkpointing, on.keep_last), (true, 0));
+    assert!(!checkpointing_choice(Some(false), &cfg, tokens, 0).checkpointing);
 }

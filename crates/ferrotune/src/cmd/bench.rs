@@ -51,6 +51,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 rank: args.rank,
                 targets: ferrotune_core::lora::ALL_DECODER_LINEARS.iter().map(|s| s.to_string()).collect(),
                 checkpointing: !args.no_checkpointing,
+                keep_layers: args.keep_layers,
             };
             bench::train(&model, &opts, base, &dev)?
         }

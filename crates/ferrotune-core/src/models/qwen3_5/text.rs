@@ -456,14 +456,30 @@ impl DecoderLayer {
         train: bool,
         segments: Option<&Segments>,
     ) -> candle_core::Result<Tensor> {
+        let x = self.forward_mixer(x, rope, cache, train, segments)?;
+        self.forward_mlp(&x, train)
+    }
+
+    /// The first residual half: `x + mixer(norm(x))`.
+    pub fn forward_mixer(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        cache: Option<&mut LayerCache>,
+        train: bool,
+        segments: Option<&Segments>,
+    ) -> candle_core::Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
         let h = match &self.mixer {
             Mixer::Full(attn) => attn.forward(&h, &rope.0, &rope.1, cache, train, segments)?,
             Mixer::Linear(gdn) => gdn.forward(&h, cache, train, segments)?,
         };
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, train)?;
         x + h
+    }
+
+    /// The second residual half: `x + mlp(norm(x))`.
+    pub fn forward_mlp(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        x + self.mlp.forward(&self.post_attention_layernorm.forward(x)?, train)?
     }
 }
 
