@@ -154,7 +154,8 @@ pub static KEYS: &[KeyDef] = &[
         Bool,
         "false",
         "Keep every layer's activations instead of recomputing them in the backward pass (faster, more memory). \
-         Unset: recompute only when the longest micro-batch's activations would pass 512 MiB.",
+         Unset: keep activations within 512 MiB for the longest micro-batch (FERROTUNE_ACTIVATION_BUDGET_MB sets it), \
+         those of the last layers that fit when not all do, and recompute the rest.",
     ),
     inert("use_reentrant_gc", Model, "true", "ferrotune manages activation memory itself"),
     inert("infer_backend", Model, "\"huggingface\"", OWN_ENGINE),
