@@ -117,6 +117,7 @@ macro_rules! wide_fn {
         }
     };
 }
+pub(crate) use wide_fn;
 
 wide_fn! {
     /// `o[i]` = `x[i]` rounded to bf16 and back.

@@ -91,15 +91,27 @@ pub fn quantize_rows(n: usize, k: usize, row: impl Fn(usize, &mut [f32]) + Sync)
         || vec![0f32; k],
         |buf, (r, (qr, s))| {
             row(r, buf);
-            let max = buf.iter().fold(0f32, |m, v| m.max(v.abs()));
-            *s = if max > 0.0 { max / 127.0 } else { 1.0 };
-            let inv = 1.0 / *s;
-            for (o, v) in qr.iter_mut().zip(buf.iter()) {
-                *o = ((v * inv).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
-            }
+            quantize_row(qr, s, buf);
         },
     );
     (q, scales)
+}
+
+super::amx::wide_fn! {
+    /// One row of [`quantize_rows`] (as AVX-512 code where the CPU has it: the rounding then vectorises instead of
+    /// calling `roundf` per element, with the same results).
+    fn quantize_row(qr: &mut [u8], s: &mut f32, buf: &[f32]) {
+        let max = buf.iter().fold(0f32, |m, v| m.max(v.abs()));
+        *s = if max > 0.0 { max / 127.0 } else { 1.0 };
+        let inv = 1.0 / *s;
+        for (o, v) in qr.iter_mut().zip(buf.iter()) {
+            let r = (v * inv).round().clamp(-127.0, 127.0);
+            // NaN becomes 0, as `as i32` would make it; the unchecked conversion then vectorises.
+            let r = if r.is_nan() { 0.0 } else { r };
+            // SAFETY: r is finite and within ±127.
+            *o = (unsafe { r.to_int_unchecked::<i32>() } + 128) as u8;
+        }
+    }
 }
 
 /// `x (m, k) @ wᵀ` for `w` (n, k): (m, n), row-major.
@@ -490,6 +502,20 @@ mod tests {
                 assert!((back - v).abs() <= 0.5 * max / 127.0 * (1.0 + 1e-5), "row {r} col {c}: {v} → {back}");
             }
         }
+    }
+
+    #[test]
+    fn int8_ties_round_away_from_zero_and_nan_becomes_zero() {
+        // Scale 1 (max 127): halves are exact ties; 300 is past the vector width, so the wide loop and its tail run.
+        let mut row = vec![0f32; 300];
+        row[..8].copy_from_slice(&[127.0, 2.5, -2.5, 0.5, -0.5, f32::NAN, -127.0, 126.49999]);
+        row[299] = -3.5;
+        let (q, scales) = quantize_rows(1, 300, |_, out| out.copy_from_slice(&row));
+        assert_eq!(scales, [1.0]);
+        let got: Vec<i32> = q.iter().map(|&v| v as i32 - 128).collect();
+        assert_eq!(&got[..8], &[127, 3, -3, 1, -1, 0, -127, 126]);
+        assert_eq!(got[299], -4);
+        assert!(got[8..299].iter().all(|&v| v == 0));
     }
 
     #[test]
