@@ -180,28 +180,27 @@ impl Checkpoint {
         let dtype =
             DType::try_from(info.dtype).map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", shard.path.display()))?;
         let what = |e: candle_core::Error| anyhow::anyhow!("{}: tensor {name}: {e}", shard.path.display());
-        let n: usize = info.shape.iter().product();
         let mut handed = shard.in_place.lock().unwrap_or_else(|e| e.into_inner());
         let first = !handed.contains(name);
         #[cfg(unix)]
-        if let (ShardMap::InPlace(map), true, true) = (&shard.map, device.is_cpu(), first) {
-            // SAFETY: each name's range is handed out once (`in_place`), ranges of different tensors are
-            // disjoint (safetensors checks that the offsets tile the data), and the element types are plain numbers.
-            let t = unsafe {
-                match dtype {
-                    DType::BF16 => {
-                        map.vec::<half::bf16>(start, n).map(|v| Tensor::from_vec(v, info.shape.as_slice(), device))
+        if let ShardMap::InPlace(map) = &shard.map {
+            if device.is_cpu() && first {
+                let (shape, dev) = (info.shape.as_slice(), device);
+                // SAFETY: each name's range is handed out once (`in_place`), ranges of different tensors are
+                // disjoint (safetensors checks that the offsets tile the data), and the element types are plain
+                // numbers.
+                let t = unsafe {
+                    match dtype {
+                        DType::BF16 => in_place::<half::bf16>(map, start, shape, dev),
+                        DType::F16 => in_place::<half::f16>(map, start, shape, dev),
+                        DType::F32 => in_place::<f32>(map, start, shape, dev),
+                        _ => None,
                     }
-                    DType::F16 => {
-                        map.vec::<half::f16>(start, n).map(|v| Tensor::from_vec(v, info.shape.as_slice(), device))
-                    }
-                    DType::F32 => map.vec::<f32>(start, n).map(|v| Tensor::from_vec(v, info.shape.as_slice(), device)),
-                    _ => None,
+                };
+                if let Some(t) = t {
+                    handed.insert(name.to_owned());
+                    return t.map_err(what);
                 }
-            };
-            if let Some(t) = t {
-                handed.insert(name.to_owned());
-                return t.map_err(what);
             }
         }
         let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, device).map_err(what)?;
@@ -238,6 +237,21 @@ impl Checkpoint {
             if near.is_empty() { String::new() } else { format!("; similar names present: {}", near.join(", ")) };
         format!("{}: the checkpoint has no tensor `{name}`{hint}", self.dir.display())
     }
+}
+
+/// The tensor of `shape` whose `T` elements start at byte `start` of `map`, owning them in place (None when the
+/// range cannot be: misaligned or empty).
+///
+/// # Safety
+/// As [`crate::mapped::Mapping::vec`]: no other buffer of `map` overlaps the range.
+#[cfg(unix)]
+unsafe fn in_place<T: candle_core::WithDType>(
+    map: &crate::mapped::Mapping,
+    start: usize,
+    shape: &[usize],
+    device: &Device,
+) -> Option<candle_core::Result<Tensor>> {
+    map.vec::<T>(start, shape.iter().product()).map(|v| Tensor::from_vec(v, shape, device))
 }
 
 /// Reads `config.json` of a checkpoint directory as JSON.

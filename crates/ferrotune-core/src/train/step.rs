@@ -115,8 +115,21 @@ fn decoder_loss(
     dropout: Option<u64>,
     keep_graph: bool,
 ) -> Result<(Tensor, usize)> {
-    let mut x = embed(model, mb, tracked)?;
-    for (i, layer) in model.layers.iter().enumerate() {
+    let x = run_layers(model, 0, embed(model, mb, tracked)?, mb, dropout, keep_graph)?;
+    head_loss(model, &x, &mb.labels, keep_graph)
+}
+
+/// Decoder layers `first..` on `x`, both halves of each, dropout seeded per half from `dropout` when training;
+/// without `keep_graph` each half's output is detached.
+fn run_layers(
+    model: &Qwen3_5,
+    first: usize,
+    mut x: Tensor,
+    mb: &MicroBatch,
+    dropout: Option<u64>,
+    keep_graph: bool,
+) -> Result<Tensor> {
+    for (i, layer) in model.layers.iter().enumerate().skip(first) {
         for half in [Half::Mixer, Half::Mlp] {
             if let Some(seed) = dropout {
                 seed_dropout(half_seed(seed, i, half));
@@ -127,7 +140,7 @@ fn decoder_loss(
             }
         }
     }
-    head_loss(model, &x, &mb.labels, keep_graph)
+    Ok(x)
 }
 
 /// The two residual halves of a decoder layer: the unit of gradient checkpointing, so that a backward holds the
@@ -277,13 +290,7 @@ pub fn forward_backward(
     }
     // 2. Head segment: the kept layers and the loss, with their graph.
     let h = Var::from_tensor(&inputs.pop().expect("non-empty"))?;
-    let mut x = h.as_tensor().clone();
-    for (i, layer) in model.layers.iter().enumerate().skip(split) {
-        for half in [Half::Mixer, Half::Mlp] {
-            seed_dropout(half_seed(opts.dropout_seed, i, half));
-            x = half.forward(layer, &x, mb, true)?;
-        }
-    }
+    let x = run_layers(model, split, h.as_tensor().clone(), mb, Some(opts.dropout_seed), true)?;
     let (loss, n) = head_loss(model, &x, &mb.labels, true)?;
     drop(x);
     let value = loss.to_scalar::<f32>()? as f64;
