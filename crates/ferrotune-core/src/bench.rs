@@ -356,6 +356,16 @@ pub fn kernels(hidden: usize, inter: usize, m: usize, reps: usize) -> Result<Vec
         let name = format!("AMX bf16 peak ({threads} threads, tiles only)");
         rows.push(KernelRow { name, seconds: s, gflops: Some(flops / s / 1e9), gbytes: 0.0 });
     }
+    if crate::nn::dpbf16::available() {
+        let steps = 50_000_000usize;
+        let t0 = Instant::now();
+        let total: f32 = rayon::broadcast(|_| crate::nn::dpbf16::peak_loop(steps)).into_iter().sum();
+        let s = t0.elapsed().as_secs_f64();
+        std::hint::black_box(total);
+        let flops = (threads * steps) as f64 * crate::nn::dpbf16::PEAK_FLOPS_PER_STEP;
+        let name = format!("AVX512-BF16 peak ({threads} threads, registers only)");
+        rows.push(KernelRow { name, seconds: s, gflops: Some(flops / s / 1e9), gbytes: 0.0 });
+    }
     // Read bandwidth.
     // XOR of u64 words: vectorises fully, so the pass is limited by memory, not by adds.
     let buf: Vec<u64> = (0..(1u64 << 27)).collect();
@@ -376,7 +386,13 @@ pub fn kernels(hidden: usize, inter: usize, m: usize, reps: usize) -> Result<Vec
     let w8 = crate::nn::Param::new("w", w16.clone()).quantize_int8()?;
     let mut wbf = crate::nn::Param::new("w", w16.clone());
     wbf.bf16_products = true;
-    let bf_label = if crate::nn::amx::available() { "bf16, bf16 products on AMX" } else { "bf16, bf16 products" };
+    let bf_label = if crate::nn::amx::available() {
+        "bf16, bf16 products on AMX"
+    } else if crate::nn::dpbf16::available() {
+        "bf16, bf16 products on AVX512-BF16"
+    } else {
+        "bf16, bf16 products"
+    };
     let weights = [
         ("f32", crate::nn::Param::new("w", w32)),
         ("bf16", crate::nn::Param::new("w", w16)),

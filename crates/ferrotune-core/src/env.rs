@@ -40,7 +40,7 @@ pub fn report() -> Vec<(String, String)> {
         format!(
             "CPU computes in f32; bf16 base weights stay as stored, their products in bf16 ({}); \
              on CUDA bf16 weights with f32 LoRA and optimizer state",
-            if crate::nn::amx::available() { "AMX tiles" } else { "no AMX here: widened to f32 kernels" }
+            crate::nn::frozen::bf16_products_engine()
         ),
     );
     push("models", crate::models::SUPPORTED.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(", "));

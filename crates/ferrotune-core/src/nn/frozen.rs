@@ -7,8 +7,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::amx;
 use super::mixed::{self, SMALL_M};
+use super::{amx, dpbf16};
 
 struct FrozenMatmul {
     /// (out, in), not tracked.
@@ -133,11 +133,25 @@ impl CustomOp1 for InputGrad {
     }
 }
 
-/// `x @ wᵀ` with x rounded to bf16: on AMX tiles where the CPU has them and the shapes fit, otherwise the
-/// rounded activations through the widening kernels (the same products, summed in another order).
+/// Where products with bf16 weights (activations rounded to bf16) run on this CPU, in words.
+pub fn bf16_products_engine() -> &'static str {
+    if amx::available() {
+        "AMX tiles"
+    } else if dpbf16::available() {
+        "AVX512-BF16 dot products"
+    } else {
+        "widened to f32 kernels: this CPU has neither AMX nor AVX512-BF16"
+    }
+}
+
+/// `x @ wᵀ` with x rounded to bf16: on AMX tiles where the CPU has them and the shapes fit, else with AVX512-BF16
+/// dot products, otherwise the rounded activations through the widening kernels (the same products, summed in
+/// another order).
 fn bf16_xwt(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize) -> Vec<f32> {
     if m > SMALL_M && amx::available() && amx::fits_xwt(n, k) {
         amx::matmul_xwt(x, m, k, w, n)
+    } else if m > SMALL_M && dpbf16::available() && dpbf16::fits_xwt(k) {
+        dpbf16::matmul_xwt(x, m, k, w, n)
     } else {
         mixed::matmul_xwt(&amx::round_to_bf16(x), m, k, mixed::Packed::Bf16(w), n)
     }
@@ -147,6 +161,8 @@ fn bf16_xwt(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize) -> Vec<f3
 fn bf16_gw(g: &[f32], m: usize, n: usize, w: &[half::bf16], k: usize) -> Vec<f32> {
     if m > SMALL_M && amx::available() && amx::fits_gw(n, k) {
         amx::matmul_gw(g, m, n, w, k)
+    } else if m > SMALL_M && dpbf16::available() && dpbf16::fits_gw(n) {
+        dpbf16::matmul_gw(g, m, n, w, k)
     } else {
         mixed::matmul_gw(&amx::round_to_bf16(g), m, n, mixed::Packed::Bf16(w), k)
     }
@@ -273,7 +289,7 @@ pub fn frozen_matmul_param(x: &Tensor, w: &super::Param) -> Result<Tensor> {
 /// Whether products with `w` convert the whole matrix on every call (16-bit or int8 weights through the
 /// widening kernels, on the CPU): callers then make few calls with many rows rather than many small ones.
 pub fn widens_per_call(w: &super::Param) -> bool {
-    let tiles = w.bf16_products && w.dtype() == DType::BF16 && amx::available();
+    let tiles = w.bf16_products && w.dtype() == DType::BF16 && (amx::available() || dpbf16::available());
     w.device().is_cpu() && compact(&w.tensor, w.scales.as_ref()) && !tiles
 }
 

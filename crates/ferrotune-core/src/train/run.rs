@@ -95,14 +95,15 @@ pub fn device_for(plan: &Plan, requested: Option<DeviceSpec>) -> Result<(Device,
     }
     let note = if plan.quantization_bit == Some(8) {
         "CPU: frozen base matrices quantized to per-row int8 at load (quantization_bit: 8), computing in f32"
-    } else if plan.train.bf16 && crate::nn::amx::available() {
-        "CPU: bf16 base weights stay as stored (bf16: true); frozen products in bf16 on AMX tiles, f32 \
-         accumulation, the rest in f32"
+            .to_string()
     } else if plan.train.bf16 {
-        "CPU: bf16 base weights stay as stored (bf16: true); frozen products in bf16 (widened to f32 kernels: this \
-         CPU has no AMX), the rest in f32"
+        format!(
+            "CPU: bf16 base weights stay as stored (bf16: true); frozen products in bf16 ({}), f32 accumulation, \
+             the rest in f32",
+            crate::nn::frozen::bf16_products_engine()
+        )
     } else {
-        "CPU: base weights converted to f32 (bf16: false), computing in f32"
+        "CPU: base weights converted to f32 (bf16: false), computing in f32".to_string()
     };
     Ok((Device::Cpu, DType::F32, format!("{note}{why_cpu}")))
 }

@@ -116,13 +116,20 @@ fn kernels(args: &BenchArgs) -> Result<ExitCode> {
     let peak = find("f32 FMA peak").and_then(|r| r.gflops).unwrap_or(f64::NAN);
     // Products on the tile units are measured against the tiles' own peak.
     let amx_peak = find("AMX bf16 peak").and_then(|r| r.gflops).unwrap_or(f64::NAN);
+    let dp_peak = find("AVX512-BF16 peak").and_then(|r| r.gflops).unwrap_or(f64::NAN);
     let bw = find("read bandwidth").map_or(f64::NAN, |r| r.gbytes);
-    println!("\n| kernel | ms | GFLOP/s | % of peak (FMA, or AMX for AMX rows) | weight GB/s | % of read bandwidth |");
+    println!("\n| kernel | ms | GFLOP/s | % of peak (FMA; AMX or AVX512-BF16 for their rows) | weight GB/s | % of read bandwidth |");
     println!("|---|---|---|---|---|---|");
     for r in &rows {
         let (g, gp) = match r.gflops {
             Some(g) => {
-                let p = if r.name.contains("AMX") { amx_peak } else { peak };
+                let p = if r.name.contains("AMX") {
+                    amx_peak
+                } else if r.name.contains("AVX512-BF16") {
+                    dp_peak
+                } else {
+                    peak
+                };
                 (format!("{g:.1}"), format!("{:.0}%", 100.0 * g / p))
             }
             None => ("–".into(), "–".into()),
