@@ -90,9 +90,9 @@ pub fn round_to_bf16(x: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Defines a function whose body is compiled for AVX-512 as well and runs so where the CPU has it: the default
-/// x86-64 target allows SSE2 only, and these packing and rounding loops move every element of a product. Every
-/// AMX CPU has AVX-512 F and BW, which [`detect`] checks.
+/// Defines a function whose body is compiled for AVX-512 (and AVX2 + FMA) as well and runs so where the CPU has
+/// it: the default x86-64 target allows SSE2 only, and these loops move every element of a product or a state.
+/// Every AMX CPU has AVX-512 F and BW, which [`detect`] checks.
 macro_rules! wide_fn {
     ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
         $(#[$m])*
@@ -111,6 +111,15 @@ macro_rules! wide_fn {
                 if std::is_x86_feature_detected!("avx512bw") {
                     // SAFETY: the CPU has the features `wide` is compiled for.
                     return unsafe { wide($($a),*) };
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn wide2($($a: $t),*) {
+                    body($($a),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { wide2($($a),*) };
                 }
             }
             body($($a),*)

@@ -3,6 +3,7 @@
 //! (the embedding matrix when tied).
 
 pub mod config;
+pub mod delta;
 pub mod gdn;
 pub mod init;
 pub mod text;

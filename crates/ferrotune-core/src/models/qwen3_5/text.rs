@@ -336,8 +336,11 @@ impl GatedDeltaNet {
         let v = heads_first(&v, dv)?.to_dtype(DType::F32)?;
         let g = g.transpose(1, 2)?.contiguous()?.reshape((b * hv, s))?;
         let beta = beta.transpose(1, 2)?.contiguous()?.reshape((b * hv, s))?;
-        // 5. The delta rule: step form for single-token decode, chunked otherwise.
-        let (o, state) = if s == 1 && prev_state.is_some() {
+        // 5. The delta rule: on the CPU one fused op (forward and backward); elsewhere the step form for
+        // single-token decode, chunked otherwise.
+        let (o, state) = if q.device().is_cpu() {
+            super::delta::delta_rule_fused(&q, &k, &v, &g, &beta, prev_state)?
+        } else if s == 1 && prev_state.is_some() {
             gdn::delta_rule_recurrent(&q, &k, &v, &g, &beta, prev_state)?
         } else {
             gdn::delta_rule_chunked(&q, &k, &v, &g, &beta, prev_state)?
