@@ -5,7 +5,7 @@
 //! pass. This op computes the same product and never touches a gradient for W.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::mixed::{self, SMALL_M};
 use super::{amx, dpbf16};
@@ -20,6 +20,67 @@ struct FrozenMatmul {
 }
 
 impl FrozenMatmul {
+    /// `x (m, k) @ Wᵀ` on the CPU for contiguous f32 x and a contiguous W: 16-bit or int8 weights kept compact
+    /// (widened on the fly or multiplied in bf16, f32 accumulation), an f32 W through gemm. None when W is not a
+    /// contiguous CPU tensor of those kinds.
+    fn cpu_xwt(&self, x: &[f32], m: usize, k: usize) -> Result<Option<Vec<f32>>> {
+        let (n, k2) = self.w.dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen matmul: input has {k} features, weight expects {k2}");
+        }
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*ws else { return Ok(None) };
+        if !wl.is_contiguous() {
+            return Ok(None);
+        }
+        let scales = self.scales.as_ref().map(|s| s.storage_and_layout());
+        let scales = cpu_scales(scales.as_ref().map(|(g, l)| (&**g, *l)), n)?;
+        if let Some(half) = packed_weights(w, wl, n, k, scales) {
+            return Ok(Some(match half {
+                mixed::Packed::Bf16(wb) if self.bf16 => bf16_xwt(x, m, k, wb, n),
+                _ => mixed::matmul_xwt(x, m, k, half, n),
+            }));
+        }
+        let CpuStorage::F32(wsl) = w else { return Ok(None) };
+        let wv = &wsl[wl.start_offset()..wl.start_offset() + n * k];
+        // Decoding multiplies one row at a time: a general GEMM would repack all of W for every token, so stream
+        // W's rows instead (memory-bound, no copies).
+        if m <= SMALL_M {
+            return Ok(Some(small_m_matmul(x, wv, m, n, k)));
+        }
+        let mut y = vec![0f32; m * n];
+        // SAFETY: y (m, n), x (m, k) and W (n, k) read as its transpose are row-major buffers of those sizes.
+        unsafe { gemm_f32(m, n, k, y.as_mut_ptr(), n, false, (x.as_ptr(), 1, k), (wv.as_ptr(), k, 1), 1.0) };
+        Ok(Some(y))
+    }
+
+    /// `g (m, n) @ W` on the CPU for contiguous f32 g: the input gradient, for any weight [`Self::cpu_xwt`] takes.
+    fn cpu_gw(&self, g: &[f32], m: usize, n: usize) -> Result<Option<Vec<f32>>> {
+        let (n2, k) = self.w.dims2()?;
+        if n != n2 {
+            candle_core::bail!("frozen matmul backward: gradient has {n} columns, weight has {n2} rows");
+        }
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*ws else { return Ok(None) };
+        if !wl.is_contiguous() {
+            return Ok(None);
+        }
+        let scales = self.scales.as_ref().map(|s| s.storage_and_layout());
+        let scales = cpu_scales(scales.as_ref().map(|(g, l)| (&**g, *l)), n)?;
+        if let Some(half) = packed_weights(w, wl, n, k, scales) {
+            return Ok(Some(match half {
+                mixed::Packed::Bf16(wb) if self.bf16 => bf16_gw(g, m, n, wb, k),
+                _ => mixed::matmul_gw(g, m, n, half, k),
+            }));
+        }
+        let CpuStorage::F32(wsl) = w else { return Ok(None) };
+        let wv = &wsl[wl.start_offset()..wl.start_offset() + n * k];
+        let mut y = vec![0f32; m * k];
+        // SAFETY: y (m, k), g (m, n) and W (n, k) are row-major buffers of those sizes.
+        unsafe { gemm_f32(m, k, n, y.as_mut_ptr(), k, false, (g.as_ptr(), 1, n), (wv.as_ptr(), 1, k), 1.0) };
+        Ok(Some(y))
+    }
+
     fn dims(&self, l: &Layout) -> Result<(usize, usize, usize)> {
         let (m, k) = l.shape().dims2()?;
         let (n, k2) = self.w.dims2()?;
@@ -37,34 +98,16 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (m, n, k) = self.dims(l)?;
-        let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cpu(w) = &*ws else { candle_core::bail!("frozen matmul: weight and input on different devices") };
-        let scales = self.scales.as_ref().map(|s| s.storage_and_layout());
-        let scales = cpu_scales(scales.as_ref().map(|(g, l)| (&**g, *l)), n)?;
-        if let CpuStorage::F32(xs) = s {
-            if l.is_contiguous() && wl.is_contiguous() {
-                let x = &xs[l.start_offset()..l.start_offset() + m * k];
-                // 16-bit or int8 weights kept compact: widened on the fly, accumulated in f32.
-                if let Some(half) = packed_weights(w, wl, n, k, scales) {
-                    let y = match half {
-                        mixed::Packed::Bf16(wb) if self.bf16 => bf16_xwt(x, m, k, wb, n),
-                        _ => mixed::matmul_xwt(x, m, k, half, n),
-                    };
-                    return Ok((CpuStorage::F32(y), Shape::from((m, n))));
-                }
-                // Decoding multiplies one row at a time: a general GEMM would repack all of W for every token,
-                // so stream W's rows instead (memory-bound, no copies).
-                if let CpuStorage::F32(wsl) = w {
-                    if m <= SMALL_M {
-                        let wv = &wsl[wl.start_offset()..wl.start_offset() + n * k];
-                        return Ok((CpuStorage::F32(small_m_matmul(x, wv, m, n, k)), Shape::from((m, n))));
-                    }
-                }
+        if let (CpuStorage::F32(xs), true) = (s, l.is_contiguous()) {
+            if let Some(y) = self.cpu_xwt(&xs[l.start_offset()..l.start_offset() + m * k], m, k)? {
+                return Ok((CpuStorage::F32(y), Shape::from((m, n))));
             }
         }
-        if scales.is_some() {
+        if self.scales.is_some() {
             candle_core::bail!("frozen matmul: int8 weights need f32 activations and a contiguous weight");
         }
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*ws else { candle_core::bail!("frozen matmul: weight and input on different devices") };
         let out = s.matmul(w, (1, m, n, k), l, &wl.transpose(0, 1)?)?;
         Ok((out, Shape::from((m, n))))
     }
@@ -90,6 +133,152 @@ impl CustomOp1 for FrozenMatmul {
         }
         Ok(Some(grad.contiguous()?.matmul(&self.w)?))
     }
+}
+
+/// `dst (m, n) = [dst +] beta · lhs (m, k) · rhs (k, n)` in f32 with gemm, each operand given as (pointer, column
+/// stride, row stride) in elements; dst is row-major with row stride `dst_rs`.
+///
+/// # Safety
+/// Every element the strides address for those dimensions is inside its buffer.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.0,
+        lhs.1 as isize,
+        lhs.2 as isize,
+        rhs.0,
+        rhs.1 as isize,
+        rhs.2 as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        mixed::parallelism(),
+    )
+}
+
+/// `x Wᵀ + scale · (x Aᵀ) Bᵀ` for a frozen W with a LoRA adapter: one op whose forward adds the adapter's
+/// product into the base product's output and whose backward forms dX, dA and dB with a few gemm calls, where the
+/// same expression in tensor ops makes and keeps several (m, out) intermediates (the adapter's output, its
+/// scaled copy, the sum) and passes over each again in the backward.
+struct FrozenLora {
+    base: FrozenMatmul,
+    scale: f32,
+}
+
+/// The contiguous f32 elements of a CPU operand.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) if l.is_contiguous() => Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()]),
+        _ => candle_core::bail!("frozen LoRA matmul: {what} must be contiguous f32"),
+    }
+}
+
+impl CustomOp3 for FrozenLora {
+    fn name(&self) -> &'static str {
+        "frozen-lora-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((m, k), (r, _), (n, _)) = (l1.shape().dims2()?, l2.shape().dims2()?, l3.shape().dims2()?);
+        let (x, a, b) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "A")?, f32_slice(s3, l3, "B")?);
+        let Some(mut y) = self.base.cpu_xwt(x, m, k)? else {
+            candle_core::bail!("frozen LoRA matmul: the base weight must be a contiguous CPU tensor")
+        };
+        let mut u = vec![0f32; m * r];
+        // SAFETY: x (m, k), A (r, k) read as Aᵀ (k, r), u (m, r), B (n, r) read as Bᵀ (r, n), y (m, n).
+        unsafe {
+            gemm_f32(m, r, k, u.as_mut_ptr(), r, false, (x.as_ptr(), 1, k), (a.as_ptr(), k, 1), 1.0);
+            gemm_f32(m, n, r, y.as_mut_ptr(), n, true, (u.as_ptr(), 1, r), (b.as_ptr(), r, 1), self.scale);
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let ((m, k), (r, _), (n, _)) = (x.dims2()?, a.dims2()?, b.dims2()?);
+        let (x, a, b, grad) = (x.contiguous()?, a.contiguous()?, b.contiguous()?, grad.contiguous()?);
+        let (xs, xl) = x.storage_and_layout();
+        let (as_, al) = a.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (Storage::Cpu(xs), Storage::Cpu(as_), Storage::Cpu(bs), Storage::Cpu(gs)) = (&*xs, &*as_, &*bs, &*gs)
+        else {
+            candle_core::bail!("frozen LoRA matmul: operands on different devices")
+        };
+        let (xv, av, bv) = (f32_slice(xs, xl, "x")?, f32_slice(as_, al, "A")?, f32_slice(bs, bl, "B")?);
+        let g = f32_slice(gs, gl, "the gradient")?;
+        let Some(mut dx) = self.base.cpu_gw(g, m, n)? else {
+            candle_core::bail!("frozen LoRA matmul: the base weight must be a contiguous CPU tensor")
+        };
+        let (mut u, mut du) = (vec![0f32; m * r], vec![0f32; m * r]);
+        let (mut da, mut db) = (vec![0f32; r * k], vec![0f32; n * r]);
+        let s = self.scale;
+        // SAFETY: every operand is a row-major buffer of the dimensions named: x (m, k), A (r, k), B (n, r),
+        // G (m, n), u = x Aᵀ and du = s·G B (m, r), dX (m, k), dA (r, k), dB (n, r).
+        unsafe {
+            gemm_f32(m, r, k, u.as_mut_ptr(), r, false, (xv.as_ptr(), 1, k), (av.as_ptr(), k, 1), 1.0);
+            gemm_f32(m, r, n, du.as_mut_ptr(), r, false, (g.as_ptr(), 1, n), (bv.as_ptr(), 1, r), s);
+            gemm_f32(m, k, r, dx.as_mut_ptr(), k, true, (du.as_ptr(), 1, r), (av.as_ptr(), 1, k), 1.0);
+            gemm_f32(n, r, m, db.as_mut_ptr(), r, false, (g.as_ptr(), n, 1), (u.as_ptr(), 1, r), s);
+            gemm_f32(r, k, m, da.as_mut_ptr(), k, false, (du.as_ptr(), r, 1), (xv.as_ptr(), 1, k), 1.0);
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (m, k), dev)?),
+            Some(Tensor::from_vec(da, (r, k), dev)?),
+            Some(Tensor::from_vec(db, (n, r), dev)?),
+        ))
+    }
+}
+
+/// `x (M, K) Wᵀ + scale · (x Aᵀ) Bᵀ` for a frozen parameter W and f32 adapter matrices A (r, K), B (N, r), as
+/// one op on the CPU (gradients to x, A and B). None where the op does not apply (another device, non-f32
+/// activations): the caller then composes tensor ops.
+pub fn frozen_lora_matmul(x: &Tensor, w: &super::Param, a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.is_variable() {
+        return Ok(None);
+    }
+    let (ws, wl) = w.tensor.storage_and_layout();
+    if !matches!(&*ws, Storage::Cpu(_)) || !wl.is_contiguous() {
+        return Ok(None);
+    }
+    drop(ws);
+    let base = FrozenMatmul { w: w.tensor.clone(), scales: w.scales.clone(), bf16: w.bf16_products };
+    let op = FrozenLora { base, scale: scale as f32 };
+    Ok(Some(x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?))
 }
 
 /// `G (M, N) @ W` for a 16-bit or int8 frozen W (N, K) and f32 G: the input gradient of [`FrozenMatmul`].
@@ -370,6 +559,40 @@ mod tests {
             let (a, b) = (g16.get(x.as_tensor()).unwrap(), g32.get(x.as_tensor()).unwrap());
             let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-4, "m={m}: dx differs by {d}");
+        }
+    }
+
+    #[test]
+    fn the_fused_lora_op_equals_the_composed_tensor_ops_and_their_gradients() {
+        let dev = Device::Cpu;
+        let (k, n, r) = (70, 37, 4);
+        let w32 = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let w16 = super::super::Param::new("w", w32.to_dtype(DType::BF16).unwrap());
+        let weights = [super::super::Param::new("w", w32.clone()), w16.clone(), w16.quantize_int8().unwrap()];
+        let a = Var::from_tensor(&Tensor::randn(0f32, 0.3, (r, k), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, (n, r), &dev).unwrap()).unwrap();
+        let rel = |x: &Tensor, y: &Tensor| {
+            let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            d / y.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        for w in &weights {
+            for m in [1, 3, 9, 40] {
+                let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap()).unwrap();
+                let got = frozen_lora_matmul(x.as_tensor(), w, a.as_tensor(), b.as_tensor(), 0.7).unwrap().unwrap();
+                let lora = x.as_tensor().matmul(&a.as_tensor().t().unwrap()).unwrap();
+                let lora = (lora.matmul(&b.as_tensor().t().unwrap()).unwrap() * 0.7).unwrap();
+                let want = (frozen_matmul_param(x.as_tensor(), w).unwrap() + lora).unwrap();
+                assert!(rel(&got, &want) < 1e-5, "{:?} m={m}: {}", w.dtype(), rel(&got, &want));
+                // Weights per output element, so that every gradient is a different function of the inputs.
+                let wo = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
+                let g_got = (got * &wo).unwrap().sum_all().unwrap().backward().unwrap();
+                let g_want = (want * &wo).unwrap().sum_all().unwrap().backward().unwrap();
+                for (name, v) in [("x", x.as_tensor()), ("A", a.as_tensor()), ("B", b.as_tensor())] {
+                    let (p, q) = (g_got.get(v).unwrap(), g_want.get(v).unwrap());
+                    assert!(rel(p, q) < 1e-5, "{:?} m={m} d{name}: {}", w.dtype(), rel(p, q));
+                }
+                assert!(g_got.get(&w.tensor).is_none(), "no gradient for the frozen weight");
+            }
         }
     }
 

@@ -54,6 +54,21 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
+        // Without dropout a frozen base and its adapter are one op on the CPU.
+        if let Some(lora) = self.lora.as_ref().filter(|l| !(train && l.dropout > 0.0) && self.bias.is_none()) {
+            if let Some(y) = super::frozen::frozen_lora_matmul(
+                &x2,
+                &self.weight,
+                lora.a.as_tensor(),
+                lora.b.as_tensor(),
+                lora.scale,
+            )? {
+                let mut out_dims = dims;
+                let last = out_dims.len() - 1;
+                out_dims[last] = self.out_dim();
+                return y.reshape(out_dims);
+            }
+        }
         // A trainable base weight (full fine-tuning) needs its gradient; a frozen one must not get one.
         let mut y = if self.weight.is_variable() {
             x2.matmul(&self.weight.t()?)?

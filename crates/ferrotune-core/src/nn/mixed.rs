@@ -206,7 +206,7 @@ fn panel_width(inner: usize, total: usize) -> usize {
     w.min(total).max(1)
 }
 
-fn parallelism() -> gemm::Parallelism {
+pub(crate) fn parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
         1 => gemm::Parallelism::None,
         t => gemm::Parallelism::Rayon(t),
