@@ -309,8 +309,12 @@ impl GatedDeltaNet {
         let (b, s, _) = mixed.dims3()?;
         let (hk, hv, dk, dv) = (self.hk, self.hv, self.dk, self.dv);
         let dtype = mixed.dtype();
-        // 1. Causal depthwise conv over time + SiLU.
-        let (mixed, conv_state) = gdn::causal_conv1d_silu(mixed, &self.conv1d, prev_conv)?;
+        // 1. Causal depthwise conv over time + SiLU (one op on the CPU unless the conv weight trains).
+        let (mixed, conv_state) = if mixed.device().is_cpu() && dtype == DType::F32 && !self.conv1d.is_variable() {
+            super::delta::causal_conv1d_silu_fused(mixed, &self.conv1d, prev_conv)?
+        } else {
+            gdn::causal_conv1d_silu(mixed, &self.conv1d, prev_conv)?
+        };
         let q = mixed.narrow(2, 0, hk * dk)?.reshape((b, s, hk, dk))?;
         let k = mixed.narrow(2, hk * dk, hk * dk)?.reshape((b, s, hk, dk))?;
         let v = mixed.narrow(2, 2 * hk * dk, hv * dv)?.reshape((b, s, hv, dv))?;
@@ -336,9 +340,10 @@ impl GatedDeltaNet {
         let v = heads_first(&v, dv)?.to_dtype(DType::F32)?;
         let g = g.transpose(1, 2)?.contiguous()?.reshape((b * hv, s))?;
         let beta = beta.transpose(1, 2)?.contiguous()?.reshape((b * hv, s))?;
-        // 5. The delta rule: on the CPU one fused op (forward and backward); elsewhere the step form for
-        // single-token decode, chunked otherwise.
-        let (o, state) = if q.device().is_cpu() {
+        // 5. The delta rule: one fused op (forward and backward) where the CPU computes in f32; elsewhere (a GPU,
+        // or bf16 activations, which follow the GPU's ops) the step form for single-token decode, chunked
+        // otherwise.
+        let (o, state) = if q.device().is_cpu() && dtype == DType::F32 {
             super::delta::delta_rule_fused(&q, &k, &v, &g, &beta, prev_state)?
         } else if s == 1 && prev_state.is_some() {
             gdn::delta_rule_recurrent(&q, &k, &v, &g, &beta, prev_state)?
