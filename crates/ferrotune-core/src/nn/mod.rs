@@ -8,6 +8,7 @@
 pub mod amx;
 pub mod dpbf16;
 pub mod frozen;
+pub mod fused;
 pub mod linear;
 pub mod mixed;
 pub mod ops;

@@ -13,6 +13,9 @@ fn rms_normalize_f32(x: &Tensor, eps: f64) -> Result<Tensor> {
 /// Qwen3.5's zero-centred RMSNorm: `norm(x) * (1 + w)` in f32, cast back to x's dtype.
 /// `one_plus_w` is the stored weight plus one, precomputed in f32 at load time.
 pub fn rms_norm_1p(x: &Tensor, one_plus_w: &Tensor, eps: f64) -> Result<Tensor> {
+    if let Some(y) = super::fused::rms_norm(x, one_plus_w, eps)? {
+        return Ok(y);
+    }
     rms_normalize_f32(x, eps)?.broadcast_mul(one_plus_w)?.to_dtype(x.dtype())
 }
 

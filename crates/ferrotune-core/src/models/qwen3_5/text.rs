@@ -59,9 +59,14 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let g = ops::activation(&self.gate_proj.forward_t(x, train)?, &self.act)?;
+        let g = self.gate_proj.forward_t(x, train)?;
         let u = self.up_proj.forward_t(x, train)?;
-        self.down_proj.forward_t(&(g * u)?, train)
+        let h = if matches!(self.act.as_str(), "silu" | "swish") {
+            crate::nn::fused::swiglu(&g, &u)?
+        } else {
+            (ops::activation(&g, &self.act)? * u)?
+        };
+        self.down_proj.forward_t(&h, train)
     }
 }
 
