@@ -81,7 +81,7 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize) -> Vec<f3
     let half = k / 2;
     let xp = pack_x(x, m, k, blocks);
     let mut y = vec![0f32; m * n];
-    let yp = SendPtr(y.as_mut_ptr());
+    let yp = SendPtr::new(y.as_mut_ptr());
     (0..n.div_ceil(TASK_ROWS)).into_par_iter().for_each(|t| {
         let (j0, j1) = (t * TASK_ROWS, ((t + 1) * TASK_ROWS).min(n));
         let groups = (j1 - j0).div_ceil(NR);
@@ -229,7 +229,7 @@ pub fn matmul_gw(g: &[f32], m: usize, n: usize, w: &[bf16], k: usize) -> Vec<f32
     let wu: &[u16] = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const u16, w.len()) };
     let half = n / 2;
     let mut y = vec![0f32; m * k];
-    let yp = SendPtr(y.as_mut_ptr());
+    let yp = SendPtr::new(y.as_mut_ptr());
     (0..k.div_ceil(TC)).into_par_iter().for_each(|t| {
         let (c0, c1) = (t * TC, ((t + 1) * TC).min(k));
         let vecs = (c1 - c0).div_ceil(16);
@@ -283,14 +283,18 @@ pub fn matmul_gw(g: &[f32], m: usize, n: usize, w: &[bf16], k: usize) -> Vec<f32
 
 /// A pointer that tasks writing disjoint parts of one buffer share.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(*mut f32);
 // SAFETY: every task writes only elements no other task touches, and the buffer outlives the parallel loop.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
+    pub(crate) fn new(p: *mut f32) -> Self {
+        Self(p)
+    }
+
     /// The element `i` places on (a method, so that closures capture the whole wrapper).
-    fn at(self, i: usize) -> *mut f32 {
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
     }
 }

@@ -621,49 +621,108 @@ mod wide {
 /// whole input, and their backward as many again.
 pub fn causal_conv1d_silu_fused(x: &Tensor, w: &Tensor, state: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
     let (b, s, c) = x.dims3()?;
-    let k = w.dim(1)?;
-    // The weight by tap, each row over the channels.
-    let wt = w.detach().to_dtype(DType::F32)?.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let prev = match state {
-        Some(st) => st.detach().to_dtype(DType::F32)?,
-        None => Tensor::zeros((b, k - 1, c), DType::F32, x.device())?,
-    };
-    let new_state = if s >= k - 1 {
-        x.detach().narrow(1, s - (k - 1), k - 1)?
-    } else {
-        Tensor::cat(&[&prev, &x.detach()], 1)?.narrow(1, s, k - 1)?
-    };
-    let prev = prev.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let y = x.contiguous()?.apply_op1(ConvSilu { wt, k, prev })?;
-    Ok((y, new_state.contiguous()?))
+    let (conv, new_state) = Conv::new(x, w, state, b, s, c)?;
+    let y = x.contiguous()?.apply_op1(ConvSilu(conv))?;
+    Ok((y, new_state))
 }
 
-struct ConvSilu {
+/// A causal depthwise conv1d with its weight and the rows before the first.
+struct Conv {
     /// (K, C): tap j's weight for every channel.
     wt: Vec<f32>,
     k: usize,
     /// (B, K − 1, C): the rows before the first.
     prev: Vec<f32>,
+    c: usize,
 }
 
-impl ConvSilu {
-    /// Pre-activation row t of sample `bi` into `out`: Σ_j w_j ∘ x[t − (K − 1) + j], rows before 0 from `prev`.
-    #[inline(always)]
-    fn pre_row(&self, x: &[f32], bi: usize, t: usize, s: usize, c: usize, out: &mut [f32]) {
-        out.fill(0.0);
-        for j in 0..self.k {
-            let u = t + j; // index into [prev; x]
-            let row = if u < self.k - 1 {
-                &self.prev[(bi * (self.k - 1) + u) * c..][..c]
-            } else {
-                &x[(bi * s + u - (self.k - 1)) * c..][..c]
-            };
-            for ((o, &w), &v) in out.iter_mut().zip(&self.wt[j * c..(j + 1) * c]).zip(row) {
-                *o += w * v;
-            }
+crate::nn::amx::wide_fn! {
+    /// `o += w ∘ v`.
+    fn add_product(o: &mut [f32], w: &[f32], v: &[f32]) {
+        for ((o, &w), &v) in o.iter_mut().zip(w).zip(v) {
+            *o += w * v;
         }
     }
 }
+
+impl Conv {
+    /// The conv of `w` (C, K) over x (B, S, C) continuing from `state` (B, K − 1, C), and the state after x.
+    fn new(x: &Tensor, w: &Tensor, state: Option<&Tensor>, b: usize, s: usize, c: usize) -> Result<(Self, Tensor)> {
+        let k = w.dim(1)?;
+        let wt = w.detach().to_dtype(DType::F32)?.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let prev = match state {
+            Some(st) => st.detach().to_dtype(DType::F32)?,
+            None => Tensor::zeros((b, k - 1, c), DType::F32, x.device())?,
+        };
+        let new_state = if s >= k - 1 {
+            x.detach().narrow(1, s - (k - 1), k - 1)?
+        } else {
+            Tensor::cat(&[&prev, &x.detach()], 1)?.narrow(1, s, k - 1)?
+        };
+        let prev = prev.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        Ok((Self { wt, k, prev, c }, new_state.contiguous()?))
+    }
+
+    /// Pre-activation row t of sample `bi`: Σ_j w_j ∘ x[t − (K − 1) + j], rows before 0 from `prev`. Rows of x
+    /// are `stride` floats apart, their first C the channels.
+    fn pre_row(&self, x: &[f32], stride: usize, bi: usize, t: usize, s: usize, out: &mut [f32]) {
+        let (k, c) = (self.k, self.c);
+        out.fill(0.0);
+        for j in 0..k {
+            let u = t + j; // index into [prev; x]
+            let row = if u < k - 1 {
+                &self.prev[(bi * (k - 1) + u) * c..][..c]
+            } else {
+                &x[(bi * s + u - (k - 1)) * stride..][..c]
+            };
+            add_product(out, &self.wt[j * c..(j + 1) * c], row);
+        }
+    }
+
+    /// Pre-activations and their SiLU for every row, (B·S, C) each.
+    fn forward(&self, x: &[f32], stride: usize, b: usize, s: usize) -> (Vec<f32>, Vec<f32>) {
+        let c = self.c;
+        let (mut pre, mut post) = (vec![0f32; b * s * c], vec![0f32; b * s * c]);
+        pre.par_chunks_mut(CONV_ROWS * c).zip(post.par_chunks_mut(CONV_ROWS * c)).enumerate().for_each(
+            |(ci, (pr, po))| {
+                for (r, (pr, po)) in pr.chunks_exact_mut(c).zip(po.chunks_exact_mut(c)).enumerate() {
+                    let row = ci * CONV_ROWS + r;
+                    self.pre_row(x, stride, row / s, row % s, s, pr);
+                    silu_into(po, pr);
+                }
+            },
+        );
+        (pre, post)
+    }
+
+    /// The input gradient from that of the SiLU's output: dpre = dpost · silu'(pre) (in place), then
+    /// dx[t] = Σ_j w_j ∘ dpre[t + (K − 1) − j], written to the first C of rows `stride` apart.
+    fn backward(&self, dpost: &mut [f32], pre: &[f32], s: usize, dx: &mut [f32], stride: usize) {
+        let (k, c) = (self.k, self.c);
+        dpost.par_chunks_mut(CONV_ROWS * c).zip(pre.par_chunks(CONV_ROWS * c)).for_each(|(d, p)| {
+            for (d, p) in d.chunks_exact_mut(c).zip(p.chunks_exact(c)) {
+                silu_grad_inplace(d, p);
+            }
+        });
+        let dpre = &*dpost;
+        dx.par_chunks_mut(CONV_ROWS * stride).enumerate().for_each(|(ci, out)| {
+            for (r, o) in out.chunks_mut(stride).enumerate() {
+                let row = ci * CONV_ROWS + r;
+                let (bi, t) = (row / s, row % s);
+                let o = &mut o[..c];
+                o.fill(0.0);
+                for j in 0..k {
+                    let u = t + (k - 1) - j;
+                    if u < s {
+                        add_product(o, &self.wt[j * c..(j + 1) * c], &dpre[(bi * s + u) * c..][..c]);
+                    }
+                }
+            }
+        });
+    }
+}
+
+struct ConvSilu(Conv);
 
 crate::nn::amx::wide_fn! {
     /// `o = silu(pre)` elementwise.
@@ -675,11 +734,11 @@ crate::nn::amx::wide_fn! {
 }
 
 crate::nn::amx::wide_fn! {
-    /// `d = dy · silu'(pre)`, with silu'(z) = σ(z)·(1 + z·(1 − σ(z))).
-    fn silu_grad_into(d: &mut [f32], dy: &[f32], pre: &[f32]) {
-        for ((d, &g), &z) in d.iter_mut().zip(dy).zip(pre) {
+    /// `d = d · silu'(pre)`, with silu'(z) = σ(z)·(1 + z·(1 − σ(z))).
+    fn silu_grad_inplace(d: &mut [f32], pre: &[f32]) {
+        for (d, &z) in d.iter_mut().zip(pre) {
             let sg = 1.0 / (1.0 + crate::nn::fused::exp(-z));
-            *d = g * sg * (1.0 + z * (1.0 - sg));
+            *d *= sg * (1.0 + z * (1.0 - sg));
         }
     }
 }
@@ -698,52 +757,316 @@ impl CustomOp1 for ConvSilu {
             CpuStorage::F32(v) if l.is_contiguous() => &v[l.start_offset()..l.start_offset() + b * s * c],
             _ => candle_core::bail!("causal conv1d: the input must be contiguous f32"),
         };
-        let mut y = vec![0f32; b * s * c];
-        y.par_chunks_mut(CONV_ROWS * c).enumerate().for_each(|(ci, out)| {
-            let mut pre = vec![0f32; c];
-            for (r, o) in out.chunks_exact_mut(c).enumerate() {
-                let row = ci * CONV_ROWS + r;
-                self.pre_row(x, row / s, row % s, s, c, &mut pre);
-                silu_into(o, &pre);
-            }
-        });
-        Ok((CpuStorage::F32(y), Shape::from((b, s, c))))
+        let (_, post) = self.0.forward(x, c, b, s);
+        Ok((CpuStorage::F32(post), Shape::from((b, s, c))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (b, s, c) = arg.dims3()?;
-        let k = self.k;
         let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        // dpre = dy · silu'(pre), pre recomputed.
-        let mut dpre = vec![0f32; b * s * c];
-        dpre.par_chunks_mut(CONV_ROWS * c).enumerate().for_each(|(ci, out)| {
-            let mut pre = vec![0f32; c];
-            for (r, o) in out.chunks_exact_mut(c).enumerate() {
-                let row = ci * CONV_ROWS + r;
-                self.pre_row(&x, row / s, row % s, s, c, &mut pre);
-                silu_grad_into(o, &dy[row * c..(row + 1) * c], &pre);
+        let mut dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (pre, _) = self.0.forward(&x, c, b, s);
+        let mut dx = vec![0f32; b * s * c];
+        self.0.backward(&mut dy, &pre, s, &mut dx, c);
+        Ok(Some(Tensor::from_vec(dx, (b, s, c), arg.device())?))
+    }
+}
+
+/// The constants of a Gated-DeltaNet mixer between its projections (none of them trained).
+pub struct GdnConsts<'a> {
+    /// (C, K) depthwise conv weight over the [q | k | v] channels.
+    pub conv: &'a Tensor,
+    /// (Hv) `A_log`: the decay rate is −exp(A_log).
+    pub a_log: &'a Tensor,
+    /// (Hv)
+    pub dt_bias: &'a Tensor,
+    /// (dv) weight of the gated RMSNorm.
+    pub norm: &'a Tensor,
+    pub eps: f64,
+    pub hk: usize,
+    pub hv: usize,
+    pub dk: usize,
+    pub dv: usize,
+}
+
+/// A Gated-DeltaNet mixer from its projections' outputs to the input of `out_proj`, as one CPU op: conv + SiLU,
+/// the l2-normalised and scaled q and k (each key head serving Hv / Hk value heads), β = σ(b),
+/// g = −exp(A_log)·softplus(a + dt_bias), the delta rule, and the RMSNorm gated by silu(z). mixed (B, S, C), z
+/// (B, S, Hv·dv), b and a (B, S, Hv), f32; continues from the conv rows and recurrent state given. Returns the
+/// output (B, S, Hv·dv), the conv rows after it and the recurrent state (B·Hv, dk, dv). Gradients flow to mixed,
+/// z, b and a; the backward keeps only the packed inputs (the composed ops keep about twenty tensors of this size).
+pub fn gated_delta_net_fused(
+    mixed: &Tensor,
+    z: &Tensor,
+    b: &Tensor,
+    a: &Tensor,
+    consts: &GdnConsts,
+    prev_conv: Option<&Tensor>,
+    prev_state: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (bsz, s, c) = mixed.dims3()?;
+    let GdnConsts { hk, hv, dk, dv, .. } = *consts;
+    if c != 2 * hk * dk + hv * dv || hk == 0 || hv % hk != 0 {
+        candle_core::bail!(
+            "gated delta net: {c} mixed channels for {hk} key heads of {dk} and {hv} value heads of {dv}"
+        );
+    }
+    let (conv, conv_state) = Conv::new(mixed, consts.conv, prev_conv, bsz, s, c)?;
+    let vec1 = |t: &Tensor| -> Result<Vec<f32>> { t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
+    let init = match prev_state {
+        Some(st) => Some(vec1(st)?),
+        None => None,
+    };
+    let op = GdnCore {
+        conv,
+        neg_a: vec1(consts.a_log)?.iter().map(|v| -v.exp()).collect(),
+        dt_bias: vec1(consts.dt_bias)?,
+        norm: vec1(consts.norm)?,
+        eps: consts.eps as f32,
+        hk,
+        hv,
+        dk,
+        dv,
+        init,
+    };
+    let packed = Tensor::cat(&[mixed, z, b, a], 2)?.contiguous()?;
+    let out = packed.apply_op1(op)?;
+    let y = out.narrow(1, 0, s)?;
+    // State rows: (B, dk, Hv, dv) -> (B·Hv, dk, dv).
+    let state =
+        out.narrow(1, s, dk)?.reshape((bsz, dk, hv, dv))?.transpose(1, 2)?.contiguous()?.reshape((bsz * hv, dk, dv))?;
+    Ok((y, conv_state, state))
+}
+
+struct GdnCore {
+    conv: Conv,
+    /// −exp(A_log) per value head.
+    neg_a: Vec<f32>,
+    dt_bias: Vec<f32>,
+    norm: Vec<f32>,
+    eps: f32,
+    hk: usize,
+    hv: usize,
+    dk: usize,
+    dv: usize,
+    /// (B·Hv, dk, dv) state to continue from.
+    init: Option<Vec<f32>>,
+}
+
+/// softplus as torch computes it: max(x, 0) + log1p(exp(−|x|)).
+fn softplus(x: f32) -> f32 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl GdnCore {
+    /// Width of a packed input row: [mixed | z | b | a].
+    fn width(&self) -> usize {
+        self.conv.c + self.hv * self.dv + 2 * self.hv
+    }
+
+    /// The delta-rule rows of value head h of sample bi (S × (2dk + dv + 2): [q̂ | k̂ | v | g | β]) from the
+    /// conv's output and the packed input, with each token's 1/‖q‖ and 1/‖k‖.
+    fn rule_rows(&self, x: &[f32], post: &[f32], bi: usize, h: usize, s: usize) -> (Vec<f32>, Vec<(f32, f32)>) {
+        let (c, dk, dv, hk, hv) = (self.conv.c, self.dk, self.dv, self.hk, self.hv);
+        let kh = h / (hv / hk);
+        let p = 2 * dk + dv + 2;
+        let w = self.width();
+        let scale = 1.0 / (dk as f32).sqrt();
+        let mut rows = vec![0f32; s * p];
+        let mut norms = Vec::with_capacity(s);
+        for (t, r) in rows.chunks_exact_mut(p).enumerate() {
+            let row = bi * s + t;
+            let pc = &post[row * c..(row + 1) * c];
+            let (q, k) = (&pc[kh * dk..(kh + 1) * dk], &pc[(hk + kh) * dk..(hk + kh + 1) * dk]);
+            let rq = 1.0 / (dot(q, q) + 1e-6).sqrt();
+            let rk = 1.0 / (dot(k, k) + 1e-6).sqrt();
+            for i in 0..dk {
+                r[i] = q[i] * rq * scale;
+                r[dk + i] = k[i] * rk;
+            }
+            r[2 * dk..2 * dk + dv].copy_from_slice(&pc[2 * hk * dk + h * dv..2 * hk * dk + (h + 1) * dv]);
+            let xr = &x[row * w..(row + 1) * w];
+            let (bb, aa) = (xr[c + hv * dv + h], xr[c + hv * dv + hv + h]);
+            r[2 * dk + dv] = self.neg_a[h] * softplus(aa + self.dt_bias[h]);
+            r[p - 1] = sigmoid(bb);
+            norms.push((rq, rk));
+        }
+        (rows, norms)
+    }
+
+    fn init_of(&self, bi: usize, h: usize) -> Option<&[f32]> {
+        let len = self.dk * self.dv;
+        self.init.as_ref().map(|v| &v[(bi * self.hv + h) * len..(bi * self.hv + h + 1) * len])
+    }
+}
+
+impl CustomOp1 for GdnCore {
+    fn name(&self) -> &'static str {
+        "gated-delta-net"
+    }
+
+    /// Output (B, S + dk, Hv·dv): the mixer's output rows, then each value head's final state in its columns.
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (bsz, s, w) = l.shape().dims3()?;
+        let (dk, dv, hv, c) = (self.dk, self.dv, self.hv, self.conv.c);
+        if w != self.width() {
+            candle_core::bail!("gated delta net: packed width {w}, expected {}", self.width());
+        }
+        let x = match st {
+            CpuStorage::F32(v) if l.is_contiguous() => &v[l.start_offset()..l.start_offset() + bsz * s * w],
+            _ => candle_core::bail!("gated delta net: the packed input must be contiguous f32"),
+        };
+        let (_, post) = self.conv.forward(x, w, bsz, s);
+        let ow = hv * dv;
+        let mut out = vec![0f32; bsz * (s + dk) * ow];
+        let op = crate::nn::dpbf16::SendPtr::new(out.as_mut_ptr());
+        (0..bsz * hv).into_par_iter().for_each(|task| {
+            let (bi, h) = (task / hv, task % hv);
+            let (rows, _) = self.rule_rows(x, &post, bi, h, s);
+            let mut stt = self.init_of(bi, h).map_or_else(|| vec![0f32; dk * dv], |v| v.to_vec());
+            let mut o = vec![0f32; s * dv];
+            forward(&rows, dk, dv, &mut stt, &mut o);
+            let mut y = vec![0f32; dv];
+            for t in 0..s {
+                let row = bi * s + t;
+                let z = &x[row * w + c + h * dv..][..dv];
+                gated_norm(&mut y, &o[t * dv..(t + 1) * dv], z, &self.norm, self.eps);
+                // SAFETY: row t of sample bi, columns h·dv.., belong to this task alone.
+                unsafe { std::ptr::copy_nonoverlapping(y.as_ptr(), op.at((bi * (s + dk) + t) * ow + h * dv), dv) };
+            }
+            for i in 0..dk {
+                // SAFETY: as above, in the state rows.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        stt[i * dv..].as_ptr(),
+                        op.at((bi * (s + dk) + s + i) * ow + h * dv),
+                        dv,
+                    )
+                };
             }
         });
-        // dx[t] = Σ_j w_j ∘ dpre[t + (K − 1) − j] over the rows that exist.
-        let mut dx = vec![0f32; b * s * c];
-        dx.par_chunks_mut(CONV_ROWS * c).enumerate().for_each(|(ci, out)| {
-            for (r, o) in out.chunks_exact_mut(c).enumerate() {
-                let row = ci * CONV_ROWS + r;
-                let (bi, t) = (row / s, row % s);
-                for j in 0..k {
-                    let u = t + (k - 1) - j;
-                    if u >= s {
-                        continue;
+        Ok((CpuStorage::F32(out), Shape::from((bsz, s + dk, ow))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (bsz, s, w) = arg.dims3()?;
+        let (dk, dv, hk, hv, c) = (self.dk, self.dv, self.hk, self.hv, self.conv.c);
+        let (arg, grad) = (arg.contiguous()?, grad.contiguous()?);
+        let (xs, xl) = arg.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(xs)), Storage::Cpu(CpuStorage::F32(gs))) = (&*xs, &*gs) else {
+            candle_core::bail!("gated delta net backward: expected f32 CPU tensors")
+        };
+        let ow = hv * dv;
+        let x = &xs[xl.start_offset()..xl.start_offset() + bsz * s * w];
+        let gy = &gs[gl.start_offset()..gl.start_offset() + bsz * (s + dk) * ow];
+        let (pre, post) = self.conv.forward(x, w, bsz, s);
+        let mut dpost = vec![0f32; bsz * s * c];
+        let mut dx = vec![0f32; bsz * s * w];
+        let (dpp, dxp) =
+            (crate::nn::dpbf16::SendPtr::new(dpost.as_mut_ptr()), crate::nn::dpbf16::SendPtr::new(dx.as_mut_ptr()));
+        let p = 2 * dk + dv + 2;
+        let rep = hv / hk;
+        let scale = 1.0 / (dk as f32).sqrt();
+        // One task per key head: its value heads add into the same q and k channels.
+        (0..bsz * hk).into_par_iter().for_each(|task| {
+            let (bi, kh) = (task / hk, task % hk);
+            for h in kh * rep..(kh + 1) * rep {
+                let (rows, norms) = self.rule_rows(x, &post, bi, h, s);
+                let init = self.init_of(bi, h);
+                let mut stt = init.map_or_else(|| vec![0f32; dk * dv], |v| v.to_vec());
+                let mut o = vec![0f32; s * dv];
+                forward(&rows, dk, dv, &mut stt, &mut o);
+                // Through the gated norm: dz into dx, do into go; the state rows' gradient as given.
+                let mut go = vec![0f32; (s + dk) * dv];
+                let mut dz = vec![0f32; dv];
+                for t in 0..s {
+                    let row = bi * s + t;
+                    let z = &x[row * w + c + h * dv..][..dv];
+                    let dy = &gy[(bi * (s + dk) + t) * ow + h * dv..][..dv];
+                    gated_norm_grad(
+                        &mut go[t * dv..(t + 1) * dv],
+                        &mut dz,
+                        dy,
+                        &o[t * dv..(t + 1) * dv],
+                        z,
+                        &self.norm,
+                        self.eps,
+                    );
+                    // SAFETY: z's columns of value head h in this row belong to this task alone.
+                    unsafe { std::ptr::copy_nonoverlapping(dz.as_ptr(), dxp.at(row * w + c + h * dv), dv) };
+                }
+                for i in 0..dk {
+                    go[(s + i) * dv..(s + i + 1) * dv]
+                        .copy_from_slice(&gy[(bi * (s + dk) + s + i) * ow + h * dv..][..dv]);
+                }
+                let mut gx = vec![0f32; s * p];
+                backward(&rows, dk, dv, init, &go, &mut gx);
+                for t in 0..s {
+                    let row = bi * s + t;
+                    let (g, r) = (&gx[t * p..(t + 1) * p], &rows[t * p..(t + 1) * p]);
+                    let (rq, rk) = norms[t];
+                    let pc = &post[row * c..(row + 1) * c];
+                    // q̂ = s·q/‖q‖: dq = s·(rq·dq̂ − rq³·(q·dq̂)·q); k̂ likewise without s.
+                    let (q, k) = (&pc[kh * dk..(kh + 1) * dk], &pc[(hk + kh) * dk..(hk + kh + 1) * dk]);
+                    let (qd, kd) = (dot(q, &g[..dk]), dot(k, &g[dk..2 * dk]));
+                    for i in 0..dk {
+                        // SAFETY: q and k channels of key head kh (this task's) and v channels of head h in row.
+                        unsafe {
+                            *dpp.at(row * c + kh * dk + i) += scale * (rq * g[i] - rq * rq * rq * qd * q[i]);
+                            *dpp.at(row * c + (hk + kh) * dk + i) += rk * g[dk + i] - rk * rk * rk * kd * k[i];
+                        }
                     }
-                    let d = &dpre[(bi * s + u) * c..][..c];
-                    for ((o, &w), &g) in o.iter_mut().zip(&self.wt[j * c..(j + 1) * c]).zip(d) {
-                        *o += w * g;
+                    for j in 0..dv {
+                        // SAFETY: as above.
+                        unsafe { *dpp.at(row * c + 2 * hk * dk + h * dv + j) = g[2 * dk + j] };
+                    }
+                    // β = σ(b): db = dβ·β·(1 − β); g = −e^A·softplus(a + dt): da = dg·(−e^A)·σ(a + dt).
+                    let xr = &x[row * w..(row + 1) * w];
+                    let beta = r[p - 1];
+                    let aa = xr[c + hv * dv + hv + h] + self.dt_bias[h];
+                    // SAFETY: b's and a's columns of value head h belong to this task alone.
+                    unsafe {
+                        *dxp.at(row * w + c + hv * dv + h) = g[p - 1] * beta * (1.0 - beta);
+                        *dxp.at(row * w + c + hv * dv + hv + h) = g[p - 2] * self.neg_a[h] * sigmoid(aa);
                     }
                 }
             }
         });
-        Ok(Some(Tensor::from_vec(dx, (b, s, c), arg.device())?))
+        self.conv.backward(&mut dpost, &pre, s, &mut dx, w);
+        Ok(Some(Tensor::from_vec(dx, (bsz, s, w), arg.device())?))
+    }
+}
+
+crate::nn::amx::wide_fn! {
+    /// One token of the gated RMSNorm: y = o·r·w·silu(z), r = rsqrt(mean(o²) + eps).
+    fn gated_norm(y: &mut [f32], o: &[f32], z: &[f32], w: &[f32], eps: f32) {
+        let r = 1.0 / (dot(o, o) / o.len() as f32 + eps).sqrt();
+        for (((y, &o), &z), &w) in y.iter_mut().zip(o).zip(z).zip(w) {
+            *y = o * r * w * (z / (1.0 + crate::nn::fused::exp(-z)));
+        }
+    }
+}
+
+crate::nn::amx::wide_fn! {
+    /// The gradients of [`gated_norm`] for one token: with u = o·r, dz = dy·u·w·silu'(z), du = dy·w·silu(z) and
+    /// do = r·du − (r³/n)·(o·du)·o.
+    fn gated_norm_grad(d_o: &mut [f32], dz: &mut [f32], dy: &[f32], o: &[f32], z: &[f32], w: &[f32], eps: f32) {
+        let n = o.len() as f32;
+        let r = 1.0 / (dot(o, o) / n + eps).sqrt();
+        for (((((d_o, dz), &dy), &o), &z), &w) in d_o.iter_mut().zip(dz.iter_mut()).zip(dy).zip(o).zip(z).zip(w) {
+            let sg = 1.0 / (1.0 + crate::nn::fused::exp(-z));
+            *dz = dy * o * r * w * sg * (1.0 + z * (1.0 - sg));
+            *d_o = dy * w * z * sg;
+        }
+        let c = r * r * r / n * dot(o, d_o);
+        for (d_o, &o) in d_o.iter_mut().zip(o) {
+            *d_o = r * *d_o - c * o;
+        }
     }
 }
 
@@ -772,6 +1095,73 @@ mod tests {
         let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         let m = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         d / m.max(1e-30)
+    }
+
+    /// The whole mixer between the projections against the composed ops (conv, gates, l2 norms, the step-by-step
+    /// rule, the gated norm): outputs, states and the gradients of all four inputs, fresh and continuing.
+    #[test]
+    fn fused_mixer_and_its_gradients_equal_the_composed_ops() -> Result<()> {
+        use crate::nn::ops;
+        let dev = Device::Cpu;
+        for (bsz, s, hk, hv, dk, dv, cont) in
+            [(1, 9, 1, 2, 8, 16, false), (2, 21, 2, 4, 8, 32, true), (1, 3, 1, 1, 4, 8, true)]
+        {
+            let c = 2 * hk * dk + hv * dv;
+            let kk = 4;
+            let var = |shape: &[usize], sd: f32| Var::from_tensor(&Tensor::randn(0f32, sd, shape, &dev).unwrap());
+            let (mixed, z, b, a) = (
+                var(&[bsz, s, c], 1.0)?,
+                var(&[bsz, s, hv * dv], 1.0)?,
+                var(&[bsz, s, hv], 1.0)?,
+                var(&[bsz, s, hv], 1.0)?,
+            );
+            let conv = Tensor::randn(0f32, 0.5, (c, kk), &dev)?;
+            let a_log = Tensor::randn(0f32, 1.0, hv, &dev)?;
+            let dt_bias = Tensor::randn(0f32, 0.5, hv, &dev)?;
+            let norm = Tensor::randn(1f32, 0.2, dv, &dev)?;
+            let prev_conv = cont.then(|| Tensor::randn(0f32, 1.0, (bsz, kk - 1, c), &dev)).transpose()?;
+            let prev_state = cont.then(|| Tensor::randn(0f32, 0.3, (bsz * hv, dk, dv), &dev)).transpose()?;
+            let consts =
+                GdnConsts { conv: &conv, a_log: &a_log, dt_bias: &dt_bias, norm: &norm, eps: 1e-6, hk, hv, dk, dv };
+            let (y, cs, st) = gated_delta_net_fused(
+                mixed.as_tensor(),
+                z.as_tensor(),
+                b.as_tensor(),
+                a.as_tensor(),
+                &consts,
+                prev_conv.as_ref(),
+                prev_state.as_ref(),
+            )?;
+            // The composed reference, as GatedDeltaNet computes it.
+            let (post, cs_ref) = super::super::gdn::causal_conv1d_silu(mixed.as_tensor(), &conv, prev_conv.as_ref())?;
+            let q = post.narrow(2, 0, hk * dk)?.reshape((bsz, s, hk, dk))?;
+            let k = post.narrow(2, hk * dk, hk * dk)?.reshape((bsz, s, hk, dk))?;
+            let v = post.narrow(2, 2 * hk * dk, hv * dv)?.reshape((bsz, s, hv, dv))?;
+            let rep = hv / hk;
+            let spread = |x: &Tensor| x.unsqueeze(3)?.broadcast_as((bsz, s, hk, rep, dk))?.reshape((bsz, s, hv, dk));
+            let heads = |x: &Tensor, d: usize| x.transpose(1, 2)?.contiguous()?.reshape((bsz * hv, s, d));
+            let (qn, kn) = super::super::gdn::prepare_qk(&heads(&spread(&q)?, dk)?, &heads(&spread(&k)?, dk)?)?;
+            let beta = ops::sigmoid(b.as_tensor())?.transpose(1, 2)?.contiguous()?.reshape((bsz * hv, s))?;
+            let g = ops::softplus(&a.as_tensor().broadcast_add(&dt_bias)?)?.broadcast_mul(&a_log.exp()?.neg()?)?;
+            let g = g.transpose(1, 2)?.contiguous()?.reshape((bsz * hv, s))?;
+            let (o, st_ref) =
+                super::super::gdn::delta_rule_recurrent(&qn, &kn, &heads(&v, dv)?, &g, &beta, prev_state.as_ref())?;
+            let o = o.reshape((bsz, hv, s, dv))?.transpose(1, 2)?;
+            let zr = z.as_tensor().reshape((bsz, s, hv, dv))?;
+            let y_ref = ops::rms_norm_gated(&o, &norm, &zr, 1e-6)?.reshape((bsz, s, hv * dv))?;
+            assert!(rel(&y, &y_ref) < 1e-5, "output: {}", rel(&y, &y_ref));
+            assert!(rel(&st, &st_ref) < 1e-5, "state: {}", rel(&st, &st_ref));
+            assert_eq!(rel(&cs, &cs_ref), 0.0, "conv rows");
+            let wo = Tensor::randn(0f32, 1.0, y.dims(), &dev)?;
+            let ws = Tensor::randn(0f32, 1.0, st.dims(), &dev)?;
+            let gf = ((y * &wo)?.sum_all()? + (st * &ws)?.sum_all()?)?.backward()?;
+            let gr = ((y_ref * &wo)?.sum_all()? + (st_ref * &ws)?.sum_all()?)?.backward()?;
+            for (name, v) in [("mixed", &mixed), ("z", &z), ("b", &b), ("a", &a)] {
+                let (p, q) = (gf.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap());
+                assert!(rel(p, q) < 2e-5, "d{name}: {}", rel(p, q));
+            }
+        }
+        Ok(())
     }
 
     #[test]

@@ -268,6 +268,38 @@ impl GatedDeltaNet {
         let z = self.in_proj_z.forward_t(x, train)?; // (B, S, Hv·dv)
         let bb = self.in_proj_b.forward_t(x, train)?; // (B, S, Hv)
         let a = self.in_proj_a.forward_t(x, train)?;
+        let frozen = [&self.conv1d, &self.a_log, &self.dt_bias, &self.norm].iter().all(|p| !p.is_variable());
+        if x.device().is_cpu() && x.dtype() == DType::F32 && segments.is_none() && frozen {
+            // On the CPU, everything between the projections is one op (forward and backward).
+            let (prev_conv, prev_state) = match cache.as_deref() {
+                Some(LayerCache::DeltaNet { conv, state }) => (Some(conv.clone()), Some(state.clone())),
+                _ => (None, None),
+            };
+            let consts = super::delta::GdnConsts {
+                conv: &self.conv1d,
+                a_log: &self.a_log,
+                dt_bias: &self.dt_bias,
+                norm: &self.norm,
+                eps: self.eps,
+                hk: self.hk,
+                hv,
+                dk: self.dk,
+                dv,
+            };
+            let (y, conv, state) = super::delta::gated_delta_net_fused(
+                &mixed,
+                &z,
+                &bb,
+                &a,
+                &consts,
+                prev_conv.as_ref(),
+                prev_state.as_ref(),
+            )?;
+            if let Some(c) = cache {
+                *c = LayerCache::DeltaNet { conv, state };
+            }
+            return self.out_proj.forward_t(&y, train);
+        }
         let o = match (segments, cache) {
             (Some(seg), None) => {
                 // Each packed sample (and the padding after them) on its own, then put back in place.
