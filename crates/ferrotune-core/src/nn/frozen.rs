@@ -495,6 +495,23 @@ pub fn frozen_input_grad(g: &Tensor, w: &super::Param) -> Result<Tensor> {
     g.to_dtype(w.dtype())?.matmul(&w.tensor)?.to_dtype(DType::F32)
 }
 
+/// `x (m, k) · Wᵀ` as a plain vector for a frozen parameter on the CPU, as [`frozen_matmul_param`] computes it,
+/// for callers that handle the values themselves. None where W is not a frozen contiguous CPU matrix.
+pub fn cpu_xwt(x: &[f32], m: usize, k: usize, w: &super::Param) -> Result<Option<Vec<f32>>> {
+    if w.is_variable() || !w.device().is_cpu() {
+        return Ok(None);
+    }
+    FrozenMatmul { w: w.tensor.clone(), scales: w.scales.clone(), bf16: w.bf16_products }.cpu_xwt(x, m, k)
+}
+
+/// `g (m, n) · W` as a plain vector, the input gradient of [`cpu_xwt`]. None where that is None.
+pub fn cpu_gw(g: &[f32], m: usize, n: usize, w: &super::Param) -> Result<Option<Vec<f32>>> {
+    if w.is_variable() || !w.device().is_cpu() {
+        return Ok(None);
+    }
+    FrozenMatmul { w: w.tensor.clone(), scales: w.scales.clone(), bf16: w.bf16_products }.cpu_gw(g, m, n)
+}
+
 /// `g @ w` through the mixed kernels: f32 `g` (contiguous), 16-bit or int8 `w`, on the CPU.
 fn input_grad(g: &Tensor, w: &Tensor, scales: Option<&Tensor>, bf16: bool) -> Result<Tensor> {
     g.apply_op1_no_bwd(&InputGrad { w: w.clone(), scales: scales.cloned(), bf16 })

@@ -231,6 +231,9 @@ fn blockwise_cross_entropy(
     let dev = hn.device();
     let n = targets.len();
     let fixed = hn.detach();
+    if let Some(loss) = blockwise_cross_entropy_cpu(hn, &fixed, head, targets, want_grad, block)? {
+        return Ok(loss);
+    }
     let mut sum = 0f64;
     let mut grads = Vec::new();
     for r0 in (0..n).step_by(block) {
@@ -258,6 +261,99 @@ fn blockwise_cross_entropy(
     let dhn = Tensor::cat(&grads, 0)?;
     let zero = ((hn.to_dtype(DType::F32)? - fixed.to_dtype(DType::F32)?)? * dhn)?.sum_all()?;
     Ok((zero + loss)?)
+}
+
+/// [`blockwise_cross_entropy`] on the CPU for f32 rows and a frozen head: each block's logits are one vector whose
+/// softmax and gradient are formed in place, a pass or two per row, where the tensor ops make five copies of it.
+/// None where the head's products do not run on the CPU kernels.
+fn blockwise_cross_entropy_cpu(
+    hn: &Tensor,
+    fixed: &Tensor,
+    head: &crate::nn::Param,
+    targets: &[u32],
+    want_grad: bool,
+    block: usize,
+) -> Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    if !hn.device().is_cpu() || hn.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (n, d) = fixed.dims2()?;
+    let v = head.dim(0)?;
+    let h = fixed.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let mut dh = if want_grad { vec![0f32; n * d] } else { Vec::new() };
+    let mut sum = 0f64;
+    for r0 in (0..n).step_by(block) {
+        let r = block.min(n - r0);
+        let Some(mut logits) = crate::nn::frozen::cpu_xwt(&h[r0 * d..(r0 + r) * d], r, d, head)? else {
+            return Ok(None);
+        };
+        let mut nll = vec![0f32; r];
+        logits
+            .par_chunks_mut(v)
+            .zip(nll.par_iter_mut())
+            .zip(&targets[r0..r0 + r])
+            .for_each(|((row, out), &t)| cross_entropy_row(row, t as usize, want_grad, 1.0 / n as f32, out));
+        sum += nll.iter().map(|&x| x as f64).sum::<f64>();
+        if want_grad {
+            let Some(g) = crate::nn::frozen::cpu_gw(&logits, r, v, head)? else { return Ok(None) };
+            dh[r0 * d..(r0 + r) * d].copy_from_slice(&g);
+        }
+    }
+    let dev = hn.device();
+    let loss = Tensor::new((sum / n as f64) as f32, dev)?;
+    if !want_grad {
+        return Ok(Some(loss));
+    }
+    let dhn = Tensor::from_vec(dh, (n, d), dev)?;
+    let zero = ((hn - fixed)? * dhn)?.sum_all()?;
+    Ok(Some((zero + loss)?))
+}
+
+crate::nn::amx::wide_fn! {
+    /// One row of logits: its negative log-likelihood of `t` into `out` and, with `grad`, the row replaced by
+    /// (softmax − one-hot(t)) · `scale`.
+    fn cross_entropy_row(row: &mut [f32], t: usize, grad: bool, scale: f32, out: &mut f32) {
+        let mut m = [f32::NEG_INFINITY; 16];
+        let chunks = row.chunks_exact(16);
+        let rest = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        for c in chunks {
+            for l in 0..16 {
+                m[l] = m[l].max(c[l]);
+            }
+        }
+        let max = m.iter().fold(rest, |a, &x| a.max(x));
+        let picked = row[t];
+        let mut acc = [0f32; 16];
+        let mut tail = 0f32;
+        let mut chunks = row.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for l in 0..16 {
+                let e = crate::nn::fused::exp(c[l] - max);
+                acc[l] += e;
+                c[l] = e;
+            }
+        }
+        for x in chunks.into_remainder() {
+            let e = crate::nn::fused::exp(*x - max);
+            tail += e;
+            *x = e;
+        }
+        for w in [8, 4, 2, 1] {
+            for l in 0..w {
+                acc[l] += acc[l + w];
+            }
+        }
+        let z = acc[0] + tail;
+        *out = z.ln() + max - picked;
+        if grad {
+            let c = scale / z;
+            for x in row.iter_mut() {
+                *x *= c;
+            }
+            row[t] -= scale;
+        }
+    }
 }
 
 /// Forward and backward of one micro-batch; adds `scale · ∂loss/∂p` for every `params` entry to `acc`.
