@@ -42,6 +42,10 @@ fn fits(ts: &[&Tensor]) -> bool {
 /// Elements one parallel task handles.
 const CHUNK: usize = 1 << 14;
 
+/// Jobs smaller than this many elements run on the calling thread: handing one to the pool's threads costs more
+/// than the job itself (decoding a token runs hundreds of such ops).
+pub(crate) const SERIAL_BELOW: usize = 1 << 15;
+
 /// `silu(g) · u` (SwiGLU), one op on the CPU for f32 tensors of the same shape, composed elsewhere.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if !fits(&[g, u]) || g.shape() != u.shape() {
@@ -79,9 +83,13 @@ impl CustomOp2 for SwiGlu {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (g, u) = (slice(s1, l1, "swiglu gate")?, slice(s2, l2, "swiglu input")?);
         let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| swiglu_into(o, g, u));
+        if g.len() < SERIAL_BELOW {
+            swiglu_into(&mut y, g, u);
+        } else {
+            y.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+                .for_each(|(o, (g, u))| swiglu_into(o, g, u));
+        }
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -155,7 +163,12 @@ impl CustomOp2 for RmsNorm {
         let (x, w) = (slice(s1, l1, "norm input")?, slice(s2, l2, "norm weight")?);
         let n = w.len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, x)| norm_row(o, x, w, self.eps));
+        let row = |(o, x): (&mut [f32], &[f32])| norm_row(o, x, w, self.eps);
+        if x.len() < SERIAL_BELOW {
+            y.chunks_mut(n).zip(x.chunks(n)).for_each(row);
+        } else {
+            y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(row);
+        }
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -683,15 +683,18 @@ impl Conv {
     fn forward(&self, x: &[f32], stride: usize, b: usize, s: usize) -> (Vec<f32>, Vec<f32>) {
         let c = self.c;
         let (mut pre, mut post) = (vec![0f32; b * s * c], vec![0f32; b * s * c]);
-        pre.par_chunks_mut(CONV_ROWS * c).zip(post.par_chunks_mut(CONV_ROWS * c)).enumerate().for_each(
-            |(ci, (pr, po))| {
-                for (r, (pr, po)) in pr.chunks_exact_mut(c).zip(po.chunks_exact_mut(c)).enumerate() {
-                    let row = ci * CONV_ROWS + r;
-                    self.pre_row(x, stride, row / s, row % s, s, pr);
-                    silu_into(po, pr);
-                }
-            },
-        );
+        let rows = |(ci, (pr, po)): (usize, (&mut [f32], &mut [f32]))| {
+            for (r, (pr, po)) in pr.chunks_exact_mut(c).zip(po.chunks_exact_mut(c)).enumerate() {
+                let row = ci * CONV_ROWS + r;
+                self.pre_row(x, stride, row / s, row % s, s, pr);
+                silu_into(po, pr);
+            }
+        };
+        if pre.len() < crate::nn::fused::SERIAL_BELOW {
+            pre.chunks_mut(CONV_ROWS * c).zip(post.chunks_mut(CONV_ROWS * c)).enumerate().for_each(rows);
+        } else {
+            pre.par_chunks_mut(CONV_ROWS * c).zip(post.par_chunks_mut(CONV_ROWS * c)).enumerate().for_each(rows);
+        }
         (pre, post)
     }
 
@@ -924,7 +927,7 @@ impl CustomOp1 for GdnCore {
         let ow = hv * dv;
         let mut out = vec![0f32; bsz * (s + dk) * ow];
         let op = crate::nn::dpbf16::SendPtr::new(out.as_mut_ptr());
-        (0..bsz * hv).into_par_iter().for_each(|task| {
+        let head = |task: usize| {
             let (bi, h) = (task / hv, task % hv);
             let (rows, _) = self.rule_rows(x, &post, bi, h, s);
             let mut stt = self.init_of(bi, h).map_or_else(|| vec![0f32; dk * dv], |v| v.to_vec());
@@ -948,7 +951,13 @@ impl CustomOp1 for GdnCore {
                     )
                 };
             }
-        });
+        };
+        // A decoding step's state is small next to handing each head to the pool (at the 4B shapes it is not).
+        if bsz * hv * s * dk * dv < 8 * crate::nn::fused::SERIAL_BELOW {
+            (0..bsz * hv).for_each(head);
+        } else {
+            (0..bsz * hv).into_par_iter().for_each(head);
+        }
         Ok((CpuStorage::F32(out), Shape::from((bsz, s + dk, ow))))
     }
 
