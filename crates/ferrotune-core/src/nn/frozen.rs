@@ -135,13 +135,13 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
-/// `dst (m, n) = [dst +] beta · lhs (m, k) · rhs (k, n)` in f32 with gemm, each operand given as (pointer, column
-/// stride, row stride) in elements; dst is row-major with row stride `dst_rs`.
+/// `dst (m, n) = [dst +] beta · lhs (m, k) · rhs (k, n)` in f32 with gemm on the thread pool, each operand given
+/// as (pointer, column stride, row stride) in elements; dst is row-major with row stride `dst_rs`.
 ///
 /// # Safety
 /// Every element the strides address for those dimensions is inside its buffer.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_f32(
+pub(crate) unsafe fn gemm_f32(
     m: usize,
     n: usize,
     k: usize,
@@ -151,6 +151,26 @@ unsafe fn gemm_f32(
     lhs: (*const f32, usize, usize),
     rhs: (*const f32, usize, usize),
     beta: f32,
+) {
+    gemm_f32_with(m, n, k, dst, dst_rs, accumulate, lhs, rhs, beta, mixed::parallelism())
+}
+
+/// [`gemm_f32`] with the given parallelism (none inside a task that already runs on the pool).
+///
+/// # Safety
+/// As [`gemm_f32`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_f32_with(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+    parallelism: gemm::Parallelism,
 ) {
     gemm::gemm(
         m,
@@ -171,7 +191,7 @@ unsafe fn gemm_f32(
         false,
         false,
         false,
-        mixed::parallelism(),
+        parallelism,
     )
 }
 

@@ -6,6 +6,7 @@
 //! and the tests check gradients against finite differences.
 
 pub mod amx;
+pub mod attention;
 pub mod dpbf16;
 pub mod frozen;
 pub mod fused;

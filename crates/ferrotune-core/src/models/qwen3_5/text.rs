@@ -138,9 +138,15 @@ impl Attention {
         let k = self.k_proj.forward_t(x, train)?.reshape((b, s, kv, hd))?;
         let v = self.v_proj.forward_t(x, train)?.reshape((b, s, kv, hd))?;
         // 2. Per-head norms, then (B, S, heads, hd) -> (B, heads, S, hd).
-        let q = self.q_norm.forward(&q)?.transpose(1, 2)?;
-        let k = self.k_norm.forward(&k)?.transpose(1, 2)?;
-        let v = v.transpose(1, 2)?;
+        let (q, k) = (self.q_norm.forward(&q)?, self.k_norm.forward(&k)?);
+        if cache.is_none() && segments.is_none() {
+            // Steps 3 to 5 as one op on the CPU (forward and backward).
+            let scale = 1.0 / (hd as f64).sqrt();
+            if let Some(o) = crate::nn::attention::causal_attention(&q, &k, &v, cos, sin, scale)? {
+                return self.o_proj.forward_t(&(o * ops::sigmoid(&gate)?)?, train);
+            }
+        }
+        let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
         // 3. Partial rotary on the first `rot` channels.
         let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
         let q = ops::apply_rope(&q, &cos, &sin)?;

@@ -1,0 +1,367 @@
+//! Causal self-attention with partial rotary embeddings and grouped key/value heads, as one CPU op with a
+//! hand-written backward pass.
+//!
+//! Composed of candle ops, the rotary embedding alone is a dozen ops on q and k, the key/value heads are copied
+//! once per query head, and the scores, their softmax and its gradient are several (heads × S × S) tensors kept
+//! until the backward pass ends. Here each key/value head and its query heads are one task: rotations are
+//! applied row by row, the two products per head go through gemm, the softmax and its gradient are formed in place,
+//! and only q, k and v are kept.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::dpbf16::SendPtr;
+use super::frozen::gemm_f32_with;
+
+/// Causal attention of q (B, S, H, hd) over k, v (B, S, KV, hd), all f32 on the CPU: the first `rot` channels of
+/// q and k rotated by `cos`, `sin` (B, S, rot), scores scaled by `scale`, query head h reading key/value head
+/// h / (H / KV). Returns (B, S, H·hd). None where the op does not apply (another device or dtype).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if ![q, k, v, cos, sin].iter().all(|t| f32_cpu(t)) {
+        return Ok(None);
+    }
+    let (b, s, h, hd) = q.dims4()?;
+    let (_, _, kv, _) = k.dims4()?;
+    let rot = cos.dim(2)?;
+    if kv == 0 || h % kv != 0 || rot > hd || rot % 2 != 0 || cos.dims3()? != (b, s, rot) {
+        return Ok(None);
+    }
+    let vec = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
+    let op = Attention { cos: vec(cos)?, sin: vec(sin)?, rot, scale: scale as f32, kv };
+    Ok(Some(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?))
+}
+
+struct Attention {
+    /// (B, S, rot)
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    rot: usize,
+    scale: f32,
+    kv: usize,
+}
+
+fn cpu<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) if l.is_contiguous() => Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()]),
+        _ => candle_core::bail!("attention: expected contiguous f32 CPU tensors"),
+    }
+}
+
+/// Dimensions of one call.
+#[derive(Clone, Copy)]
+struct Dims {
+    s: usize,
+    kv: usize,
+    hd: usize,
+}
+
+impl Attention {
+    /// Rows t of head `head` of sample `bi` from x (B, S, heads, hd), rotated (row-major S × hd).
+    fn rotated(&self, x: &[f32], heads: usize, d: Dims, bi: usize, head: usize) -> Vec<f32> {
+        let (s, hd, rot) = (d.s, d.hd, self.rot);
+        let half = rot / 2;
+        let mut out = vec![0f32; s * hd];
+        for (t, o) in out.chunks_exact_mut(hd).enumerate() {
+            let xr = &x[((bi * s + t) * heads + head) * hd..][..hd];
+            let (c, sn) = (&self.cos[(bi * s + t) * rot..][..rot], &self.sin[(bi * s + t) * rot..][..rot]);
+            for i in 0..half {
+                o[i] = xr[i] * c[i] - xr[i + half] * sn[i];
+                o[i + half] = xr[i + half] * c[i + half] + xr[i] * sn[i + half];
+            }
+            o[rot..].copy_from_slice(&xr[rot..]);
+        }
+        out
+    }
+
+    /// The gradient of [`Self::rotated`]'s input from that of its output (S × hd), added into row t of `head` in
+    /// `dx` (B, S, heads, hd).
+    ///
+    /// # Safety
+    /// The rows written belong to the calling task alone.
+    unsafe fn unrotate(&self, dy: &[f32], dx: SendPtr, heads: usize, d: Dims, bi: usize, head: usize) {
+        let (s, hd, rot) = (d.s, d.hd, self.rot);
+        let half = rot / 2;
+        for (t, g) in dy.chunks_exact(hd).enumerate() {
+            let o = std::slice::from_raw_parts_mut(dx.at(((bi * s + t) * heads + head) * hd), hd);
+            let (c, sn) = (&self.cos[(bi * s + t) * rot..][..rot], &self.sin[(bi * s + t) * rot..][..rot]);
+            for i in 0..half {
+                o[i] += g[i] * c[i] + g[i + half] * sn[i + half];
+                o[i + half] += g[i + half] * c[i + half] - g[i] * sn[i];
+            }
+            for i in rot..hd {
+                o[i] += g[i];
+            }
+        }
+    }
+
+    /// Rows of key/value head `g` of sample `bi` from v (B, S, KV, hd), unrotated.
+    fn rows(&self, v: &[f32], d: Dims, bi: usize, g: usize) -> Vec<f32> {
+        let mut out = vec![0f32; d.s * d.hd];
+        for (t, o) in out.chunks_exact_mut(d.hd).enumerate() {
+            o.copy_from_slice(&v[((bi * d.s + t) * d.kv + g) * d.hd..][..d.hd]);
+        }
+        out
+    }
+
+    /// The causal softmax of `qr · krᵀ · scale` (S × S, zero above the diagonal).
+    fn probabilities(&self, qr: &[f32], kr: &[f32], d: Dims) -> Vec<f32> {
+        let (s, hd) = (d.s, d.hd);
+        let mut p = vec![0f32; s * s];
+        // SAFETY: qr and kr are S × hd, p is S × S, row-major.
+        unsafe {
+            gemm_f32_with(
+                s,
+                s,
+                hd,
+                p.as_mut_ptr(),
+                s,
+                false,
+                (qr.as_ptr(), 1, hd),
+                (kr.as_ptr(), hd, 1),
+                self.scale,
+                gemm::Parallelism::None,
+            )
+        };
+        for (i, row) in p.chunks_exact_mut(s).enumerate() {
+            softmax_prefix(row, i + 1);
+        }
+        p
+    }
+}
+
+crate::nn::amx::wide_fn! {
+    /// Softmax of the first `n` entries of `row` in place, the rest zeroed (keys after the query).
+    fn softmax_prefix(row: &mut [f32], n: usize) {
+        let (live, masked) = row.split_at_mut(n);
+        let max = live.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let mut sum = 0f32;
+        for x in live.iter_mut() {
+            *x = crate::nn::fused::exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        for x in live.iter_mut() {
+            *x *= inv;
+        }
+        masked.fill(0.0);
+    }
+}
+
+crate::nn::amx::wide_fn! {
+    /// One row of the softmax's backward in place: dS = P ∘ (dP − Σ P∘dP) · scale.
+    fn softmax_grad_row(dp: &mut [f32], p: &[f32], scale: f32) {
+        let mut acc = [0f32; 16];
+        let (cd, cp) = (dp.chunks_exact(16), p.chunks_exact(16));
+        let tail: f32 = cd.remainder().iter().zip(cp.remainder()).map(|(a, b)| a * b).sum();
+        for (a, b) in cd.zip(cp) {
+            for l in 0..16 {
+                acc[l] += a[l] * b[l];
+            }
+        }
+        for w in [8, 4, 2, 1] {
+            for l in 0..w {
+                acc[l] += acc[l + w];
+            }
+        }
+        let dsum = acc[0] + tail;
+        for (d, &pp) in dp.iter_mut().zip(p) {
+            *d = pp * (*d - dsum) * scale;
+        }
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, s, h, hd) = l1.shape().dims4()?;
+        let d = Dims { s, kv: self.kv, hd };
+        let (q, k, v) = (cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?);
+        let rep = h / self.kv;
+        let mut out = vec![0f32; b * s * h * hd];
+        let op = SendPtr::new(out.as_mut_ptr());
+        (0..b * self.kv).into_par_iter().for_each(|task| {
+            let (bi, g) = (task / self.kv, task % self.kv);
+            let kr = self.rotated(k, self.kv, d, bi, g);
+            let vv = self.rows(v, d, bi, g);
+            for head in g * rep..(g + 1) * rep {
+                let qr = self.rotated(q, h, d, bi, head);
+                let p = self.probabilities(&qr, &kr, d);
+                // SAFETY: p (S × S) · vv (S × hd) into the rows of this head in out (row stride H·hd), which only
+                // this task writes.
+                unsafe {
+                    gemm_f32_with(
+                        s,
+                        hd,
+                        s,
+                        op.at((bi * s) * h * hd + head * hd),
+                        h * hd,
+                        false,
+                        (p.as_ptr(), 1, s),
+                        (vv.as_ptr(), 1, hd),
+                        1.0,
+                        gemm::Parallelism::None,
+                    )
+                };
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, s, h * hd))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, s, h, hd) = q.dims4()?;
+        let d = Dims { s, kv: self.kv, hd };
+        let grad = grad.contiguous()?;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs), Storage::Cpu(gs)) = (&*qs, &*ks, &*vs, &*gs) else {
+            candle_core::bail!("attention backward: expected CPU tensors")
+        };
+        let (qv, kv_, vv_, gy) = (cpu(qs, ql)?, cpu(ks, kl)?, cpu(vs, vl)?, cpu(gs, gl)?);
+        let rep = h / self.kv;
+        let (mut dq, mut dk, mut dv) = (vec![0f32; qv.len()], vec![0f32; kv_.len()], vec![0f32; vv_.len()]);
+        let (dqp, dkp, dvp) =
+            (SendPtr::new(dq.as_mut_ptr()), SendPtr::new(dk.as_mut_ptr()), SendPtr::new(dv.as_mut_ptr()));
+        let np = gemm::Parallelism::None;
+        (0..b * self.kv).into_par_iter().for_each(|task| {
+            let (bi, g) = (task / self.kv, task % self.kv);
+            let kr = self.rotated(kv_, self.kv, d, bi, g);
+            let vv = self.rows(vv_, d, bi, g);
+            let (mut dkr, mut dvv) = (vec![0f32; s * hd], vec![0f32; s * hd]);
+            let mut dp = vec![0f32; s * s];
+            let mut dqr = vec![0f32; s * hd];
+            for head in g * rep..(g + 1) * rep {
+                let qr = self.rotated(qv, h, d, bi, head);
+                let p = self.probabilities(&qr, &kr, d);
+                let go = gy[(bi * s) * h * hd + head * hd..].as_ptr();
+                // SAFETY: every operand is a row-major buffer of the sizes named (the head's rows of the output
+                // gradient at row stride H·hd); this task's buffers only.
+                unsafe {
+                    // dV += Pᵀ · dO; dP = dO · Vᵀ.
+                    gemm_f32_with(s, hd, s, dvv.as_mut_ptr(), hd, true, (p.as_ptr(), s, 1), (go, 1, h * hd), 1.0, np);
+                    gemm_f32_with(s, s, hd, dp.as_mut_ptr(), s, false, (go, 1, h * hd), (vv.as_ptr(), hd, 1), 1.0, np);
+                }
+                for ((row, prow), i) in dp.chunks_exact_mut(s).zip(p.chunks_exact(s)).zip(1..) {
+                    softmax_grad_row(&mut row[..i], &prow[..i], self.scale);
+                    row[i..].fill(0.0);
+                }
+                // SAFETY: as above.
+                unsafe {
+                    // dQr = dS · Kr; dKr += dSᵀ · Qr.
+                    gemm_f32_with(
+                        s,
+                        hd,
+                        s,
+                        dqr.as_mut_ptr(),
+                        hd,
+                        false,
+                        (dp.as_ptr(), 1, s),
+                        (kr.as_ptr(), 1, hd),
+                        1.0,
+                        np,
+                    );
+                    gemm_f32_with(
+                        s,
+                        hd,
+                        s,
+                        dkr.as_mut_ptr(),
+                        hd,
+                        true,
+                        (dp.as_ptr(), s, 1),
+                        (qr.as_ptr(), 1, hd),
+                        1.0,
+                        np,
+                    );
+                    self.unrotate(&dqr, dqp, h, d, bi, head);
+                }
+            }
+            // SAFETY: key/value head g of sample bi belongs to this task alone.
+            unsafe {
+                self.unrotate(&dkr, dkp, self.kv, d, bi, g);
+                for (t, row) in dvv.chunks_exact(hd).enumerate() {
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), dvp.at(((bi * s + t) * self.kv + g) * hd), hd);
+                }
+            }
+        });
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape().clone(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape().clone(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape().clone(), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let m = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        d / m.max(1e-30)
+    }
+
+    /// Output and the three input gradients against the composed ops (rotary embedding, key/value heads repeated,
+    /// masked softmax attention), with partial and full rotation and grouped heads.
+    #[test]
+    fn fused_attention_and_its_gradients_equal_the_composed_ops() -> Result<()> {
+        use crate::nn::ops;
+        let dev = Device::Cpu;
+        for (b, s, h, kv, hd, rot) in [(1, 7, 4, 2, 8, 4), (2, 19, 4, 1, 16, 16), (1, 33, 2, 2, 32, 8)] {
+            let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap());
+            let (q, k, v) = (var(&[b, s, h, hd])?, var(&[b, s, kv, hd])?, var(&[b, s, kv, hd])?);
+            let ang = Tensor::randn(0f32, 1.0, (b, s, rot), &dev)?;
+            let (cos, sin) = (ang.cos()?, ang.sin()?);
+            let scale = 1.0 / (hd as f64).sqrt();
+            let got = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &cos, &sin, scale)?.unwrap();
+            // The composed reference, as the attention layer computes it.
+            let (c1, s1) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+            let qr = ops::apply_rope(&q.as_tensor().transpose(1, 2)?, &c1, &s1)?;
+            let kr = ops::apply_rope(&k.as_tensor().transpose(1, 2)?, &c1, &s1)?;
+            let rep = h / kv;
+            let expand = |x: &Tensor| x.unsqueeze(2)?.broadcast_as((b, kv, rep, s, hd))?.reshape((b, h, s, hd));
+            let vt = v.as_tensor().transpose(1, 2)?.contiguous()?;
+            let mask = ops::causal_mask(s, 0, &dev)?;
+            let o = ops::attention(&qr, &expand(&kr.contiguous()?)?, &expand(&vt)?, scale, Some(&mask))?;
+            let want = o.transpose(1, 2)?.reshape((b, s, h * hd))?;
+            assert!(rel(&got, &want) < 1e-5, "({b},{s},{h},{kv},{hd},{rot}): {}", rel(&got, &want));
+            let wo = Tensor::randn(0f32, 1.0, (b, s, h * hd), &dev)?;
+            let gg = (got * &wo)?.sum_all()?.backward()?;
+            let gw = (want * &wo)?.sum_all()?.backward()?;
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, c) = (gg.get(x.as_tensor()).unwrap(), gw.get(x.as_tensor()).unwrap());
+                assert!(rel(a, c) < 2e-5, "({b},{s},{h},{kv},{hd},{rot}) d{name}: {}", rel(a, c));
+            }
+        }
+        Ok(())
+    }
+}
