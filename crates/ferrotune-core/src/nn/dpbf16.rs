@@ -80,7 +80,8 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize) -> Vec<f3
     let blocks = m.div_ceil(16);
     let half = k / 2;
     let xp = pack_x(x, m, k, blocks);
-    let mut y = vec![0f32; m * n];
+    // Every element is written below, so the buffer is not zeroed first.
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let yp = SendPtr::new(y.as_mut_ptr());
     (0..n.div_ceil(TASK_ROWS)).into_par_iter().for_each(|t| {
         let (j0, j1) = (t * TASK_ROWS, ((t + 1) * TASK_ROWS).min(n));
@@ -114,7 +115,7 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize) -> Vec<f3
             }
         }
         // Sixteen columns of sixteen rows at a time, transposed in registers into rows of y.
-        for b in 0..blocks {
+        for b in (0..blocks).take_while(|b| 16 * b < m) {
             let lanes = 16.min(m - 16 * b);
             for c0 in (0..j1 - j0).step_by(16) {
                 let cols = 16.min(j1 - j0 - c0);
@@ -128,6 +129,8 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize) -> Vec<f3
             }
         }
     });
+    // SAFETY: the tasks wrote all m rows of every one of the n columns.
+    unsafe { y.set_len(m * n) };
     y
 }
 
@@ -228,7 +231,8 @@ pub fn matmul_gw(g: &[f32], m: usize, n: usize, w: &[bf16], k: usize) -> Vec<f32
     // SAFETY: bf16 is a transparent 16-bit value; the bits are only copied.
     let wu: &[u16] = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const u16, w.len()) };
     let half = n / 2;
-    let mut y = vec![0f32; m * k];
+    // Every element is written below, so the buffer is not zeroed first.
+    let mut y: Vec<f32> = Vec::with_capacity(m * k);
     let yp = SendPtr::new(y.as_mut_ptr());
     (0..k.div_ceil(TC)).into_par_iter().for_each(|t| {
         let (c0, c1) = (t * TC, ((t + 1) * TC).min(k));
@@ -274,10 +278,11 @@ pub fn matmul_gw(g: &[f32], m: usize, n: usize, w: &[bf16], k: usize) -> Vec<f32
         }
         for i in 0..m {
             // SAFETY: row i of y has k columns; c0..c1 belong to this task alone.
-            let dst = unsafe { std::slice::from_raw_parts_mut(yp.at(i * k + c0), c1 - c0) };
-            dst.copy_from_slice(&out[i * ow..i * ow + (c1 - c0)]);
+            unsafe { std::ptr::copy_nonoverlapping(out[i * ow..].as_ptr(), yp.at(i * k + c0), c1 - c0) };
         }
     });
+    // SAFETY: the tasks wrote columns c0..c1 of every row, for column ranges covering 0..k.
+    unsafe { y.set_len(m * k) };
     y
 }
 

@@ -264,16 +264,22 @@ impl CustomOp3 for FrozenLora {
             candle_core::bail!("frozen LoRA matmul: the base weight must be a contiguous CPU tensor")
         };
         let (mut u, mut du) = (vec![0f32; m * r], vec![0f32; m * r]);
-        let (mut da, mut db) = (vec![0f32; r * k], vec![0f32; n * r]);
+        let (mut da, mut da_t, mut db) = (vec![0f32; r * k], vec![0f32; k * r], vec![0f32; n * r]);
         let s = self.scale;
         // SAFETY: every operand is a row-major buffer of the dimensions named: x (m, k), A (r, k), B (n, r),
-        // G (m, n), u = x Aᵀ and du = s·G B (m, r), dX (m, k), dA (r, k), dB (n, r).
+        // G (m, n), u = x Aᵀ and du = s·G B (m, r), dX (m, k), dAᵀ (k, r), dB (n, r).
         unsafe {
             gemm_f32(m, r, k, u.as_mut_ptr(), r, false, (xv.as_ptr(), 1, k), (av.as_ptr(), k, 1), 1.0);
             gemm_f32(m, r, n, du.as_mut_ptr(), r, false, (g.as_ptr(), 1, n), (bv.as_ptr(), 1, r), s);
             gemm_f32(m, k, r, dx.as_mut_ptr(), k, true, (du.as_ptr(), 1, r), (av.as_ptr(), 1, k), 1.0);
             gemm_f32(n, r, m, db.as_mut_ptr(), r, false, (g.as_ptr(), n, 1), (u.as_ptr(), 1, r), s);
-            gemm_f32(r, k, m, da.as_mut_ptr(), k, false, (du.as_ptr(), r, 1), (xv.as_ptr(), 1, k), 1.0);
+            // dAᵀ = xᵀ du (k, r): a long, narrow product, which gemm runs far better than r-row dA = duᵀ x.
+            gemm_f32(k, r, m, da_t.as_mut_ptr(), r, false, (xv.as_ptr(), k, 1), (du.as_ptr(), 1, r), 1.0);
+        }
+        for (j, row) in da.chunks_exact_mut(k).enumerate() {
+            for (t, v) in row.iter_mut().enumerate() {
+                *v = da_t[t * r + j];
+            }
         }
         let dev = x.device();
         Ok((
