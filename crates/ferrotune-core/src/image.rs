@@ -222,7 +222,7 @@ impl ImageProcessorConfig {
             return smart_resize(height, width, self.factor(), self.min_pixels, self.max_pixels);
         }
         let f = self.factor();
-        if height == 0 || width == 0 || height % f != 0 || width % f != 0 {
+        if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
             bail!(
                 "image is {height}x{width} (HxW) but `do_resize` is false, so both sides must be non-zero multiples \
                  of patch_size * merge_size = {f}; set `do_resize: true` in preprocessor_config.json"

@@ -185,7 +185,7 @@ impl Mapping {
             return None;
         }
         let p = self.ptr.add(offset);
-        if (p as usize) % std::mem::align_of::<T>() != 0 {
+        if !(p as usize).is_multiple_of(std::mem::align_of::<T>()) {
             return None;
         }
         // Start reading the range from disk now if it is not cached (a no-op when it is).

@@ -198,7 +198,7 @@ pub fn prepare(plan: &Plan, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<
                 let at = RowRef { dataset: attr.name.clone(), file: file.clone(), row: row.index, line: row.line };
                 let r = ctx.row(&row.value, &attr, &tags, &at);
                 let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if n % 64 == 0 || n == total_rows {
+                if n.is_multiple_of(64) || n == total_rows {
                     progress(n, total_rows);
                 }
                 (at, r)

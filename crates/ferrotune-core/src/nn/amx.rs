@@ -65,12 +65,12 @@ fn detect() -> bool {
 
 /// Whether [`matmul_xwt`] takes these shapes: W's rows in blocks of 32, the sum dimension in blocks of 32.
 pub fn fits_xwt(n: usize, k: usize) -> bool {
-    n % 32 == 0 && k % 32 == 0 && k > 0
+    n.is_multiple_of(32) && k.is_multiple_of(32) && k > 0
 }
 
 /// Whether [`matmul_gw`] takes these shapes: G's columns (W's rows) in pairs of 32, the output in blocks of 32.
 pub fn fits_gw(n: usize, k: usize) -> bool {
-    n % 32 == 0 && k % 32 == 0 && n > 0
+    n.is_multiple_of(32) && k.is_multiple_of(32) && n > 0
 }
 
 /// `v` rounded to the nearest bf16 (ties to even), as its 16 bits; NaN stays NaN.

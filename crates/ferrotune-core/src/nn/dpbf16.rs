@@ -42,12 +42,12 @@ fn detect() -> bool {
 
 /// Whether [`matmul_xwt`] takes a sum dimension of `k`: whole pairs.
 pub fn fits_xwt(k: usize) -> bool {
-    k % 2 == 0 && k > 0
+    k.is_multiple_of(2) && k > 0
 }
 
 /// Whether [`matmul_gw`] takes `n` rows of W (the sum dimension): whole pairs.
 pub fn fits_gw(n: usize) -> bool {
-    n % 2 == 0 && n > 0
+    n.is_multiple_of(2) && n > 0
 }
 
 /// Rows of W one micro-kernel of `x · Wᵀ` broadcasts: 2 × 12 accumulators, so that each vector of x (streamed

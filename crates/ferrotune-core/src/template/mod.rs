@@ -178,7 +178,7 @@ impl<'a> ChatEncoder<'a> {
         system: Option<&str>,
         mask_history: bool,
     ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-        if messages.is_empty() || messages.len() % 2 != 0 {
+        if messages.is_empty() || !messages.len().is_multiple_of(2) {
             bail!("a conversation needs prompt/answer pairs, got {} messages", messages.len());
         }
         let mut messages = messages.to_vec();

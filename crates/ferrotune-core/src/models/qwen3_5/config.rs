@@ -296,7 +296,7 @@ impl Config {
                 t.num_hidden_layers
             );
         }
-        if t.num_attention_heads % t.num_key_value_heads != 0 {
+        if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
             bail!(
                 "config.json: `text_config.num_attention_heads` {} is not a multiple of \
                  `text_config.num_key_value_heads` {} (each key/value head serves a whole group of query heads)\n  \
@@ -305,7 +305,7 @@ impl Config {
                 t.num_key_value_heads
             );
         }
-        if t.linear_num_value_heads % t.linear_num_key_heads != 0 {
+        if !t.linear_num_value_heads.is_multiple_of(t.linear_num_key_heads) {
             bail!(
                 "config.json: `text_config.linear_num_value_heads` {} is not a multiple of \
                  `text_config.linear_num_key_heads` {}\n  hint: {FIX}",
@@ -314,7 +314,7 @@ impl Config {
             );
         }
         let rot = t.rotary_dim();
-        if rot % 2 != 0 || rot > t.head_dim {
+        if !rot.is_multiple_of(2) || rot > t.head_dim {
             bail!(
                 "config.json: `text_config.head_dim` {} x `partial_rotary_factor` {} gives a rotary dim of {rot}, \
                  which must be even and at most head_dim\n  hint: {FIX}",
@@ -339,7 +339,7 @@ impl Config {
                 t.partial_rotary_factor
             );
         }
-        if v.hidden_size % v.num_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_heads) {
             bail!(
                 "config.json: `vision_config.hidden_size` {} is not a multiple of `vision_config.num_heads` {}\n  \
                  hint: {FIX}",

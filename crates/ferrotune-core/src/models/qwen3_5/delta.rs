@@ -302,7 +302,7 @@ crate::nn::amx::wide_fn! {
 /// One head's forward: the AVX-512 kernel for value heads of 16·n columns (n ≤ 8), else the portable loops.
 fn forward(x: &[f32], dk: usize, dv: usize, st: &mut [f32], outs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if dv % 16 == 0 && (16..=128).contains(&dv) && std::is_x86_feature_detected!("avx512f") {
+    if dv.is_multiple_of(16) && (16..=128).contains(&dv) && std::is_x86_feature_detected!("avx512f") {
         let steps = outs.len() / dv;
         // SAFETY: the CPU has AVX-512F; the buffers have the sizes the kernel reads (checked by the callers).
         unsafe {
@@ -322,7 +322,7 @@ fn forward(x: &[f32], dk: usize, dv: usize, st: &mut [f32], outs: &mut [f32]) {
 /// One head's backward, dispatched as [`forward`].
 fn backward(x: &[f32], dk: usize, dv: usize, init: Option<&[f32]>, go: &[f32], gx: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if dv % 16 == 0 && (16..=128).contains(&dv) && std::is_x86_feature_detected!("avx512f") {
+    if dv.is_multiple_of(16) && (16..=128).contains(&dv) && std::is_x86_feature_detected!("avx512f") {
         // SAFETY: as in `forward`.
         unsafe {
             match dv / 16 {
