@@ -1,5 +1,5 @@
-//! Causal self-attention with partial rotary embeddings and grouped key/value heads, as one CPU op with a
-//! hand-written backward pass.
+//! Self-attention (causal, or over the whole sequence) with partial rotary embeddings and grouped key/value
+//! heads, as one CPU op with a hand-written backward pass.
 //!
 //! Composed of candle ops, the rotary embedding alone is a dozen ops on q and k, the key/value heads are copied
 //! once per query head, and the scores, their softmax and its gradient are several (heads × S × S) tensors kept
@@ -13,16 +13,18 @@ use rayon::prelude::*;
 use super::dpbf16::SendPtr;
 use super::frozen::gemm_f32_with;
 
-/// Causal attention of q (B, S, H, hd) over k, v (B, S, KV, hd), all f32 on the CPU: the first `rot` channels of
-/// q and k rotated by `cos`, `sin` (B, S, rot), scores scaled by `scale`, query head h reading key/value head
-/// h / (H / KV). Returns (B, S, H·hd). None where the op does not apply (another device or dtype).
-pub fn causal_attention(
+/// Attention of q (B, S, H, hd) over k, v (B, S, KV, hd), all f32 on the CPU: the first `rot` channels of q and k
+/// rotated by `cos`, `sin` (B, S, rot), scores scaled by `scale`, query head h reading key/value head h / (H / KV),
+/// each query seeing the keys up to its own position (`causal`) or all of them. Returns (B, S, H·hd). None where
+/// the op does not apply (another device or dtype).
+pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
     scale: f64,
+    causal: bool,
 ) -> Result<Option<Tensor>> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     if ![q, k, v, cos, sin].iter().all(|t| f32_cpu(t)) {
@@ -35,7 +37,7 @@ pub fn causal_attention(
         return Ok(None);
     }
     let vec = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
-    let op = Attention { cos: vec(cos)?, sin: vec(sin)?, rot, scale: scale as f32, kv };
+    let op = Attention { cos: vec(cos)?, sin: vec(sin)?, rot, scale: scale as f32, kv, causal };
     Ok(Some(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?))
 }
 
@@ -46,6 +48,7 @@ struct Attention {
     rot: usize,
     scale: f32,
     kv: usize,
+    causal: bool,
 }
 
 fn cpu<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -111,7 +114,16 @@ impl Attention {
         out
     }
 
-    /// The causal softmax of `qr · krᵀ · scale` (S × S, zero above the diagonal).
+    /// Keys query row `i` sees.
+    fn seen(&self, i: usize, s: usize) -> usize {
+        if self.causal {
+            i + 1
+        } else {
+            s
+        }
+    }
+
+    /// The softmax of `qr · krᵀ · scale` (S × S; causal: zero above the diagonal).
     fn probabilities(&self, qr: &[f32], kr: &[f32], d: Dims) -> Vec<f32> {
         let (s, hd) = (d.s, d.hd);
         let mut p = vec![0f32; s * s];
@@ -131,7 +143,7 @@ impl Attention {
             )
         };
         for (i, row) in p.chunks_exact_mut(s).enumerate() {
-            softmax_prefix(row, i + 1);
+            softmax_prefix(row, self.seen(i, s));
         }
         p
     }
@@ -180,7 +192,7 @@ crate::nn::amx::wide_fn! {
 
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
-        "causal-attention"
+        "attention"
     }
 
     fn cpu_fwd(
@@ -268,9 +280,10 @@ impl CustomOp3 for Attention {
                     gemm_f32_with(s, hd, s, dvv.as_mut_ptr(), hd, true, (p.as_ptr(), s, 1), (go, 1, h * hd), 1.0, np);
                     gemm_f32_with(s, s, hd, dp.as_mut_ptr(), s, false, (go, 1, h * hd), (vv.as_ptr(), hd, 1), 1.0, np);
                 }
-                for ((row, prow), i) in dp.chunks_exact_mut(s).zip(p.chunks_exact(s)).zip(1..) {
-                    softmax_grad_row(&mut row[..i], &prow[..i], self.scale);
-                    row[i..].fill(0.0);
+                for (i, (row, prow)) in dp.chunks_exact_mut(s).zip(p.chunks_exact(s)).enumerate() {
+                    let n = self.seen(i, s);
+                    softmax_grad_row(&mut row[..n], &prow[..n], self.scale);
+                    row[n..].fill(0.0);
                 }
                 // SAFETY: as above.
                 unsafe {
@@ -331,18 +344,19 @@ mod tests {
     }
 
     /// Output and the three input gradients against the composed ops (rotary embedding, key/value heads repeated,
-    /// masked softmax attention), with partial and full rotation and grouped heads.
+    /// masked softmax attention), with partial and full rotation, grouped heads, causal or not.
     #[test]
     fn fused_attention_and_its_gradients_equal_the_composed_ops() -> Result<()> {
         use crate::nn::ops;
         let dev = Device::Cpu;
-        for (b, s, h, kv, hd, rot) in [(1, 7, 4, 2, 8, 4), (2, 19, 4, 1, 16, 16), (1, 33, 2, 2, 32, 8)] {
+        let shapes = [(1, 7, 4, 2, 8, 4, true), (2, 19, 4, 1, 16, 16, true), (1, 33, 2, 2, 32, 8, true)];
+        for (b, s, h, kv, hd, rot, causal) in shapes.into_iter().chain([(1, 21, 2, 2, 16, 16, false)]) {
             let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap());
             let (q, k, v) = (var(&[b, s, h, hd])?, var(&[b, s, kv, hd])?, var(&[b, s, kv, hd])?);
             let ang = Tensor::randn(0f32, 1.0, (b, s, rot), &dev)?;
             let (cos, sin) = (ang.cos()?, ang.sin()?);
             let scale = 1.0 / (hd as f64).sqrt();
-            let got = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &cos, &sin, scale)?.unwrap();
+            let got = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &cos, &sin, scale, causal)?.unwrap();
             // The composed reference, as the attention layer computes it.
             let (c1, s1) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
             let qr = ops::apply_rope(&q.as_tensor().transpose(1, 2)?, &c1, &s1)?;
@@ -350,8 +364,8 @@ mod tests {
             let rep = h / kv;
             let expand = |x: &Tensor| x.unsqueeze(2)?.broadcast_as((b, kv, rep, s, hd))?.reshape((b, h, s, hd));
             let vt = v.as_tensor().transpose(1, 2)?.contiguous()?;
-            let mask = ops::causal_mask(s, 0, &dev)?;
-            let o = ops::attention(&qr, &expand(&kr.contiguous()?)?, &expand(&vt)?, scale, Some(&mask))?;
+            let mask = causal.then(|| ops::causal_mask(s, 0, &dev)).transpose()?;
+            let o = ops::attention(&qr, &expand(&kr.contiguous()?)?, &expand(&vt)?, scale, mask.as_ref())?;
             let want = o.transpose(1, 2)?.reshape((b, s, h * hd))?;
             assert!(rel(&got, &want) < 1e-5, "({b},{s},{h},{kv},{hd},{rot}): {}", rel(&got, &want));
             let wo = Tensor::randn(0f32, 1.0, (b, s, h * hd), &dev)?;

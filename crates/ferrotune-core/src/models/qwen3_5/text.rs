@@ -142,7 +142,7 @@ impl Attention {
         if cache.is_none() && segments.is_none() {
             // Steps 3 to 5 as one op on the CPU (forward and backward).
             let scale = 1.0 / (hd as f64).sqrt();
-            if let Some(o) = crate::nn::attention::causal_attention(&q, &k, &v, cos, sin, scale)? {
+            if let Some(o) = crate::nn::attention::attention(&q, &k, &v, cos, sin, scale, true)? {
                 return self.o_proj.forward_t(&(o * ops::sigmoid(&gate)?)?, train);
             }
         }

@@ -89,6 +89,27 @@ impl VisionAttention {
         let (n, d) = x.dims2()?;
         let (h, hd) = (self.heads, d / self.heads);
         let qkv = self.qkv.forward(x)?.reshape((n, 3, h, hd))?;
+        if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+            // On the CPU each image's rotary embedding and attention are one op (forward and backward).
+            let part = |i: usize| qkv.narrow(1, i, 1)?.squeeze(1);
+            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+            let scale = 1.0 / (hd as f64).sqrt();
+            let mut outs = Vec::with_capacity(spans.len());
+            for &(start, len) in spans {
+                let pick = |t: &Tensor| t.narrow(0, start, len)?.unsqueeze(0);
+                let (c, s) = (pick(cos)?, pick(sin)?);
+                match crate::nn::attention::attention(&pick(&q)?, &pick(&k)?, &pick(&v)?, &c, &s, scale, false)? {
+                    Some(o) => outs.push(o.squeeze(0)?),
+                    None => {
+                        outs.clear();
+                        break;
+                    }
+                }
+            }
+            if !spans.is_empty() && outs.len() == spans.len() {
+                return self.proj.forward(&Tensor::cat(&outs, 0)?);
+            }
+        }
         // (N, H, hd) each; rotary over the whole head dim, in f32.
         let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
         let q = ops::apply_rope_f32(&qkv.narrow(1, 0, 1)?.squeeze(1)?, &cos, &sin)?;
