@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::dpbf16::SendPtr;
 use super::frozen::gemm_f32_with;
+use super::fused::{dot16, f32_slice};
 
 /// Attention of q (B, S, H, hd) over k, v (B, S, KV, hd), all f32 on the CPU: the first `rot` channels of q and k
 /// rotated by `cos`, `sin` (B, S, rot), scores scaled by `scale`, query head h reading key/value head h / (H / KV),
@@ -49,13 +50,6 @@ struct Attention {
     scale: f32,
     kv: usize,
     causal: bool,
-}
-
-fn cpu<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) if l.is_contiguous() => Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()]),
-        _ => candle_core::bail!("attention: expected contiguous f32 CPU tensors"),
-    }
 }
 
 /// Dimensions of one call.
@@ -170,20 +164,7 @@ crate::nn::amx::wide_fn! {
 crate::nn::amx::wide_fn! {
     /// One row of the softmax's backward in place: dS = P ∘ (dP − Σ P∘dP) · scale.
     fn softmax_grad_row(dp: &mut [f32], p: &[f32], scale: f32) {
-        let mut acc = [0f32; 16];
-        let (cd, cp) = (dp.chunks_exact(16), p.chunks_exact(16));
-        let tail: f32 = cd.remainder().iter().zip(cp.remainder()).map(|(a, b)| a * b).sum();
-        for (a, b) in cd.zip(cp) {
-            for l in 0..16 {
-                acc[l] += a[l] * b[l];
-            }
-        }
-        for w in [8, 4, 2, 1] {
-            for l in 0..w {
-                acc[l] += acc[l + w];
-            }
-        }
-        let dsum = acc[0] + tail;
+        let dsum = dot16(dp, p);
         for (d, &pp) in dp.iter_mut().zip(p) {
             *d = pp * (*d - dsum) * scale;
         }
@@ -206,7 +187,11 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, s, h, hd) = l1.shape().dims4()?;
         let d = Dims { s, kv: self.kv, hd };
-        let (q, k, v) = (cpu(s1, l1)?, cpu(s2, l2)?, cpu(s3, l3)?);
+        let (q, k, v) = (
+            f32_slice(s1, l1, "attention: q")?,
+            f32_slice(s2, l2, "attention: k")?,
+            f32_slice(s3, l3, "attention: v")?,
+        );
         let rep = h / self.kv;
         let mut out = vec![0f32; b * s * h * hd];
         let op = SendPtr::new(out.as_mut_ptr());
@@ -256,7 +241,12 @@ impl CustomOp3 for Attention {
         let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs), Storage::Cpu(gs)) = (&*qs, &*ks, &*vs, &*gs) else {
             candle_core::bail!("attention backward: expected CPU tensors")
         };
-        let (qv, kv_, vv_, gy) = (cpu(qs, ql)?, cpu(ks, kl)?, cpu(vs, vl)?, cpu(gs, gl)?);
+        let (qv, kv_, vv_) = (
+            f32_slice(qs, ql, "attention: q")?,
+            f32_slice(ks, kl, "attention: k")?,
+            f32_slice(vs, vl, "attention: v")?,
+        );
+        let gy = f32_slice(gs, gl, "attention: the gradient")?;
         let rep = h / self.kv;
         let (mut dq, mut dk, mut dv) = (vec![0f32; qv.len()], vec![0f32; kv_.len()], vec![0f32; vv_.len()]);
         let (dqp, dkp, dvp) =
@@ -335,13 +325,8 @@ impl CustomOp3 for Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::fused::tests::rel;
     use candle_core::{Device, Var};
-
-    fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let m = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        d / m.max(1e-30)
-    }
 
     /// Output and the three input gradients against the composed ops (rotary embedding, key/value heads repeated,
     /// masked softmax attention), with partial and full rotation, grouped heads, causal or not.

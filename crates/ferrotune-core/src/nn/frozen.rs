@@ -7,6 +7,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
+use super::fused::f32_slice;
 use super::mixed::{self, SMALL_M};
 use super::{amx, dpbf16};
 
@@ -19,15 +20,17 @@ struct FrozenMatmul {
     bf16: bool,
 }
 
+/// A frozen weight's elements as the CPU kernels take them.
+enum CpuWeight<'a> {
+    Packed(mixed::Packed<'a>),
+    F32(&'a [f32]),
+}
+
 impl FrozenMatmul {
-    /// `x (m, k) @ Wᵀ` on the CPU for contiguous f32 x and a contiguous W: 16-bit or int8 weights kept compact
-    /// (widened on the fly or multiplied in bf16, f32 accumulation), an f32 W through gemm. None when W is not a
-    /// contiguous CPU tensor of those kinds.
-    fn cpu_xwt(&self, x: &[f32], m: usize, k: usize) -> Result<Option<Vec<f32>>> {
-        let (n, k2) = self.w.dims2()?;
-        if k != k2 {
-            candle_core::bail!("frozen matmul: input has {k} features, weight expects {k2}");
-        }
+    /// `f` applied to W (n, k) as the CPU kernels take it: compact (16-bit, or int8 with its scales) or f32. None
+    /// when W is not a contiguous CPU tensor of those kinds.
+    fn with_cpu_weight<R>(&self, f: impl FnOnce(CpuWeight) -> R) -> Result<Option<R>> {
+        let (n, k) = self.w.dims2()?;
         let (ws, wl) = self.w.storage_and_layout();
         let Storage::Cpu(w) = &*ws else { return Ok(None) };
         if !wl.is_contiguous() {
@@ -36,22 +39,32 @@ impl FrozenMatmul {
         let scales = self.scales.as_ref().map(|s| s.storage_and_layout());
         let scales = cpu_scales(scales.as_ref().map(|(g, l)| (&**g, *l)), n)?;
         if let Some(half) = packed_weights(w, wl, n, k, scales) {
-            return Ok(Some(match half {
-                mixed::Packed::Bf16(wb) if self.bf16 => bf16_xwt(x, m, k, wb, n),
-                _ => mixed::matmul_xwt(x, m, k, half, n),
-            }));
+            return Ok(Some(f(CpuWeight::Packed(half))));
         }
         let CpuStorage::F32(wsl) = w else { return Ok(None) };
-        let wv = &wsl[wl.start_offset()..wl.start_offset() + n * k];
-        // Decoding multiplies one row at a time: a general GEMM would repack all of W for every token, so stream
-        // W's rows instead (memory-bound, no copies).
-        if m <= SMALL_M {
-            return Ok(Some(small_m_matmul(x, wv, m, n, k)));
+        Ok(Some(f(CpuWeight::F32(&wsl[wl.start_offset()..wl.start_offset() + n * k]))))
+    }
+
+    /// `x (m, k) @ Wᵀ` on the CPU for contiguous f32 x: 16-bit or int8 weights kept compact (widened on the fly or
+    /// multiplied in bf16, f32 accumulation), an f32 W through gemm. None as [`Self::with_cpu_weight`].
+    fn cpu_xwt(&self, x: &[f32], m: usize, k: usize) -> Result<Option<Vec<f32>>> {
+        let (n, k2) = self.w.dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen matmul: input has {k} features, weight expects {k2}");
         }
-        let mut y = vec![0f32; m * n];
-        // SAFETY: y (m, n), x (m, k) and W (n, k) read as its transpose are row-major buffers of those sizes.
-        unsafe { gemm_f32(m, n, k, y.as_mut_ptr(), n, false, (x.as_ptr(), 1, k), (wv.as_ptr(), k, 1), 1.0) };
-        Ok(Some(y))
+        self.with_cpu_weight(|w| match w {
+            CpuWeight::Packed(mixed::Packed::Bf16(wb)) if self.bf16 => bf16_xwt(x, m, k, wb, n),
+            CpuWeight::Packed(half) => mixed::matmul_xwt(x, m, k, half, n),
+            // Decoding multiplies one row at a time: a general GEMM would repack all of W for every token, so
+            // stream W's rows instead (memory-bound, no copies).
+            CpuWeight::F32(wv) if m <= SMALL_M => small_m_matmul(x, wv, m, n, k),
+            CpuWeight::F32(wv) => {
+                let mut y = vec![0f32; m * n];
+                // SAFETY: y (m, n), x (m, k) and W (n, k) read as its transpose are row-major buffers of those sizes.
+                unsafe { gemm_f32(m, n, k, y.as_mut_ptr(), n, false, (x.as_ptr(), 1, k), (wv.as_ptr(), k, 1), 1.0) };
+                y
+            }
+        })
     }
 
     /// `g (m, n) @ W` on the CPU for contiguous f32 g: the input gradient, for any weight [`Self::cpu_xwt`] takes.
@@ -60,25 +73,16 @@ impl FrozenMatmul {
         if n != n2 {
             candle_core::bail!("frozen matmul backward: gradient has {n} columns, weight has {n2} rows");
         }
-        let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cpu(w) = &*ws else { return Ok(None) };
-        if !wl.is_contiguous() {
-            return Ok(None);
-        }
-        let scales = self.scales.as_ref().map(|s| s.storage_and_layout());
-        let scales = cpu_scales(scales.as_ref().map(|(g, l)| (&**g, *l)), n)?;
-        if let Some(half) = packed_weights(w, wl, n, k, scales) {
-            return Ok(Some(match half {
-                mixed::Packed::Bf16(wb) if self.bf16 => bf16_gw(g, m, n, wb, k),
-                _ => mixed::matmul_gw(g, m, n, half, k),
-            }));
-        }
-        let CpuStorage::F32(wsl) = w else { return Ok(None) };
-        let wv = &wsl[wl.start_offset()..wl.start_offset() + n * k];
-        let mut y = vec![0f32; m * k];
-        // SAFETY: y (m, k), g (m, n) and W (n, k) are row-major buffers of those sizes.
-        unsafe { gemm_f32(m, k, n, y.as_mut_ptr(), k, false, (g.as_ptr(), 1, n), (wv.as_ptr(), 1, k), 1.0) };
-        Ok(Some(y))
+        self.with_cpu_weight(|w| match w {
+            CpuWeight::Packed(mixed::Packed::Bf16(wb)) if self.bf16 => bf16_gw(g, m, n, wb, k),
+            CpuWeight::Packed(half) => mixed::matmul_gw(g, m, n, half, k),
+            CpuWeight::F32(wv) => {
+                let mut y = vec![0f32; m * k];
+                // SAFETY: y (m, k), g (m, n) and W (n, k) are row-major buffers of those sizes.
+                unsafe { gemm_f32(m, k, n, y.as_mut_ptr(), k, false, (g.as_ptr(), 1, n), (wv.as_ptr(), 1, k), 1.0) };
+                y
+            }
+        })
     }
 
     fn dims(&self, l: &Layout) -> Result<(usize, usize, usize)> {
@@ -204,14 +208,6 @@ struct FrozenLora {
     scale: f32,
 }
 
-/// The contiguous f32 elements of a CPU operand.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) if l.is_contiguous() => Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()]),
-        _ => candle_core::bail!("frozen LoRA matmul: {what} must be contiguous f32"),
-    }
-}
-
 impl CustomOp3 for FrozenLora {
     fn name(&self) -> &'static str {
         "frozen-lora-matmul"
@@ -227,7 +223,11 @@ impl CustomOp3 for FrozenLora {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let ((m, k), (r, _), (n, _)) = (l1.shape().dims2()?, l2.shape().dims2()?, l3.shape().dims2()?);
-        let (x, a, b) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "A")?, f32_slice(s3, l3, "B")?);
+        let (x, a, b) = (
+            f32_slice(s1, l1, "frozen LoRA matmul: x")?,
+            f32_slice(s2, l2, "frozen LoRA matmul: A")?,
+            f32_slice(s3, l3, "frozen LoRA matmul: B")?,
+        );
         let Some(mut y) = self.base.cpu_xwt(x, m, k)? else {
             candle_core::bail!("frozen LoRA matmul: the base weight must be a contiguous CPU tensor")
         };
@@ -258,8 +258,12 @@ impl CustomOp3 for FrozenLora {
         else {
             candle_core::bail!("frozen LoRA matmul: operands on different devices")
         };
-        let (xv, av, bv) = (f32_slice(xs, xl, "x")?, f32_slice(as_, al, "A")?, f32_slice(bs, bl, "B")?);
-        let g = f32_slice(gs, gl, "the gradient")?;
+        let (xv, av, bv) = (
+            f32_slice(xs, xl, "frozen LoRA matmul: x")?,
+            f32_slice(as_, al, "frozen LoRA matmul: A")?,
+            f32_slice(bs, bl, "frozen LoRA matmul: B")?,
+        );
+        let g = f32_slice(gs, gl, "frozen LoRA matmul: the gradient")?;
         let Some(mut dx) = self.base.cpu_gw(g, m, n)? else {
             candle_core::bail!("frozen LoRA matmul: the base weight must be a contiguous CPU tensor")
         };

@@ -26,8 +26,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * f32::from_bits(((unsafe { n.to_int_unchecked::<i32>() } + 127) as u32) << 23)
 }
 
-/// The contiguous f32 elements of a CPU operand.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+/// The contiguous f32 elements of a CPU operand (`what` names it in the error).
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     match s {
         CpuStorage::F32(v) if l.is_contiguous() => Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()]),
         _ => candle_core::bail!("{what} must be a contiguous f32 CPU tensor"),
@@ -81,7 +81,7 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, u) = (slice(s1, l1, "swiglu gate")?, slice(s2, l2, "swiglu input")?);
+        let (g, u) = (f32_slice(s1, l1, "swiglu gate")?, f32_slice(s2, l2, "swiglu input")?);
         let mut y = vec![0f32; g.len()];
         if g.len() < SERIAL_BELOW {
             swiglu_into(&mut y, g, u);
@@ -101,7 +101,8 @@ impl CustomOp2 for SwiGlu {
         let (Storage::Cpu(gs), Storage::Cpu(us), Storage::Cpu(ds)) = (&*gs, &*us, &*ds) else {
             candle_core::bail!("swiglu backward: expected CPU tensors")
         };
-        let (gv, uv, dy) = (slice(gs, gl, "swiglu gate")?, slice(us, ul, "swiglu input")?, slice(ds, dl, "gradient")?);
+        let (gv, uv, dy) =
+            (f32_slice(gs, gl, "swiglu gate")?, f32_slice(us, ul, "swiglu input")?, f32_slice(ds, dl, "gradient")?);
         let (mut dg, mut du) = (vec![0f32; gv.len()], vec![0f32; gv.len()]);
         dg.par_chunks_mut(CHUNK)
             .zip(du.par_chunks_mut(CHUNK))
@@ -160,7 +161,7 @@ impl CustomOp2 for RmsNorm {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (slice(s1, l1, "norm input")?, slice(s2, l2, "norm weight")?);
+        let (x, w) = (f32_slice(s1, l1, "norm input")?, f32_slice(s2, l2, "norm weight")?);
         let n = w.len();
         let mut y = vec![0f32; x.len()];
         let row = |(o, x): (&mut [f32], &[f32])| norm_row(o, x, w, self.eps);
@@ -180,7 +181,8 @@ impl CustomOp2 for RmsNorm {
         let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(ds)) = (&*xs, &*ws, &*ds) else {
             candle_core::bail!("rms norm backward: expected CPU tensors")
         };
-        let (xv, wv, dy) = (slice(xs, xl, "norm input")?, slice(ws, wl, "norm weight")?, slice(ds, dl, "gradient")?);
+        let (xv, wv, dy) =
+            (f32_slice(xs, xl, "norm input")?, f32_slice(ws, wl, "norm weight")?, f32_slice(ds, dl, "gradient")?);
         let n = wv.len();
         let rows = xv.len() / n;
         let mut dx = vec![0f32; xv.len()];
@@ -210,9 +212,10 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-/// Sum of products with 16 lanes, summed as a tree.
+/// Sum of products with 16 independent lanes (one vector register once compiled for AVX-512), the lanes summed
+/// as a tree of vector adds: summed in order, their 16 dependent adds would take longer than the products.
 #[inline(always)]
-fn dot16(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -234,11 +237,12 @@ fn dot16(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
 
-    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+    /// Largest difference over the largest magnitude of `b` (the reference).
+    pub(crate) fn rel(a: &Tensor, b: &Tensor) -> f32 {
         let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         let m = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         d / m.max(1e-30)

@@ -14,6 +14,8 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::nn::fused::{dot16 as dot, f32_slice};
+
 /// Tokens whose states the backward pass recomputes and keeps at once (16 state slices of 32 KiB at the 4B
 /// shapes).
 const BLOCK: usize = 16;
@@ -65,11 +67,7 @@ impl DeltaRule {
         if p != 2 * self.dk + self.dv + 2 {
             candle_core::bail!("delta rule: packed width {p} for dk {} and dv {}", self.dk, self.dv);
         }
-        let CpuStorage::F32(x) = s else { candle_core::bail!("delta rule: the packed input must be f32") };
-        if !l.is_contiguous() {
-            candle_core::bail!("delta rule: the packed input must be contiguous");
-        }
-        Ok((&x[l.start_offset()..l.start_offset() + n * t * p], n, t))
+        Ok((f32_slice(s, l, "delta rule: the packed input")?, n, t))
     }
 
     fn init_of(&self, h: usize) -> Option<&[f32]> {
@@ -133,30 +131,6 @@ fn token(x: &[f32], t: usize, dk: usize, dv: usize) -> Token<'_> {
     let p = 2 * dk + dv + 2;
     let r = &x[t * p..(t + 1) * p];
     Token { q: &r[..dk], k: &r[dk..2 * dk], v: &r[2 * dk..2 * dk + dv], alpha: r[2 * dk + dv].exp(), beta: r[p - 1] }
-}
-
-/// Sum of products with 16 independent lanes (one vector register once compiled for AVX-512), the lanes summed
-/// as a tree of vector adds: summed in order, their 16 dependent adds would take longer than the products.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    for w in [8, 4, 2, 1] {
-        for l in 0..w {
-            acc[l] += acc[l + w];
-        }
-    }
-    let mut s = acc[0];
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }
 
 /// `kv = S̃ᵀk` and `δ = β·(v − kv)` for the state before token t (S̃ = α·S).
@@ -756,10 +730,7 @@ impl CustomOp1 for ConvSilu {
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, s, c) = l.shape().dims3()?;
-        let x = match st {
-            CpuStorage::F32(v) if l.is_contiguous() => &v[l.start_offset()..l.start_offset() + b * s * c],
-            _ => candle_core::bail!("causal conv1d: the input must be contiguous f32"),
-        };
+        let x = f32_slice(st, l, "causal conv1d: the input")?;
         let (_, post) = self.0.forward(x, c, b, s);
         Ok((CpuStorage::F32(post), Shape::from((b, s, c))))
     }
@@ -919,10 +890,7 @@ impl CustomOp1 for GdnCore {
         if w != self.width() {
             candle_core::bail!("gated delta net: packed width {w}, expected {}", self.width());
         }
-        let x = match st {
-            CpuStorage::F32(v) if l.is_contiguous() => &v[l.start_offset()..l.start_offset() + bsz * s * w],
-            _ => candle_core::bail!("gated delta net: the packed input must be contiguous f32"),
-        };
+        let x = f32_slice(st, l, "gated delta net: the packed input")?;
         let (_, post) = self.conv.forward(x, w, bsz, s);
         let ow = hv * dv;
         let mut out = vec![0f32; bsz * (s + dk) * ow];
@@ -1081,30 +1049,11 @@ crate::nn::amx::wide_fn! {
 
 #[cfg(test)]
 mod tests {
-    use super::super::gdn::{delta_rule_recurrent, prepare_qk};
+    use super::super::gdn::delta_rule_recurrent;
+    use super::super::gdn::tests::inputs;
     use super::*;
+    use crate::nn::fused::tests::rel;
     use candle_core::{Device, Var};
-
-    fn inputs(n: usize, s: usize, dk: usize, dv: usize, seed: u64) -> Result<[Tensor; 5]> {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let dev = Device::Cpu;
-        let mut rnd =
-            |len: usize, lo: f32, hi: f32| -> Vec<f32> { (0..len).map(|_| rng.random_range(lo..hi)).collect() };
-        let q = Tensor::from_vec(rnd(n * s * dk, -1.0, 1.0), (n, s, dk), &dev)?;
-        let k = Tensor::from_vec(rnd(n * s * dk, -1.0, 1.0), (n, s, dk), &dev)?;
-        let v = Tensor::from_vec(rnd(n * s * dv, -1.0, 1.0), (n, s, dv), &dev)?;
-        let g = Tensor::from_vec(rnd(n * s, -1.5, -0.01), (n, s), &dev)?;
-        let beta = Tensor::from_vec(rnd(n * s, 0.05, 0.95), (n, s), &dev)?;
-        let (q, k) = prepare_qk(&q, &k)?;
-        Ok([q, k, v, g, beta])
-    }
-
-    fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let m = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        d / m.max(1e-30)
-    }
 
     /// The whole mixer between the projections against the composed ops (conv, gates, l2 norms, the step-by-step
     /// rule, the gated norm): outputs, states and the gradients of all four inputs, fresh and continuing.

@@ -177,11 +177,18 @@ pub fn prepare_qk(q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn inputs(n: usize, s: usize, dk: usize, dv: usize, seed: u64) -> Result<[Tensor; 5]> {
+    /// Delta-rule inputs of the shapes given, q and k prepared as the layer prepares them.
+    pub(in crate::models::qwen3_5) fn inputs(
+        n: usize,
+        s: usize,
+        dk: usize,
+        dv: usize,
+        seed: u64,
+    ) -> Result<[Tensor; 5]> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let dev = Device::Cpu;
