@@ -7,11 +7,13 @@ merge_and_unload() rounded to bf16 the same way (A_log stays f32, as stored), an
 unmerged float32 reference. Also checks that the processor and chat template load from the export.
 
 Writes the check's measurements as JSON to --out (the Rust test `export_loads_in_transformers` runs this script
-on the binary it was built with and asserts on them), and transformers' own numbers, which do not depend on
-ferrotune, to tests/fixtures/golden/export_reference.json: how far the adapter moves the logits, and how far
-rounding PEFT's merged weights to bf16 moves them (the bound of the bf16 export test).
+on the binary it was built with and asserts on them). With --write-reference it also writes transformers' own
+numbers, which do not depend on ferrotune, to the committed fixture tests/fixtures/golden/export_reference.json:
+how far the adapter moves the logits, and how far rounding PEFT's merged weights to bf16 moves them (the bound of
+the bf16 export test); a test run leaves the fixture as committed.
 
-Run: cargo build -p ferrotune && tools/golden/.venv/bin/python tools/golden/check_export.py [path/to/ferrotune] [--out FILE]
+Run: cargo build -p ferrotune && tools/golden/.venv/bin/python tools/golden/check_export.py [path/to/ferrotune]
+     [--out FILE] [--write-reference]
 """
 
 import json
@@ -49,6 +51,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary", nargs="?", default=os.path.join(ROOT, "target", "debug", "ferrotune"))
     ap.add_argument("--out", help="where to write the check's JSON (default: print only)")
+    ap.add_argument("--write-reference", action="store_true", help="regenerate tests/fixtures/golden/export_reference.json")
     args = ap.parse_args()
     binary = args.binary
     processor = AutoProcessor.from_pretrained(CKPT)
@@ -71,10 +74,11 @@ def main():
     result = {"transformers": transformers.__version__, "peft": peft.__version__,
               "adapter_effect": float((want - base_logits).abs().max()),
               "bf16_rounding_effect": float((want_bf16 - want).abs().max())}
-    with open(REFERENCE, "w") as f:
-        json.dump({k: result[k] for k in ["transformers", "peft", "adapter_effect", "bf16_rounding_effect"]}, f,
-                  indent=1)
-        f.write("\n")
+    if args.write_reference:
+        with open(REFERENCE, "w") as f:
+            json.dump({k: result[k] for k in ["transformers", "peft", "adapter_effect", "bf16_rounding_effect"]}, f,
+                      indent=1)
+            f.write("\n")
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for dtype, reference, tol in [("float32", want, 1e-4), ("auto", want_bf16, 1e-3)]:
