@@ -665,6 +665,36 @@ pub fn decode_image(bytes: &[u8], what: &str) -> Result<RgbImage> {
     Ok(to_rgb_like_pil(img))
 }
 
+/// Width and height from an encoded image's header, without decoding it (None when the header is not one of the
+/// supported formats or is unreadable).
+pub fn image_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    let format = ::image::guess_format(bytes).ok()?;
+    ::image::ImageReader::with_format(std::io::Cursor::new(bytes), format).into_dimensions().ok()
+}
+
+/// [`decode_image`] for untrusted input: the decoder refuses images of more than `max_pixels` pixels and
+/// allocations beyond what such an image needs, whatever the header claims.
+pub fn decode_image_within(bytes: &[u8], what: &str, max_pixels: u64) -> Result<RgbImage> {
+    let format = ::image::guess_format(bytes).map_err(|_| {
+        anyhow::anyhow!("{what}: not a PNG, JPEG, WebP, GIF or BMP image (unrecognised header); convert it to PNG")
+    })?;
+    let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
+    let mut limits = ::image::Limits::default();
+    limits.max_image_width = Some(side);
+    limits.max_image_height = Some(side);
+    // RGBA with 16-bit samples is the largest decoded form: 8 bytes a pixel.
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 20));
+    let mut reader = ::image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| {
+        anyhow::anyhow!("{what}: cannot decode {format:?} image: {e}; the file is corrupt or truncated, re-export it")
+    })?;
+    if img.width() as u64 * img.height() as u64 > max_pixels {
+        bail!("{what}: a {}×{} image is more than {max_pixels} pixels", img.width(), img.height());
+    }
+    Ok(to_rgb_like_pil(img))
+}
+
 /// PIL's `convert("RGB")` of what PIL would have opened: alpha dropped (not composited over a background),
 /// grey replicated, 16-bit samples reduced to their high byte, except 16-bit greyscale, which PIL opens as
 /// `I;16` and clamps to 255.

@@ -187,7 +187,16 @@ impl Engine {
             bail!("the prompt is empty: the model needs at least one token to continue from");
         }
         if images.is_empty() {
-            return Ok(Prompt { ids: self.tokenizer.encode(text)?, images: None });
+            let ids = self.tokenizer.encode(text)?;
+            // A placeholder typed as text would ask the model for image features that nobody sent.
+            if self.tokenizer.token_id(&self.image_pad).is_some_and(|pad| ids.contains(&pad)) {
+                bail!(
+                    "the text contains the image placeholder {} but no image was given; send the picture as an \
+                     image part, or remove the placeholder",
+                    self.image_pad
+                );
+            }
+            return Ok(Prompt { ids, images: None });
         }
         let processed = self.processor.preprocess(images)?;
         let text = expand_pads(text, &self.image_pad, &processed.num_tokens)?;

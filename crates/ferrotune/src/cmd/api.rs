@@ -45,6 +45,15 @@ pub struct Args {
     /// Largest accepted request body, in MB (images as data URLs count).
     #[arg(long = "max-body-mb", alias = "max_body_mb")]
     pub max_body_mb: Option<usize>,
+    /// Largest image decoded, in pixels (width × height, read from the header before decoding; default 67108864)
+    #[arg(long = "max-image-pixels", alias = "max_image_pixels")]
+    pub max_image_pixels: Option<u64>,
+    /// Images one request may carry (default 16)
+    #[arg(long = "max-images", alias = "max_images")]
+    pub max_images: Option<usize>,
+    /// Requests that may wait for the model before new ones are answered 429 (default 256)
+    #[arg(long = "max-waiting", alias = "max_waiting")]
+    pub max_waiting: Option<usize>,
 }
 
 const ENV: &[(&str, &str)] =
@@ -72,9 +81,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
         max_bytes: opts.media.max_bytes,
         min_pixels: loaded.pixels.0,
         max_pixels: loaded.pixels.1,
+        max_decode_pixels: args.max_image_pixels.unwrap_or(opts.media.max_decode_pixels),
     };
     opts.sampling = loaded.sampling;
-    opts.max_new_tokens = loaded.max_new_tokens;
+    // Without --max_new_tokens a request that sets no max_tokens gets the server's default cap.
+    opts.max_new_tokens = loaded.max_new_tokens.or(opts.max_new_tokens);
+    opts.max_images = args.max_images.unwrap_or(opts.max_images);
+    opts.max_waiting = args.max_waiting.unwrap_or(opts.max_waiting);
     opts.enable_thinking = loaded.enable_thinking;
     opts.split_reasoning = args.reasoning_content.unwrap_or(true);
     if let Some(mb) = args.max_body_mb {

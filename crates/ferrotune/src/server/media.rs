@@ -22,7 +22,12 @@ pub struct MediaPolicy {
     /// `image_min_pixels` / `image_max_pixels` of the pre-resize (see [`ferrotune_core::image::fit_pixels`]).
     pub min_pixels: u64,
     pub max_pixels: u64,
+    /// Largest image accepted for decoding, in pixels (width × height), checked from the header first.
+    pub max_decode_pixels: u64,
 }
+
+/// Default of [`MediaPolicy::max_decode_pixels`]: 64 megapixels (an 8K × 8K picture).
+pub const DEFAULT_MAX_DECODE_PIXELS: u64 = 64 << 20;
 
 /// Resolves one `image_url.url` to an RGB image. `param` names it in errors.
 pub fn load(url: &str, policy: &MediaPolicy, param: &str) -> Result<RgbImage, ApiError> {
@@ -50,7 +55,19 @@ pub fn load(url: &str, policy: &MediaPolicy, param: &str) -> Result<RgbImage, Ap
     } else {
         local_file(Path::new(url), policy, param)?
     };
-    let img = ferrotune_core::image::decode_image(&bytes, param)
+    let limit = policy.max_decode_pixels;
+    if let Some((w, h)) = ferrotune_core::image::image_dimensions(&bytes) {
+        if w as u64 * h as u64 > limit {
+            return Err(ApiError::bad(format!(
+                "the image is {w}×{h} = {} pixels, more than this server decodes ({limit}, set by \
+                 --max-image-pixels); send a smaller image",
+                w as u64 * h as u64
+            ))
+            .param(param)
+            .code("image_too_large"));
+        }
+    }
+    let img = ferrotune_core::image::decode_image_within(&bytes, param, limit)
         .map_err(|e| ApiError::bad(format!("{e:#}")).param(param).code("invalid_image"))?;
     Ok(ferrotune_core::image::fit_pixels(img, policy.min_pixels, policy.max_pixels))
 }
@@ -284,7 +301,13 @@ mod tests {
 
     #[test]
     fn remote_fetch_never_reaches_loopback() {
-        let policy = MediaPolicy { allow_remote: true, max_bytes: 1 << 20, max_pixels: 1 << 20, ..Default::default() };
+        let policy = MediaPolicy {
+            allow_remote: true,
+            max_bytes: 1 << 20,
+            max_pixels: 1 << 20,
+            max_decode_pixels: 1 << 20,
+            ..Default::default()
+        };
         for url in ["http://127.0.0.1:9/x.png", "http://localhost:9/x.png", "http://[::1]:9/x.png"] {
             let e = load(url, &policy, "p").unwrap_err();
             assert_eq!(e.status, StatusCode::FORBIDDEN, "{url}: {}", e.message);
@@ -293,7 +316,8 @@ mod tests {
 
     #[test]
     fn schemes_and_data_urls() {
-        let policy = MediaPolicy { max_bytes: 1 << 20, max_pixels: 1 << 20, ..Default::default() };
+        let policy =
+            MediaPolicy { max_bytes: 1 << 20, max_pixels: 1 << 20, max_decode_pixels: 1 << 20, ..Default::default() };
         assert!(has_scheme("ftp://x") && has_scheme("data:x") && !has_scheme("C:\\img.png") && !has_scheme("a/b.png"));
         let e = load("ftp://host/a.png", &policy, "p").unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);

@@ -64,7 +64,18 @@ pub struct ServerOptions {
     pub max_body_bytes: usize,
     /// Requests allowed to wait for the engine before new ones get 429.
     pub max_waiting: usize,
+    /// Images one request may carry.
+    pub max_images: usize,
 }
+
+/// Completion length when neither the request nor the server's `--max_new_tokens` says: a request without
+/// `max_tokens` must not run to the end of a 262,144-token context.
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 4096;
+/// Default of [`ServerOptions::max_images`].
+pub const DEFAULT_MAX_IMAGES: usize = 16;
+/// Stop sequences one request may give, and the length of each in bytes (OpenAI accepts up to 4).
+pub const MAX_STOP_SEQUENCES: usize = 4;
+pub const MAX_STOP_BYTES: usize = 256;
 
 impl ServerOptions {
     pub fn new(served_name: impl Into<String>, max_model_len: usize) -> Self {
@@ -77,14 +88,16 @@ impl ServerOptions {
                 max_bytes: 32 << 20,
                 min_pixels: DEFAULT_MIN_PIXELS,
                 max_pixels: DEFAULT_MAX_PIXELS,
+                max_decode_pixels: media::DEFAULT_MAX_DECODE_PIXELS,
             },
             max_model_len,
             sampling: SamplingParams::default(),
-            max_new_tokens: None,
+            max_new_tokens: Some(DEFAULT_MAX_NEW_TOKENS),
             enable_thinking: None,
             split_reasoning: true,
             max_body_bytes: 64 << 20,
             max_waiting: 256,
+            max_images: DEFAULT_MAX_IMAGES,
         }
     }
 }
@@ -284,6 +297,9 @@ async fn handle_chat(st: Arc<AppState>, body: Body) -> Response {
         Ok(r) => r,
         Err(e) => return log_error(&id, t0, e).into_response(),
     };
+    if let Err(e) = check_limits(&r, &st.opts) {
+        return log_error(&id, t0, e).into_response();
+    }
     // Admitted before the (possibly costly) image decoding, so a flood of requests is turned away cheaply.
     let Some(slot) = Slot::take(&st) else {
         let e =
@@ -312,6 +328,34 @@ async fn handle_chat(st: Arc<AppState>, body: Body) -> Response {
     } else {
         complete_response(st, slot, p, chunk, t0).await
     }
+}
+
+/// The per-request limits that need no decoding: images per request, stop sequences.
+fn check_limits(r: &ChatRequest, opts: &ServerOptions) -> Result<(), ApiError> {
+    if r.images.len() > opts.max_images {
+        return Err(ApiError::bad(format!(
+            "the request carries {} images; this server takes at most {} a request (set by --max-images)",
+            r.images.len(),
+            opts.max_images
+        ))
+        .param("messages")
+        .code("too_many_images"));
+    }
+    if r.stop.len() > MAX_STOP_SEQUENCES {
+        return Err(ApiError::bad(format!(
+            "{} stop sequences given; at most {MAX_STOP_SEQUENCES} are accepted",
+            r.stop.len()
+        ))
+        .param("stop"));
+    }
+    if let Some((i, s)) = r.stop.iter().enumerate().find(|(_, s)| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::bad(format!(
+            "stop sequence {i} is {} bytes long; each may be at most {MAX_STOP_BYTES} bytes",
+            s.len()
+        ))
+        .param(format!("stop[{i}]")));
+    }
+    Ok(())
 }
 
 fn log_error(id: &str, t0: Instant, e: ApiError) -> ApiError {

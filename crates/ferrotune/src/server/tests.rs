@@ -571,3 +571,86 @@ async fn large_images_are_pre_resized_as_in_training() {
     let loose = start(|o| o.media.max_pixels = 1 << 30).await;
     assert_eq!(prompt_tokens(loose.addr, png_data_url(1024, 1024)).await, big + 64 - 16);
 }
+
+/// A small PNG whose header claims `w × h` pixels (chunks with correct CRCs, a few bytes of image data): what a
+/// client sends to make a server allocate `w·h·3` bytes.
+fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = 0xffff_ffffu32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        let body = [kind, data].concat();
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        png.extend_from_slice(&body);
+        png.extend_from_slice(&crc32(&body).to_be_bytes());
+    };
+    // 8-bit RGB, deflate, no filter method, no interlace.
+    chunk(b"IHDR", &[&w.to_be_bytes()[..], &h.to_be_bytes()[..], &[8, 2, 0, 0, 0]].concat());
+    chunk(b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]);
+    chunk(b"IEND", &[]);
+    png
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_a_4xx_naming_the_limit_and_normal_ones_go_on() {
+    let s = start(|_| {}).await;
+    let param = "messages[0].content[0].image_url.url";
+    // A 100,000 × 100,000 header: refused from the header, before any decoding.
+    assert_eq!(ferrotune_core::image::image_dimensions(&png_claiming(100_000, 100_000)), Some((100_000, 100_000)));
+    // Decoding it anyway stops at the decoder's limits instead of allocating 30 GB.
+    assert!(ferrotune_core::image::decode_image_within(&png_claiming(100_000, 100_000), "x", 1 << 20).is_err());
+    let huge = base64::engine::general_purpose::STANDARD.encode(png_claiming(100_000, 100_000));
+    let r = chat(s.addr, &one_image(&format!("data:image/png;base64,{huge}"))).await;
+    let j = assert_error(&r, 400, Some(param));
+    assert_eq!(j["error"]["code"], "image_too_large");
+    assert!(j["error"]["message"].as_str().unwrap().contains("--max-image-pixels"), "{j}");
+    // 64 images in one request: refused before any is decoded.
+    let parts: Vec<Value> =
+        (0..64).map(|_| json!({"type": "image_url", "image_url": {"url": data_url("img_a.png")}})).collect();
+    let r = chat(s.addr, &json!({"messages": [{"role": "user", "content": parts}], "max_tokens": 1})).await;
+    let j = assert_error(&r, 400, Some("messages"));
+    assert_eq!(j["error"]["code"], "too_many_images");
+    assert!(j["error"]["message"].as_str().unwrap().contains("--max-images"), "{j}");
+    // 1,000 stop strings, and one too long.
+    let stops: Vec<String> = (0..1000).map(|i| format!("s{i}")).collect();
+    let hi = |extra: Value| {
+        let mut r = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        r
+    };
+    assert_error(&chat(s.addr, &hi(json!({"stop": stops}))).await, 400, Some("stop"));
+    assert_error(&chat(s.addr, &hi(json!({"stop": ["x".repeat(MAX_STOP_BYTES + 1)]}))).await, 400, Some("stop[0]"));
+    // The image placeholder typed as text, with no image: bad input, not a failure inside the model.
+    let r = chat(s.addr, &hi(json!({"messages": [{"role": "user", "content": "look <|image_pad|> here"}]}))).await;
+    assert!((400..500).contains(&r.status), "{} {}", r.status, String::from_utf8_lossy(&r.body));
+    // Still serving, and four stop strings are fine.
+    let ok = chat(s.addr, &hi(json!({"stop": ["a", "b", "c", "d"]}))).await;
+    assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_max_tokens_stops_at_the_servers_cap() {
+    assert_eq!(ServerOptions::new("m", 262_144).max_new_tokens, Some(DEFAULT_MAX_NEW_TOKENS));
+    let s = start(|o| {
+        o.max_new_tokens = Some(3);
+        o.sampling.temperature = 1.0;
+        o.sampling.seed = Some(1);
+    })
+    .await;
+    // Sampling with a stop-free prompt: only the cap can end it early (or an end-of-turn token, rarely).
+    let r =
+        chat(s.addr, &json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 1.0, "seed": 1})).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let j = r.json();
+    assert!(j["usage"]["completion_tokens"].as_u64().unwrap() <= 3, "{j}");
+}
