@@ -270,12 +270,22 @@ impl Engine {
             // text grows in O(1) per token instead of re-decoding everything.
             let tail = self.tokenizer.decode(&out[settled..], true)?;
             text.truncate(settled_len);
+            let changed = settled_len;
             text.push_str(&tail);
             if !tail.ends_with('\u{FFFD}') {
                 settled = out.len();
                 settled_len = text.len();
             }
-            if let Some(cut) = req.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            // Only a match that ends in the changed text is new: each stop string is looked for from its length
+            // before the change, so a token costs the length of the stop strings, not of the whole answer.
+            let found = |s: &String| {
+                let mut from = changed.saturating_sub(s.len().saturating_sub(1));
+                while !text.is_char_boundary(from) {
+                    from -= 1;
+                }
+                text[from..].find(s.as_str()).map(|i| from + i)
+            };
+            if let Some(cut) = req.stop.iter().filter_map(found).min() {
                 text.truncate(cut);
                 finish = FinishReason::Stop;
                 break;

@@ -121,7 +121,14 @@ fn stop_strings_and_length_finish() {
         .unwrap();
     assert_eq!(g.finish_reason.as_openai(), "stop");
     assert!(full.text.starts_with(&g.text) && !g.text.contains(&needle), "{:?} / {:?}", g.text, needle);
+    assert_eq!(g.text, full.text[..full.text.find(&needle).unwrap()], "cut right before the first occurrence");
     assert_eq!(streamed, g.text);
+    // A longer stop string that first completes several tokens into the answer (it is looked for only in the text
+    // each token changes).
+    let needle: String = full.text.chars().skip(6).take(9).collect();
+    let g = e.generate(&prompt, &GenerateRequest { stop: vec![needle.clone()], ..greedy(1.0) }, |_| true).unwrap();
+    assert_eq!(g.finish_reason.as_openai(), "stop");
+    assert_eq!(g.text, full.text[..full.text.find(&needle).unwrap()]);
 }
 
 #[test]

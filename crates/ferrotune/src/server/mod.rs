@@ -1,5 +1,5 @@
 //! The OpenAI-compatible HTTP API: `GET /v1/models`, `POST /v1/chat/completions` (JSON or SSE stream),
-//! `GET /health`.
+//! `GET /health`, `GET /metrics` (Prometheus).
 //!
 //! One engine serves one request at a time: requests queue on a fair lock (first come, first served), are
 //! prepared (images decoded, prompt rendered and tokenized) in parallel before that, and generate on a blocking
@@ -111,6 +111,70 @@ pub struct Stats {
     pub tokens: AtomicU64,
     /// Requests read and not yet generating (preparing, or queued for the engine).
     pub waiting: AtomicUsize,
+    /// Requests generating now (the batch size).
+    pub running: AtomicUsize,
+    /// Requests answered with an error.
+    pub errors: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    /// Time spent generating (after the queue), all requests together.
+    pub generating_micros: AtomicU64,
+    /// Time from a request's arrival to its first completion token.
+    pub ttft: Histogram,
+}
+
+/// A Prometheus histogram of seconds with fixed buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; TTFT_BUCKETS.len()],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+/// Upper bounds of [`Histogram`]'s buckets, in seconds.
+const TTFT_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+impl Histogram {
+    pub fn observe(&self, secs: f64) {
+        for (c, &le) in self.counts.iter().zip(&TTFT_BUCKETS) {
+            if secs <= le {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros.fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The histogram in Prometheus text format under `name`.
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (c, le) in self.counts.iter().zip(TTFT_BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {}", c.load(Ordering::Relaxed));
+        }
+        let n = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {n}");
+    }
+}
+
+/// Records a request's time to first token once, at its first completion token.
+struct FirstToken(Option<(Arc<AppState>, Instant)>);
+
+impl FirstToken {
+    fn new(st: &Arc<AppState>, t0: Instant) -> Self {
+        Self(Some((st.clone(), t0)))
+    }
+
+    fn seen(&mut self) {
+        if let Some((st, t0)) = self.0.take() {
+            st.stats.ttft.observe(t0.elapsed().as_secs_f64());
+        }
+    }
 }
 
 pub struct AppState {
@@ -119,6 +183,9 @@ pub struct AppState {
     pub stats: Stats,
     /// Held while the engine generates; tokio's mutex queues waiters in arrival order.
     gate: Arc<tokio::sync::Mutex<()>>,
+    /// Requests decoding images and building prompts at once: one per core, so that many requests with images
+    /// cannot hold every blocking thread and their decoded pictures at the same time.
+    preparing: tokio::sync::Semaphore,
     started: u64,
 }
 
@@ -129,6 +196,7 @@ impl AppState {
             opts,
             stats: Stats::default(),
             gate: Arc::new(tokio::sync::Mutex::new(())),
+            preparing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
             started: unix_now(),
         })
     }
@@ -147,6 +215,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(v1)
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -204,6 +273,66 @@ async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {
         "cancelled": st.stats.cancelled.load(Ordering::Relaxed),
         "completion_tokens": st.stats.tokens.load(Ordering::Relaxed),
     }))
+}
+
+/// Prometheus text format: what operators scrape.
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    use std::fmt::Write as _;
+    let s = &st.stats;
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, lines: &[(&str, String)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in lines {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    metric(
+        "ferrotune_requests_total",
+        "counter",
+        "Chat completion requests by outcome.",
+        &[
+            ("{outcome=\"completed\"}", load(&s.completed).to_string()),
+            ("{outcome=\"cancelled\"}", load(&s.cancelled).to_string()),
+            ("{outcome=\"error\"}", load(&s.errors).to_string()),
+        ],
+    );
+    metric(
+        "ferrotune_prompt_tokens_total",
+        "counter",
+        "Prompt tokens of finished requests.",
+        &[("", load(&s.prompt_tokens).to_string())],
+    );
+    metric(
+        "ferrotune_completion_tokens_total",
+        "counter",
+        "Completion tokens generated.",
+        &[("", load(&s.tokens).to_string())],
+    );
+    metric(
+        "ferrotune_generation_seconds_total",
+        "counter",
+        "Time spent generating after the queue (completion tokens / this = tokens per second).",
+        &[("", (load(&s.generating_micros) as f64 / 1e6).to_string())],
+    );
+    metric(
+        "ferrotune_requests_waiting",
+        "gauge",
+        "Requests read and waiting for the model (the queue depth).",
+        &[("", s.waiting.load(Ordering::Relaxed).to_string())],
+    );
+    metric(
+        "ferrotune_requests_running",
+        "gauge",
+        "Requests generating now (the batch size).",
+        &[("", s.running.load(Ordering::Relaxed).to_string())],
+    );
+    s.ttft.render(
+        "ferrotune_time_to_first_token_seconds",
+        "Time from a request's arrival to its first token.",
+        &mut out,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
 }
 
 fn model_card(st: &AppState) -> Value {
@@ -287,7 +416,7 @@ async fn handle_chat(st: Arc<AppState>, body: Body) -> Response {
             } else {
                 ApiError::bad(format!("cannot read the request body: {e}"))
             };
-            return log_error(&id, t0, err).into_response();
+            return log_error(&st, &id, t0, err).into_response();
         }
     };
     let parsed = std::panic::catch_unwind(|| ChatRequest::parse(&bytes)).unwrap_or_else(|_| {
@@ -295,32 +424,35 @@ async fn handle_chat(st: Arc<AppState>, body: Body) -> Response {
     });
     let r = match parsed {
         Ok(r) => r,
-        Err(e) => return log_error(&id, t0, e).into_response(),
+        Err(e) => return log_error(&st, &id, t0, e).into_response(),
     };
     if let Err(e) = check_limits(&r, &st.opts) {
-        return log_error(&id, t0, e).into_response();
+        return log_error(&st, &id, t0, e).into_response();
     }
     // Admitted before the (possibly costly) image decoding, so a flood of requests is turned away cheaply.
     let Some(slot) = Slot::take(&st) else {
         let e =
             ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many requests are waiting for the model; retry later")
                 .code("server_busy");
-        return log_error(&id, t0, e).into_response();
+        return log_error(&st, &id, t0, e).into_response();
     };
     let engine = st.engine.clone();
     let opts = st.opts.clone();
     let stream = r.stream;
     let include_usage = r.include_usage;
-    let prepared = tokio::task::spawn_blocking(move || {
-        std::panic::catch_unwind(AssertUnwindSafe(|| prepare(&engine, &opts, r))).unwrap_or_else(|_| {
-            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error while building the prompt"))
+    let prepared = match st.preparing.acquire().await {
+        Ok(_permit) => tokio::task::spawn_blocking(move || {
+            std::panic::catch_unwind(AssertUnwindSafe(|| prepare(&engine, &opts, r))).unwrap_or_else(|_| {
+                Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error while building the prompt"))
+            })
         })
-    })
-    .await
-    .unwrap_or_else(|e| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}"))));
+        .await
+        .unwrap_or_else(|e| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}")))),
+        Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down")),
+    };
     let p = match prepared {
         Ok(p) => p,
-        Err(e) => return log_error(&id, t0, e).into_response(),
+        Err(e) => return log_error(&st, &id, t0, e).into_response(),
     };
     let chunk = ChunkMaker { id: id.clone(), created: unix_now(), model: st.opts.served_name.clone() };
     if stream {
@@ -358,7 +490,8 @@ fn check_limits(r: &ChatRequest, opts: &ServerOptions) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn log_error(id: &str, t0: Instant, e: ApiError) -> ApiError {
+fn log_error(st: &AppState, id: &str, t0: Instant, e: ApiError) -> ApiError {
+    st.stats.errors.fetch_add(1, Ordering::Relaxed);
     eprintln!("{id} {} {:.3}s error: {}", e.status.as_u16(), t0.elapsed().as_secs_f64(), e.message);
     e
 }
@@ -367,8 +500,10 @@ fn log_done(st: &AppState, id: &str, t0: Instant, wait: Duration, g: &Generation
     let counter = if cancelled { &st.stats.cancelled } else { &st.stats.completed };
     counter.fetch_add(1, Ordering::Relaxed);
     st.stats.tokens.fetch_add(g.token_ids.len() as u64, Ordering::Relaxed);
+    st.stats.prompt_tokens.fetch_add(g.prompt_tokens as u64, Ordering::Relaxed);
     let secs = t0.elapsed().as_secs_f64();
     let gen_secs = (secs - wait.as_secs_f64()).max(1e-9);
+    st.stats.generating_micros.fetch_add((gen_secs * 1e6) as u64, Ordering::Relaxed);
     eprintln!(
         "{id} 200 prompt={} completion={} finish={} {:.3}s (queued {:.3}s, {:.1} tok/s){}",
         g.prompt_tokens,
@@ -506,9 +641,11 @@ async fn with_engine<R: Send + 'static>(
         return Ok((None, wait));
     }
     let engine = st.engine.clone();
+    st.stats.running.fetch_add(1, Ordering::SeqCst);
+    let running = Running(st.clone());
     let res = tokio::task::spawn_blocking(move || {
         // The lock is released when generation ends, even if the request's task was dropped meanwhile.
-        let _guard = guard;
+        let _guard = (guard, running);
         std::panic::catch_unwind(AssertUnwindSafe(|| job(&engine)))
     })
     .await;
@@ -519,6 +656,15 @@ async fn with_engine<R: Send + 'static>(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal error: generation panicked; see the server log",
         )),
+    }
+}
+
+/// Counts a request as running until dropped.
+struct Running(Arc<AppState>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.stats.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -543,7 +689,13 @@ async fn complete_response(st: Arc<AppState>, slot: Slot, p: Prepared, chunk: Ch
     tokio::spawn(async move {
         let Prepared { prompt, req, .. } = p;
         let seen = flag.clone();
-        let job = move |e: &Engine| e.generate(&prompt, &req, |_| !seen.load(Ordering::Relaxed));
+        let mut first = FirstToken::new(&task_st, t0);
+        let job = move |e: &Engine| {
+            e.generate(&prompt, &req, |_| {
+                first.seen();
+                !seen.load(Ordering::Relaxed)
+            })
+        };
         let out = match with_engine(&task_st, slot, || flag.load(Ordering::Relaxed), job).await {
             Ok((Some(g), wait)) => {
                 log_done(&task_st, &id, t0, wait, &g, flag.load(Ordering::Relaxed));
@@ -554,7 +706,7 @@ async fn complete_response(st: Arc<AppState>, slot: Slot, p: Prepared, chunk: Ch
                 eprintln!("{id} cancelled while queued: client went away");
                 Err(ApiError::new(StatusCode::BAD_REQUEST, "cancelled"))
             }
-            Err(e) => Err(log_error(&id, t0, e)),
+            Err(e) => Err(log_error(&task_st, &id, t0, e)),
         };
         let _ = tx.send(out);
     });
@@ -646,6 +798,7 @@ fn stream_response(
     tokio::spawn(async move {
         let Prepared { prompt, req, opens_think } = p;
         let (jtx, jchunk) = (tx.clone(), chunk.clone());
+        let mut first = FirstToken::new(&st, t0);
         let job = move |e: &Engine| {
             let mut splitter = split.then(|| ThinkSplitter::new(opens_think));
             let send = |parts: Vec<(Part, String)>| {
@@ -656,6 +809,7 @@ fn stream_response(
             };
             // Text held back by the splitter sends nothing, so the closed channel is checked as well.
             let g = e.generate(&prompt, &req, |piece| {
+                first.seen();
                 let sent = match splitter.as_mut() {
                     Some(s) => send(s.push(piece)),
                     None if piece.is_empty() => true,
@@ -683,7 +837,7 @@ fn stream_response(
                 eprintln!("{} cancelled while queued: client went away", chunk.id);
             }
             Err(e) => {
-                let e = log_error(&chunk.id, t0, e);
+                let e = log_error(&st, &chunk.id, t0, e);
                 let _ = tx.send(Event::default().data(e.body().to_string()));
             }
         }

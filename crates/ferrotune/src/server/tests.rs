@@ -654,3 +654,30 @@ async fn a_request_without_max_tokens_stops_at_the_servers_cap() {
     let j = r.json();
     assert!(j["usage"]["completion_tokens"].as_u64().unwrap() <= 3, "{j}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_tokens_and_time_to_first_token() {
+    let s = start(|_| {}).await;
+    let ok = chat(s.addr, &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}))
+        .await;
+    assert_eq!(ok.status, 200);
+    let tokens = ok.json()["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_error(&chat(s.addr, &json!({"messages": []})).await, 400, Some("messages"));
+    let r = get(s.addr, "/metrics", None).await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{}", r.headers);
+    let text = String::from_utf8(r.body).unwrap();
+    let value = |line: &str| -> f64 {
+        let l = text.lines().find(|l| l.starts_with(line)).unwrap_or_else(|| panic!("no {line} in\n{text}"));
+        l.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(value("ferrotune_requests_total{outcome=\"completed\"}"), 1.0);
+    assert_eq!(value("ferrotune_requests_total{outcome=\"error\"}"), 1.0);
+    assert_eq!(value("ferrotune_completion_tokens_total"), tokens as f64);
+    assert!(value("ferrotune_prompt_tokens_total") > 0.0);
+    assert_eq!(value("ferrotune_requests_running"), 0.0);
+    assert_eq!(value("ferrotune_requests_waiting"), 0.0);
+    assert_eq!(value("ferrotune_time_to_first_token_seconds_count"), 1.0);
+    assert_eq!(value("ferrotune_time_to_first_token_seconds_bucket{le=\"+Inf\"}"), 1.0);
+    assert!(value("ferrotune_generation_seconds_total") > 0.0);
+}
