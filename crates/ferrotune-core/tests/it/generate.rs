@@ -101,6 +101,37 @@ fn cached_decode_equals_full_reforward_at_every_step() {
     }
 }
 
+/// Decoding across the attention cache's growth (it grows in blocks of 256 positions, keeping what it holds):
+/// a text prompt of about 250 tokens, then tokens one at a time past 256, each step's logits against a full
+/// forward over the whole sequence.
+#[test]
+fn cached_decode_across_the_cache_growth_equals_a_full_forward() {
+    let e = engine(Some(AdapterMode::Merge));
+    let words = "the robot has two arms and a round head ".repeat(40);
+    let mut seq = e.prompt_from_text(&words, &[]).unwrap().ids;
+    seq.truncate(250);
+    assert_eq!(seq.len(), 250, "the prompt must reach the block boundary");
+    let prompt = ferrotune_core::infer::Prompt { ids: seq.clone(), images: None };
+    let mut cache = Cache::new(e.model.layers.len());
+    let (_, pos) = e.prefill(&prompt, &mut cache).unwrap();
+    let mut checked = 0;
+    for step in 0..12u32 {
+        let tok = 100 + step;
+        seq.push(tok);
+        let cached = e.step(tok, pos.delta, &mut cache).unwrap();
+        if seq.len() < 255 {
+            continue;
+        }
+        let (h, _) = e.model.forward_sequence(&seq, None, false).unwrap();
+        let full = e.model.logits(&h.narrow(1, seq.len() - 1, 1).unwrap()).unwrap();
+        let full = full.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let d = cached.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-4, "position {}: cached vs full logits differ by {d:e}", seq.len());
+        checked += 1;
+    }
+    assert_eq!(checked, 8, "positions 255 to 262 compared, across 256");
+}
+
 #[test]
 fn stop_strings_and_length_finish() {
     let e = engine(Some(AdapterMode::Merge));

@@ -81,13 +81,18 @@ impl Module for Mlp {
 /// Per-layer decoding state, owned by the caller.
 #[derive(Clone, Default)]
 pub enum LayerCache {
-    /// Keys and values after k_norm and RoPE: (B, KV, T, hd).
-    Attention { k: Tensor, v: Tensor },
+    /// Keys and values after k_norm and RoPE, (B, KV, capacity, hd), of which the first `len` positions are
+    /// filled: later tokens are written in place (a clone of the cache shares them), and the capacity grows in
+    /// blocks, so that decoding does not copy the whole cache at every token.
+    Attention { k: Tensor, v: Tensor, len: usize },
     /// Last K−1 pre-conv rows (B, K−1, conv_dim) and the delta-rule state (B·Hv, dk, dv) in f32.
     DeltaNet { conv: Tensor, state: Tensor },
     #[default]
     Empty,
 }
+
+/// Positions an attention layer's decoding cache grows by (at least).
+const KV_BLOCK: usize = 256;
 
 #[derive(Clone)]
 pub struct Attention {
@@ -155,14 +160,27 @@ impl Attention {
         // 4. Cache: append and attend over everything seen.
         let (k, v, offset) = match cache {
             Some(c) => {
-                let (k, v, offset) = match c {
-                    LayerCache::Attention { k: pk, v: pv } => {
-                        let offset = pk.dim(2)?;
-                        (Tensor::cat(&[&*pk, &k], 2)?, Tensor::cat(&[&*pv, &v], 2)?, offset)
-                    }
-                    _ => (k, v, 0),
+                let (offset, mut ck, mut cv) = match std::mem::take(c) {
+                    LayerCache::Attention { k: pk, v: pv, len } => (len, pk, pv),
+                    _ => (0, k.zeros_like()?.narrow(2, 0, 0)?, v.zeros_like()?.narrow(2, 0, 0)?),
                 };
-                *c = LayerCache::Attention { k: k.clone(), v: v.clone() };
+                let need = offset + s;
+                if need > ck.dim(2)? {
+                    // Grow to twice the capacity (in whole blocks), keeping the filled positions.
+                    let cap = need.max(2 * ck.dim(2)?).next_multiple_of(KV_BLOCK);
+                    let grow = |old: &Tensor| -> candle_core::Result<Tensor> {
+                        let t = Tensor::zeros((b, kv, cap, hd), old.dtype(), old.device())?;
+                        if offset > 0 {
+                            t.slice_set(&old.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
+                        }
+                        Ok(t)
+                    };
+                    (ck, cv) = (grow(&ck)?, grow(&cv)?);
+                }
+                ck.slice_set(&k, 2, offset)?;
+                cv.slice_set(&v, 2, offset)?;
+                let (k, v) = (ck.narrow(2, 0, need)?, cv.narrow(2, 0, need)?);
+                *c = LayerCache::Attention { k: ck, v: cv, len: need };
                 (k, v, offset)
             }
             None => (k, v, 0),
