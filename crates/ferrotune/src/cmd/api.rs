@@ -54,6 +54,9 @@ pub struct Args {
     /// Requests that may wait for the model before new ones are answered 429 (default 256)
     #[arg(long = "max-waiting", alias = "max_waiting")]
     pub max_waiting: Option<usize>,
+    /// Seconds a request's body may take to arrive (default 30; then 408)
+    #[arg(long = "body-timeout-secs", alias = "body_timeout_secs")]
+    pub body_timeout_secs: Option<u64>,
 }
 
 const ENV: &[(&str, &str)] =
@@ -88,6 +91,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     opts.max_new_tokens = loaded.max_new_tokens.or(opts.max_new_tokens);
     opts.max_images = args.max_images.unwrap_or(opts.max_images);
     opts.max_waiting = args.max_waiting.unwrap_or(opts.max_waiting);
+    if let Some(secs) = args.body_timeout_secs {
+        opts.body_timeout = std::time::Duration::from_secs(secs);
+    }
     opts.enable_thinking = loaded.enable_thinking;
     opts.split_reasoning = args.reasoning_content.unwrap_or(true);
     if let Some(mb) = args.max_body_mb {

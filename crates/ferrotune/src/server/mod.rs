@@ -66,6 +66,8 @@ pub struct ServerOptions {
     pub max_waiting: usize,
     /// Images one request may carry.
     pub max_images: usize,
+    /// Time a request's body may take to arrive once its headers have.
+    pub body_timeout: Duration,
 }
 
 /// Completion length when neither the request nor the server's `--max_new_tokens` says: a request without
@@ -98,6 +100,7 @@ impl ServerOptions {
             max_body_bytes: 64 << 20,
             max_waiting: 256,
             max_images: DEFAULT_MAX_IMAGES,
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -404,7 +407,27 @@ fn random_id() -> String {
 async fn handle_chat(st: Arc<AppState>, body: Body) -> Response {
     let t0 = Instant::now();
     let id = format!("chatcmpl-{}", random_id());
-    let bytes = match axum::body::to_bytes(body, st.opts.max_body_bytes).await {
+    // Admitted before the body is buffered and the (possibly costly) images decoded, so that a flood of requests,
+    // slow ones included, is turned away cheaply.
+    let Some(slot) = Slot::take(&st) else {
+        let e =
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many requests are waiting for the model; retry later")
+                .code("server_busy");
+        return log_error(&st, &id, t0, e).into_response();
+    };
+    let read = tokio::time::timeout(st.opts.body_timeout, axum::body::to_bytes(body, st.opts.max_body_bytes));
+    let Ok(read) = read.await else {
+        let e = ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s (set by --body-timeout-secs)",
+                st.opts.body_timeout.as_secs()
+            ),
+        )
+        .code("request_timeout");
+        return log_error(&st, &id, t0, e).into_response();
+    };
+    let bytes = match read {
         Ok(b) => b,
         Err(e) => {
             let too_big = std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"));
@@ -429,13 +452,6 @@ async fn handle_chat(st: Arc<AppState>, body: Body) -> Response {
     if let Err(e) = check_limits(&r, &st.opts) {
         return log_error(&st, &id, t0, e).into_response();
     }
-    // Admitted before the (possibly costly) image decoding, so a flood of requests is turned away cheaply.
-    let Some(slot) = Slot::take(&st) else {
-        let e =
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many requests are waiting for the model; retry later")
-                .code("server_busy");
-        return log_error(&st, &id, t0, e).into_response();
-    };
     let engine = st.engine.clone();
     let opts = st.opts.clone();
     let stream = r.stream;

@@ -681,3 +681,24 @@ async fn metrics_count_requests_tokens_and_time_to_first_token() {
     assert_eq!(value("ferrotune_time_to_first_token_seconds_bucket{le=\"+Inf\"}"), 1.0);
     assert!(value("ferrotune_generation_seconds_total") > 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_times_out_while_others_are_served() {
+    let s = start(|o| o.body_timeout = Duration::from_millis(500)).await;
+    // Headers promise 100 bytes; 10 arrive, then nothing.
+    let mut slow = TcpStream::connect(s.addr).await.unwrap();
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(b"{\"messages").await.unwrap();
+    // A normal client meanwhile.
+    let ok = chat(s.addr, &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})).await;
+    assert_eq!(ok.status, 200);
+    let mut buf = Vec::new();
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut buf)).await.expect("answered").unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("--body-timeout-secs"), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(s.state.stats.waiting.load(Ordering::Relaxed), 0, "the slow request left the queue");
+}
