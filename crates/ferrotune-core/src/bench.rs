@@ -334,7 +334,7 @@ pub struct KernelRow {
 /// The machine's peaks and the frozen-weight kernels at the shapes of `sizes` (one MLP projection, hidden →
 /// intermediate): f32 FMA peak (registers only) and read bandwidth (a pass over 1 GiB), then the products of
 /// `m` rows with f32, bf16 (exact, and with bf16 products: AMX where the CPU has it) and int8 weights, and the
-/// matrix-vector product of decoding.
+/// products of decoding one sequence and batches of 8 and 16.
 pub fn kernels(hidden: usize, inter: usize, m: usize, reps: usize) -> Result<Vec<KernelRow>> {
     let mut rows = Vec::new();
     let threads = rayon::current_num_threads();
@@ -403,7 +403,7 @@ pub fn kernels(hidden: usize, inter: usize, m: usize, reps: usize) -> Result<Vec
     let bytes_of = |p: &crate::nn::Param| {
         p.dtype().size_in_bytes() as f64 + if p.scales.is_some() { 4.0 / hidden as f64 } else { 0.0 }
     };
-    for rows_m in [m, 1] {
+    for rows_m in [m, 1, 8, 16] {
         let x = Tensor::randn(0f32, 1.0, (rows_m, hidden), &dev)?;
         for (label, w) in &weights {
             crate::nn::frozen::frozen_matmul_param(&x, w)?;
@@ -421,7 +421,7 @@ pub fn kernels(hidden: usize, inter: usize, m: usize, reps: usize) -> Result<Vec
             });
         }
         // The input gradient of training: G (m×inter) · W.
-        if rows_m > 1 {
+        if rows_m == m && m > 1 {
             let g = Tensor::randn(0f32, 1.0, (rows_m, inter), &dev)?;
             for (label, w) in &weights {
                 crate::nn::frozen::frozen_input_grad(&g, w)?;

@@ -214,8 +214,20 @@ impl Engine {
         ["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| self.tokenizer.token_id(t)).collect()
     }
 
-    /// Runs the prompt through the model, filling `cache`; returns the last position's logits and the rope delta.
+    /// Runs the prompt through the model, filling `cache`, [`PREFILL_CHUNK`] tokens at a time; returns the last
+    /// position's logits and the rope positions.
     pub fn prefill(&self, prompt: &Prompt, cache: &mut Cache) -> Result<(Vec<f32>, RopePositions)> {
+        let mut p = self.begin_prefill(prompt)?;
+        loop {
+            if let Some(logits) = self.prefill_chunk(&mut p, cache, PREFILL_CHUNK)? {
+                return Ok((logits, p.pos));
+            }
+        }
+    }
+
+    /// Everything a prompt needs before its tokens go through the decoder: the image features (the vision tower
+    /// runs here, once), the embeddings with the features in place, and the rope positions.
+    pub fn begin_prefill(&self, prompt: &Prompt) -> Result<Prefill> {
         let m = &self.model;
         if prompt.ids.is_empty() {
             bail!("the prompt has no tokens: the model needs at least one token to continue from");
@@ -226,18 +238,51 @@ impl Engine {
         let feats = prompt.images.as_ref().map(|v| m.image_features(v)).transpose()?;
         let ids = Tensor::from_vec(prompt.ids.clone(), (1, prompt.ids.len()), &m.device)?;
         let emb = m.embed(&ids, feats.as_ref())?;
+        Ok(Prefill { emb, rope, pos, done: 0 })
+    }
+
+    /// Feeds the next tokens of a prompt, up to the next multiple of `chunk` (so that a prompt is cut at the same
+    /// places however its chunks are scheduled); returns the last position's logits once the whole prompt is in.
+    pub fn prefill_chunk(&self, p: &mut Prefill, cache: &mut Cache, chunk: usize) -> Result<Option<Vec<f32>>> {
+        let n = p.len();
+        let len = p.next_chunk(chunk);
+        if len == 0 {
+            bail!("the prompt is already in the cache");
+        }
+        let m = &self.model;
+        let emb = p.emb.narrow(1, p.done, len)?;
+        let rope = (p.rope.0.narrow(1, p.done, len)?, p.rope.1.narrow(1, p.done, len)?);
         let (h, _) = m.decode(&emb, &rope, Some(cache), false)?;
-        let last = h.narrow(1, prompt.ids.len() - 1, 1)?;
-        Ok((m.logits(&last)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?, pos))
+        p.done += len;
+        if p.done < n {
+            return Ok(None);
+        }
+        let last = h.narrow(1, len - 1, 1)?;
+        Ok(Some(m.logits(&last)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?))
     }
 
     /// Feeds one token after the cached ones; returns its logits.
     pub fn step(&self, token: u32, rope_delta: i64, cache: &mut Cache) -> Result<Vec<f32>> {
+        Ok(self.step_rows(&[token], &[rope_delta], &mut [cache])?.pop().expect("one row"))
+    }
+
+    /// One decoding step of several sequences at once: token i continues `caches[i]` (whose rope delta is
+    /// `deltas[i]`). Returns each row's logits, the same numbers as the row would give alone.
+    pub fn step_rows(&self, tokens: &[u32], deltas: &[i64], caches: &mut [&mut Cache]) -> Result<Vec<Vec<f32>>> {
         let m = &self.model;
-        let rope = m.rope_continue(1, cache.seen, 1, rope_delta)?;
-        let emb = m.embed(&Tensor::new(&[[token]], &m.device)?, None)?;
-        let (h, _) = m.decode(&emb, &rope, Some(cache), false)?;
-        Ok(m.logits(&h)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+        let b = tokens.len();
+        if deltas.len() != b || caches.len() != b {
+            bail!("step_rows: {b} tokens, {} rope deltas, {} caches", deltas.len(), caches.len());
+        }
+        let axes: [Vec<Vec<i64>>; 3] = std::array::from_fn(|_| {
+            caches.iter().zip(deltas).map(|(c, &d)| vec![c.seen as i64 + d]).collect::<Vec<_>>()
+        });
+        let rope =
+            crate::models::qwen3_5::text::mrope_cos_sin(m.inv_freq(), &m.cfg.text.mrope_section, &axes, &m.device)?;
+        let emb = m.embed(&Tensor::from_vec(tokens.to_vec(), (b, 1), &m.device)?, None)?;
+        let h = m.decode_rows(&emb, &rope, caches)?;
+        let logits = m.logits(&h)?.reshape((b, ()))?.to_dtype(DType::F32)?;
+        Ok(logits.to_vec2()?)
     }
 
     /// Generates a completion. `on_text` receives each new piece of text as soon as it is final (no partial
@@ -251,68 +296,168 @@ impl Engine {
     ) -> Result<Generation> {
         let mut cache = Cache::new(self.model.layers.len());
         let (mut logits, pos) = self.prefill(prompt, &mut cache)?;
-        let stop_ids = self.stop_ids();
-        let mut sampler = Sampler::new(req.sampling.clone());
-        let mut out: Vec<u32> = Vec::new();
-        let mut emitted = 0usize; // bytes of `text` already handed to on_text
-        let mut text = String::new();
-        let (mut settled, mut settled_len) = (0usize, 0usize); // tokens / bytes of text that are final
-        let hold = req.stop.iter().map(|s| s.len()).max().unwrap_or(0);
-        let mut finish = FinishReason::Length;
-        while out.len() < req.max_tokens {
-            let tok = sampler.next(&mut logits, &prompt.ids, &out);
-            if stop_ids.contains(&tok) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            out.push(tok);
-            // Decode only the tokens after the last complete character: byte-level pieces concatenate, so the
-            // text grows in O(1) per token instead of re-decoding everything.
-            let tail = self.tokenizer.decode(&out[settled..], true)?;
-            text.truncate(settled_len);
-            let changed = settled_len;
-            text.push_str(&tail);
-            if !tail.ends_with('\u{FFFD}') {
-                settled = out.len();
-                settled_len = text.len();
-            }
-            // Only a match that ends in the changed text is new: each stop string is looked for from its length
-            // before the change, so a token costs the length of the stop strings, not of the whole answer.
-            let found = |s: &String| {
-                let mut from = changed.saturating_sub(s.len().saturating_sub(1));
-                while !text.is_char_boundary(from) {
-                    from -= 1;
-                }
-                text[from..].find(s.as_str()).map(|i| from + i)
-            };
-            if let Some(cut) = req.stop.iter().filter_map(found).min() {
-                text.truncate(cut);
-                finish = FinishReason::Stop;
-                break;
-            }
-            // Hold back an incomplete UTF-8 sequence and anything that could be the start of a stop string.
-            let stable = if text.ends_with('\u{FFFD}') { text.trim_end_matches('\u{FFFD}').len() } else { text.len() };
-            let mut upto = stable.saturating_sub(hold.saturating_sub(1));
-            while upto > emitted && !text.is_char_boundary(upto) {
-                upto -= 1;
-            }
-            // Called after every token, with "" when the token released no text (a partial character, a
-            // possible stop string), so that a consumer can cancel at any token.
-            let piece = if upto > emitted { &text[emitted..upto] } else { "" };
-            let keep_going = on_text(piece);
-            emitted = emitted.max(upto);
-            if !keep_going {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            if out.len() >= req.max_tokens {
-                break;
-            }
+        let mut d = Decoding::new(self, &prompt.ids, req);
+        while let Some(tok) = d.accept(&self.tokenizer, &mut logits, &mut on_text)? {
             logits = self.step(tok, pos.delta, &mut cache)?;
         }
-        if emitted < text.len() && finish != FinishReason::Cancelled {
-            on_text(&text[emitted..]);
+        Ok(d.finish(&mut on_text))
+    }
+}
+
+/// Tokens of a prompt fed to the decoder at once: long prompts in pieces keep the activations bounded, and let a
+/// server decode other sequences between the pieces.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// A prompt on its way into the cache (see [`Engine::begin_prefill`]).
+pub struct Prefill {
+    /// (1, n, D)
+    emb: Tensor,
+    /// cos/sin (1, n, rot)
+    rope: (Tensor, Tensor),
+    pub pos: RopePositions,
+    /// Tokens already fed.
+    pub done: usize,
+}
+
+impl Prefill {
+    /// The prompt's length in tokens.
+    pub fn len(&self) -> usize {
+        self.pos.axes[0].len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tokens the next [`Engine::prefill_chunk`] call with `chunk` feeds.
+    pub fn next_chunk(&self, chunk: usize) -> usize {
+        let chunk = chunk.max(1);
+        (chunk - self.done % chunk).min(self.len() - self.done)
+    }
+}
+
+/// The text side of one generation: sampling, stop tokens and strings, and the text released so far.
+pub struct Decoding {
+    sampler: Sampler,
+    stop_ids: Vec<u32>,
+    stop: Vec<String>,
+    max_tokens: usize,
+    prompt_ids: Vec<u32>,
+    out: Vec<u32>,
+    text: String,
+    /// Bytes of `text` already handed to `on_text`.
+    emitted: usize,
+    /// Tokens / bytes of `text` that are final (complete characters).
+    settled: usize,
+    settled_len: usize,
+    /// Bytes held back in case they start a stop string.
+    hold: usize,
+    finish: FinishReason,
+}
+
+impl Decoding {
+    pub fn new(engine: &Engine, prompt_ids: &[u32], req: &GenerateRequest) -> Self {
+        Self {
+            sampler: Sampler::new(req.sampling.clone()),
+            stop_ids: engine.stop_ids(),
+            stop: req.stop.clone(),
+            max_tokens: req.max_tokens,
+            prompt_ids: prompt_ids.to_vec(),
+            out: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            settled: 0,
+            settled_len: 0,
+            hold: req.stop.iter().map(|s| s.len()).max().unwrap_or(0),
+            finish: FinishReason::Length,
         }
-        Ok(Generation { text, token_ids: out, prompt_tokens: prompt.ids.len(), finish_reason: finish })
+    }
+
+    /// Tokens generated so far.
+    pub fn tokens(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Picks the next token from `logits` and hands the text it makes final to `on_text`. Returns the token to
+    /// feed to the model next, or None when generation has ended (then call [`Decoding::finish`]).
+    pub fn accept(
+        &mut self,
+        tokenizer: &Tokenizer,
+        logits: &mut [f32],
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Option<u32>> {
+        if self.out.len() >= self.max_tokens {
+            self.finish = FinishReason::Length;
+            return Ok(None);
+        }
+        let tok = self.sampler.next(logits, &self.prompt_ids, &self.out);
+        if self.stop_ids.contains(&tok) {
+            self.finish = FinishReason::Stop;
+            return Ok(None);
+        }
+        self.out.push(tok);
+        // Decode only the tokens after the last complete character: byte-level pieces concatenate, so the
+        // text grows in O(1) per token instead of re-decoding everything.
+        let tail = tokenizer.decode(&self.out[self.settled..], true)?;
+        let text = &mut self.text;
+        text.truncate(self.settled_len);
+        let changed = self.settled_len;
+        text.push_str(&tail);
+        if !tail.ends_with('\u{FFFD}') {
+            self.settled = self.out.len();
+            self.settled_len = text.len();
+        }
+        // Only a match that ends in the changed text is new: each stop string is looked for from its length
+        // before the change, so a token costs the length of the stop strings, not of the whole answer.
+        let found = |s: &String| {
+            let mut from = changed.saturating_sub(s.len().saturating_sub(1));
+            while !text.is_char_boundary(from) {
+                from -= 1;
+            }
+            text[from..].find(s.as_str()).map(|i| from + i)
+        };
+        if let Some(cut) = self.stop.iter().filter_map(found).min() {
+            text.truncate(cut);
+            self.finish = FinishReason::Stop;
+            return Ok(None);
+        }
+        // Hold back an incomplete UTF-8 sequence and anything that could be the start of a stop string.
+        let stable = if text.ends_with('\u{FFFD}') { text.trim_end_matches('\u{FFFD}').len() } else { text.len() };
+        let mut upto = stable.saturating_sub(self.hold.saturating_sub(1));
+        while upto > self.emitted && !text.is_char_boundary(upto) {
+            upto -= 1;
+        }
+        // Called after every token, with "" when the token released no text (a partial character, a possible
+        // stop string), so that a consumer can cancel at any token.
+        let piece = if upto > self.emitted { &text[self.emitted..upto] } else { "" };
+        let keep_going = on_text(piece);
+        self.emitted = self.emitted.max(upto);
+        if !keep_going {
+            self.finish = FinishReason::Cancelled;
+            return Ok(None);
+        }
+        if self.out.len() >= self.max_tokens {
+            self.finish = FinishReason::Length;
+            return Ok(None);
+        }
+        Ok(Some(tok))
+    }
+
+    /// Marks the generation cancelled (the consumer went away between tokens).
+    pub fn cancel(&mut self) {
+        self.finish = FinishReason::Cancelled;
+    }
+
+    /// Releases the text still held back (unless cancelled) and returns the generation.
+    pub fn finish(self, on_text: &mut dyn FnMut(&str) -> bool) -> Generation {
+        if self.emitted < self.text.len() && self.finish != FinishReason::Cancelled {
+            on_text(&self.text[self.emitted..]);
+        }
+        Generation {
+            text: self.text,
+            token_ids: self.out,
+            prompt_tokens: self.prompt_ids.len(),
+            finish_reason: self.finish,
+        }
     }
 }

@@ -1,7 +1,12 @@
 //! Inference: sampling and the generation engine used by `chat`, `api` and `eval`.
 
+pub mod batch;
 pub mod engine;
 pub mod sample;
 
-pub use engine::{AdapterMode, Engine, FinishReason, GenerateRequest, Generation, GenerationConfig, Prompt};
+pub use batch::{BatchOptions, Batcher, Job, Sink};
+pub use engine::{
+    AdapterMode, Decoding, Engine, FinishReason, GenerateRequest, Generation, GenerationConfig, Prefill, Prompt,
+    PREFILL_CHUNK,
+};
 pub use sample::{Sampler, SamplingParams};

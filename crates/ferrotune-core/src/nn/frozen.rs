@@ -8,7 +8,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::fused::f32_slice;
-use super::mixed::{self, SMALL_M};
+use super::mixed::{self, SMALL_M, STREAM_ROWS};
 use super::{amx, dpbf16};
 
 struct FrozenMatmul {
@@ -55,9 +55,9 @@ impl FrozenMatmul {
         self.with_cpu_weight(|w| match w {
             CpuWeight::Packed(mixed::Packed::Bf16(wb)) if self.bf16 => bf16_xwt(x, m, k, wb, n),
             CpuWeight::Packed(half) => mixed::matmul_xwt(x, m, k, half, n),
-            // Decoding multiplies one row at a time: a general GEMM would repack all of W for every token, so
-            // stream W's rows instead (memory-bound, no copies).
-            CpuWeight::F32(wv) if m <= SMALL_M => small_m_matmul(x, wv, m, n, k),
+            // Decoding multiplies a row per sequence: a general GEMM would repack all of W for every token, so
+            // stream W's rows instead (memory-bound, no copies, the same sums for any number of rows).
+            CpuWeight::F32(wv) if m <= STREAM_ROWS => mixed::stream_rows(x, m, k, mixed::Packed::F32(wv), n),
             CpuWeight::F32(wv) => {
                 let mut y = vec![0f32; m * n];
                 // SAFETY: y (m, n), x (m, k) and W (n, k) read as its transpose are row-major buffers of those sizes.
@@ -231,6 +231,15 @@ impl CustomOp3 for FrozenLora {
         let Some(mut y) = self.base.cpu_xwt(x, m, k)? else {
             candle_core::bail!("frozen LoRA matmul: the base weight must be a contiguous CPU tensor")
         };
+        if m <= STREAM_ROWS {
+            // A decoding batch: per-row sums in a fixed order, as the base product's.
+            let u = mixed::stream_rows(x, m, k, mixed::Packed::F32(a), r);
+            let v = mixed::stream_rows(&u, m, r, mixed::Packed::F32(b), n);
+            for (y, v) in y.iter_mut().zip(&v) {
+                *y += self.scale * v;
+            }
+            return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+        }
         let mut u = vec![0f32; m * r];
         // SAFETY: x (m, k), A (r, k) read as Aᵀ (k, r), u (m, r), B (n, r) read as Bᵀ (r, n), y (m, n).
         unsafe {
@@ -367,9 +376,9 @@ pub fn bf16_products_engine() -> &'static str {
 /// dot products, otherwise the rounded activations through the widening kernels (the same products, summed in
 /// another order).
 fn bf16_xwt(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize) -> Vec<f32> {
-    if m > SMALL_M && amx::available() && amx::fits_xwt(n, k) {
+    if m > STREAM_ROWS && amx::available() && amx::fits_xwt(n, k) {
         amx::matmul_xwt(x, m, k, w, n)
-    } else if m > SMALL_M && dpbf16::available() && dpbf16::fits_xwt(k) {
+    } else if m > STREAM_ROWS && dpbf16::available() && dpbf16::fits_xwt(k) {
         dpbf16::matmul_xwt(x, m, k, w, n)
     } else {
         mixed::matmul_xwt(&amx::round_to_bf16(x), m, k, mixed::Packed::Bf16(w), n)
@@ -417,81 +426,6 @@ fn cpu_scales<'a>(s: Option<(&'a Storage, &Layout)>, n: usize) -> Result<Option<
         }
         _ => candle_core::bail!("frozen matmul: int8 scales must be {n} contiguous f32 values on the CPU"),
     }
-}
-
-/// y[i][j] = x[i] · w[j] for a few rows of x: each weight row is read once and dotted with every x row.
-fn small_m_matmul(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    let mut y = vec![0f32; m * n];
-    // Output columns in blocks so threads share nothing; within a block, rows of W stream sequentially.
-    let block = 64;
-    let cols: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(block))
-        .into_par_iter()
-        .map(|b| {
-            let (j0, j1) = (b * block, ((b + 1) * block).min(n));
-            let mut out = vec![0f32; m * (j1 - j0)];
-            for j in j0..j1 {
-                let wr = &w[j * k..(j + 1) * k];
-                for i in 0..m {
-                    out[i * (j1 - j0) + (j - j0)] = dot(&x[i * k..(i + 1) * k], wr);
-                }
-            }
-            (j0, out)
-        })
-        .collect();
-    for (j0, out) in cols {
-        let width = out.len() / m;
-        for i in 0..m {
-            y[i * n + j0..i * n + j0 + width].copy_from_slice(&out[i * width..(i + 1) * width]);
-        }
-    }
-    y
-}
-
-/// Dot product with 16 independent accumulators (wide SIMD lanes once vectorised); compiled for AVX-512 / AVX2
-/// when the CPU has them, since the default target only allows SSE2.
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { dot_avx512(a, b) };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { dot_avx2(a, b) };
-        }
-    }
-    dot_plain(a, b)
-}
-
-#[inline(always)]
-fn dot_plain(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for t in 0..16 {
-            acc[t] += x[t] * y[t];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    dot_plain(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_plain(a, b)
 }
 
 /// x: (M, K) @ Wᵀ with W: (N, K) frozen -> (M, N). Gradients flow to x only.

@@ -6,14 +6,17 @@
 //! it to gemm's f32 kernels (AVX-512 / AVX2+FMA, chosen by gemm at run time): the widening reads each weight
 //! once per product, a small cost next to the product's M·N·K multiply-adds when M is more than a few rows.
 //! Panels split only the output columns, so every output element sums over K in gemm's own order, as the
-//! f32 product does. Matrix-vector products (decoding, M ≤ [`SMALL_M`]) stream each weight row once and widen
-//! it in registers.
+//! f32 product does. Products of a few rows (decoding one sequence or a batch of them, M ≤ [`STREAM_ROWS`])
+//! stream each weight row once and widen it in registers ([`super::stream`]).
 
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// Rows of x up to which the streaming kernel beats a GEMM (measured on AVX-512: GEMM wins from ~8 rows on).
+/// Rows of x up to which the AMX / AVX512-BF16 kernels are not worth their packing (gradients; forward products
+/// of up to [`STREAM_ROWS`] rows stream instead).
 pub const SMALL_M: usize = 4;
+
+pub use super::stream::{stream_rows, STREAM_ROWS};
 
 /// Elements of one widened f32 panel: 16 MiB, large enough that gemm's repacking of the activations per panel
 /// stays a few per cent of the work.
@@ -24,6 +27,8 @@ const PANEL_ELEMS: usize = 4 << 20;
 pub enum Packed<'a> {
     Bf16(&'a [bf16]),
     F16(&'a [f16]),
+    /// Plain f32 (only the streaming kernel takes it; larger products of f32 weights call gemm directly).
+    F32(&'a [f32]),
     /// Per-row symmetric int8: element (r, c) is `(q[r·cols + c] − 128) · scales[r]` (offset binary, since the
     /// tensor type holding it is unsigned).
     Int8 {
@@ -38,6 +43,7 @@ impl Packed<'_> {
         match self {
             Packed::Bf16(s) => s.len(),
             Packed::F16(s) => s.len(),
+            Packed::F32(s) => s.len(),
             Packed::Int8 { q, .. } => q.len(),
         }
     }
@@ -56,26 +62,11 @@ impl Packed<'_> {
                     *o = v.to_f32();
                 }
             }
+            Packed::F32(s) => out.copy_from_slice(&s[start..start + out.len()]),
             Packed::Int8 { q, scales, cols } => {
                 let row = start / cols;
                 debug_assert!(start % cols + out.len() <= *cols, "an int8 range crosses a row");
                 widen_i8(&q[start..start + out.len()], scales[row], out)
-            }
-        }
-    }
-
-    fn dot(&self, x: &[f32], row_start: usize) -> f32 {
-        match self {
-            Packed::Bf16(s) => dot_bf16(x, &s[row_start..row_start + x.len()]),
-            Packed::F16(s) => {
-                let mut buf = vec![0f32; x.len()];
-                for (o, v) in buf.iter_mut().zip(&s[row_start..row_start + x.len()]) {
-                    *o = v.to_f32();
-                }
-                crate::nn::frozen::dot(x, &buf)
-            }
-            Packed::Int8 { q, scales, cols } => {
-                dot_i8(x, &q[row_start..row_start + x.len()]) * scales[row_start / cols]
             }
         }
     }
@@ -118,8 +109,8 @@ super::amx::wide_fn! {
 pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: Packed, n: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
-    if m <= SMALL_M {
-        return small_m(x, m, k, w, n);
+    if m <= STREAM_ROWS {
+        return stream_rows(x, m, k, w, n);
     }
     let mut y = vec![0f32; m * n];
     let rows = panel_width(k, n);
@@ -213,33 +204,6 @@ pub(crate) fn parallelism() -> gemm::Parallelism {
     }
 }
 
-/// y[i][j] = x[i] · w[j] for a few rows of x: each weight row is read once and dotted with every x row, output
-/// columns in blocks so threads share nothing.
-fn small_m(x: &[f32], m: usize, k: usize, w: Packed, n: usize) -> Vec<f32> {
-    let block = 64;
-    let blocks: Vec<Vec<f32>> = (0..n.div_ceil(block))
-        .into_par_iter()
-        .map(|b| {
-            let (j0, j1) = (b * block, ((b + 1) * block).min(n));
-            let mut out = vec![0f32; m * (j1 - j0)];
-            for j in j0..j1 {
-                for i in 0..m {
-                    out[i * (j1 - j0) + (j - j0)] = w.dot(&x[i * k..(i + 1) * k], j * k);
-                }
-            }
-            out
-        })
-        .collect();
-    let mut y = vec![0f32; m * n];
-    for (b, out) in blocks.iter().enumerate() {
-        let (j0, width) = (b * block, out.len() / m.max(1));
-        for i in 0..m {
-            y[i * n + j0..i * n + j0 + width].copy_from_slice(&out[i * width..(i + 1) * width]);
-        }
-    }
-    y
-}
-
 /// bf16 → f32 is a 16-bit shift of the bits: exact, and vectorised once compiled for wide SIMD.
 #[inline(always)]
 fn widen_plain(src: &[bf16], out: &mut [f32]) {
@@ -275,71 +239,6 @@ unsafe fn widen_avx2(src: &[bf16], out: &mut [f32]) {
     widen_plain(src, out)
 }
 
-/// Lanes of the streaming dot products: four 16-lane chains, since one chain's FMA latency (not memory) would
-/// bound a 2-byte or 1-byte weight stream.
-const DOT_LANES: usize = 64;
-
-/// The sum of the accumulator lanes as a tree of vector adds: summed in order, the 64 dependent scalar adds
-/// would take longer than the whole pass over a 2,560-element row.
-#[inline(always)]
-fn reduce_lanes(acc: &[f32; DOT_LANES]) -> f32 {
-    let mut v = [0f32; 16];
-    for t in 0..16 {
-        v[t] = (acc[t] + acc[t + 16]) + (acc[t + 32] + acc[t + 48]);
-    }
-    for w in [8, 4, 2, 1] {
-        for t in 0..w {
-            v[t] += v[t + w];
-        }
-    }
-    v[0]
-}
-
-/// `a · b` with b in bf16, [`DOT_LANES`] independent f32 accumulators.
-#[inline(always)]
-fn dot_bf16_plain(a: &[f32], b: &[bf16]) -> f32 {
-    let mut acc = [0f32; DOT_LANES];
-    let (ca, cb) = (a.chunks_exact(DOT_LANES), b.chunks_exact(DOT_LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for t in 0..DOT_LANES {
-            acc[t] += x[t] * f32::from_bits((y[t].to_bits() as u32) << 16);
-        }
-    }
-    let mut s = reduce_lanes(&acc);
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * f32::from_bits((y.to_bits() as u32) << 16);
-    }
-    s
-}
-
-fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { dot_bf16_avx512(a, b) };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { dot_bf16_avx2(a, b) };
-        }
-    }
-    dot_bf16_plain(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_bf16_avx512(a: &[f32], b: &[bf16]) -> f32 {
-    dot_bf16_plain(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_bf16_avx2(a: &[f32], b: &[bf16]) -> f32 {
-    dot_bf16_plain(a, b)
-}
-
 #[inline(always)]
 fn widen_i8_plain(src: &[u8], scale: f32, out: &mut [f32]) {
     for (o, v) in out.iter_mut().zip(src) {
@@ -372,52 +271,6 @@ unsafe fn widen_i8_avx512(src: &[u8], scale: f32, out: &mut [f32]) {
 #[target_feature(enable = "avx2")]
 unsafe fn widen_i8_avx2(src: &[u8], scale: f32, out: &mut [f32]) {
     widen_i8_plain(src, scale, out)
-}
-
-/// `a · (b − 128)` for offset-binary int8 b, [`DOT_LANES`] independent f32 accumulators (each product is exact
-/// before its rounding, as in the f32 kernel).
-#[inline(always)]
-fn dot_i8_plain(a: &[f32], b: &[u8]) -> f32 {
-    let mut acc = [0f32; DOT_LANES];
-    let (ca, cb) = (a.chunks_exact(DOT_LANES), b.chunks_exact(DOT_LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for t in 0..DOT_LANES {
-            acc[t] += x[t] * (y[t] as i32 - 128) as f32;
-        }
-    }
-    let mut s = reduce_lanes(&acc);
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * (*y as i32 - 128) as f32;
-    }
-    s
-}
-
-fn dot_i8(a: &[f32], b: &[u8]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { dot_i8_avx512(a, b) };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { dot_i8_avx2(a, b) };
-        }
-    }
-    dot_i8_plain(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_i8_avx512(a: &[f32], b: &[u8]) -> f32 {
-    dot_i8_plain(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_i8_avx2(a: &[f32], b: &[u8]) -> f32 {
-    dot_i8_plain(a, b)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod linear;
 pub mod mixed;
 pub mod ops;
 pub mod param;
+pub mod stream;
 
 pub use linear::{Linear, Lora};
 pub use param::{linears, make_trainable, params, state_dict, Module, Node, Param, Stored};

@@ -192,3 +192,52 @@ fn the_consumer_can_cancel_at_every_token() {
         g.token_ids.len()
     );
 }
+
+/// A prompt fed in small chunks equals a full forward, and sequences stepped together as one batch give each
+/// row the logits it gets alone, bit for bit (different prompts, with and without images, cache lengths apart,
+/// the adapter as a separate branch).
+#[test]
+fn chunked_prefill_equals_a_full_forward_and_batched_rows_equal_each_row_alone() {
+    let e = engine(Some(AdapterMode::Separate));
+    let opts = RenderOptions { add_generation_prompt: true, ..Default::default() };
+    let prompts: Vec<_> = cases().iter().map(|c| e.prompt(&c["messages"], &images(c), &opts).unwrap()).collect();
+    let text = e.prompt_from_text("a robot with four wheels and a long arm, seen from the left", &[]).unwrap();
+    let prompts: Vec<_> = prompts.into_iter().chain([text]).collect();
+    assert!(prompts.len() >= 3 && prompts.iter().any(|p| p.images.is_some()));
+    // Chunks of 7 tokens (image runs cut across chunks) against one forward over the whole prompt.
+    let mut states = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let mut cache = Cache::new(e.model.layers.len());
+        let mut p = e.begin_prefill(prompt).unwrap();
+        let mut calls = 0;
+        let logits = loop {
+            calls += 1;
+            if let Some(l) = e.prefill_chunk(&mut p, &mut cache, 7).unwrap() {
+                break l;
+            }
+        };
+        assert_eq!(calls, prompt.ids.len().div_ceil(7), "prompt {i}: chunks of 7");
+        let (h, _) = e.model.forward_sequence(&prompt.ids, prompt.images.as_ref(), false).unwrap();
+        let full = e.model.logits(&h.narrow(1, prompt.ids.len() - 1, 1).unwrap()).unwrap();
+        let full = full.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let d = logits.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-4, "prompt {i}: chunked prefill vs full forward logits differ by {d:e}");
+        states.push((cache, p.pos.delta));
+    }
+    // Six steps: all rows together against each row alone on a clone of its cache.
+    for step in 0..6u32 {
+        let tokens: Vec<u32> = (0..states.len() as u32).map(|i| 200 + 17 * i + step).collect();
+        let alone: Vec<Vec<f32>> = states
+            .iter()
+            .zip(&tokens)
+            .map(|((cache, delta), &t)| e.step(t, *delta, &mut cache.clone()).unwrap())
+            .collect();
+        let deltas: Vec<i64> = states.iter().map(|s| s.1).collect();
+        let mut caches: Vec<&mut Cache> = states.iter_mut().map(|s| &mut s.0).collect();
+        let together = e.step_rows(&tokens, &deltas, &mut caches).unwrap();
+        for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "step {step}: row {i} of the batch differs from the row alone");
+        }
+    }
+}

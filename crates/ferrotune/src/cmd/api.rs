@@ -57,6 +57,13 @@ pub struct Args {
     /// Seconds a request's body may take to arrive (default 30; then 408)
     #[arg(long = "body-timeout-secs", alias = "body_timeout_secs")]
     pub body_timeout_secs: Option<u64>,
+    /// Sequences decoded together in one batch; more requests wait in the queue (default 16)
+    #[arg(long = "max-num-seqs", alias = "max_num_seqs")]
+    pub max_num_seqs: Option<usize>,
+    /// Prompt tokens fed between two decoding steps of the running sequences (default 256): smaller keeps their
+    /// pace steadier while a long prompt comes in
+    #[arg(long = "prefill-chunk", alias = "prefill_chunk")]
+    pub prefill_chunk: Option<usize>,
 }
 
 const ENV: &[(&str, &str)] =
@@ -94,6 +101,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if let Some(secs) = args.body_timeout_secs {
         opts.body_timeout = std::time::Duration::from_secs(secs);
     }
+    for (flag, v) in [("--max-num-seqs", args.max_num_seqs), ("--prefill-chunk", args.prefill_chunk)] {
+        if v == Some(0) {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    opts.batch.max_seqs = args.max_num_seqs.unwrap_or(opts.batch.max_seqs);
+    opts.batch.prefill_chunk = args.prefill_chunk.unwrap_or(opts.batch.prefill_chunk);
     opts.enable_thinking = loaded.enable_thinking;
     opts.split_reasoning = args.reasoning_content.unwrap_or(true);
     if let Some(mb) = args.max_body_mb {

@@ -1,10 +1,10 @@
 //! The OpenAI-compatible HTTP API: `GET /v1/models`, `POST /v1/chat/completions` (JSON or SSE stream),
 //! `GET /health`, `GET /metrics` (Prometheus).
 //!
-//! One engine serves one request at a time: requests queue on a fair lock (first come, first served), are
-//! prepared (images decoded, prompt rendered and tokenized) in parallel before that, and generate on a blocking
-//! thread. A client that goes away stops its generation at the next token. Every failure is an OpenAI error
-//! body; bad input is a 4xx, and a panic is caught and answered with a 500.
+//! Requests are prepared (images decoded, prompt rendered and tokenized) a few at a time, then queue for the
+//! batching thread ([`ferrotune_core::infer::batch`]), first come, first served: up to `--max-num-seqs` sequences
+//! decode together, new ones joining between tokens. A client that goes away stops its generation at the next
+//! token. Every failure is an OpenAI error body; bad input is a 4xx, and a panic is caught and answered with a 500.
 
 pub mod error;
 pub mod media;
@@ -29,7 +29,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferrotune_core::chat_template::RenderOptions;
-use ferrotune_core::infer::{Engine, FinishReason, GenerateRequest, Generation, Prompt, SamplingParams};
+use ferrotune_core::infer::{
+    BatchOptions, Batcher, Engine, FinishReason, GenerateRequest, Generation, Job, Prompt, SamplingParams, Sink,
+};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
@@ -68,6 +70,8 @@ pub struct ServerOptions {
     pub max_images: usize,
     /// Time a request's body may take to arrive once its headers have.
     pub body_timeout: Duration,
+    /// Sequences decoding together and prompt tokens fed between two decoding steps.
+    pub batch: BatchOptions,
 }
 
 /// Completion length when neither the request nor the server's `--max_new_tokens` says: a request without
@@ -101,6 +105,7 @@ impl ServerOptions {
             max_waiting: 256,
             max_images: DEFAULT_MAX_IMAGES,
             body_timeout: Duration::from_secs(30),
+            batch: BatchOptions::default(),
         }
     }
 }
@@ -184,8 +189,7 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub opts: ServerOptions,
     pub stats: Stats,
-    /// Held while the engine generates; tokio's mutex queues waiters in arrival order.
-    gate: Arc<tokio::sync::Mutex<()>>,
+    batcher: Batcher,
     /// Requests decoding images and building prompts at once: one per core, so that many requests with images
     /// cannot hold every blocking thread and their decoded pictures at the same time.
     preparing: tokio::sync::Semaphore,
@@ -194,11 +198,12 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(engine: Engine, opts: ServerOptions) -> Arc<Self> {
+        let engine = Arc::new(engine);
         Arc::new(Self {
-            engine: Arc::new(engine),
+            batcher: Batcher::start(engine.clone(), opts.batch),
+            engine,
             opts,
             stats: Stats::default(),
-            gate: Arc::new(tokio::sync::Mutex::new(())),
             preparing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
             started: unix_now(),
         })
@@ -641,40 +646,6 @@ impl Drop for Slot {
     }
 }
 
-/// Waits for the engine, then runs `job` with it on a blocking thread. A panic in the job is a 500. `gone` says
-/// the client left while waiting (the job is then skipped).
-async fn with_engine<R: Send + 'static>(
-    st: &Arc<AppState>,
-    slot: Slot,
-    gone: impl Fn() -> bool,
-    job: impl FnOnce(&Engine) -> anyhow::Result<R> + Send + 'static,
-) -> Result<(Option<R>, Duration), ApiError> {
-    let t = Instant::now();
-    let guard = st.gate.clone().lock_owned().await;
-    drop(slot);
-    let wait = t.elapsed();
-    if gone() {
-        return Ok((None, wait));
-    }
-    let engine = st.engine.clone();
-    st.stats.running.fetch_add(1, Ordering::SeqCst);
-    let running = Running(st.clone());
-    let res = tokio::task::spawn_blocking(move || {
-        // The lock is released when generation ends, even if the request's task was dropped meanwhile.
-        let _guard = (guard, running);
-        std::panic::catch_unwind(AssertUnwindSafe(|| job(&engine)))
-    })
-    .await;
-    match res {
-        Ok(Ok(Ok(r))) => Ok((Some(r), wait)),
-        Ok(Ok(Err(e))) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("generation failed: {e:#}"))),
-        Ok(Err(_)) | Err(_) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error: generation panicked; see the server log",
-        )),
-    }
-}
-
 /// Counts a request as running until dropped.
 struct Running(Arc<AppState>);
 
@@ -694,38 +665,95 @@ impl Drop for DropFlag {
     }
 }
 
+/// A request's bookkeeping in the batcher: counted as waiting until it starts, then as running; its time to
+/// first token, and its log line at the end.
+struct Tracker {
+    st: Arc<AppState>,
+    id: String,
+    t0: Instant,
+    queued: Instant,
+    slot: Option<Slot>,
+    running: Option<Running>,
+    wait: Option<Duration>,
+    first: FirstToken,
+}
+
+impl Tracker {
+    fn new(st: &Arc<AppState>, slot: Slot, id: &str, t0: Instant) -> Self {
+        Self {
+            st: st.clone(),
+            id: id.to_string(),
+            t0,
+            queued: Instant::now(),
+            slot: Some(slot),
+            running: None,
+            wait: None,
+            first: FirstToken::new(st, t0),
+        }
+    }
+
+    fn started(&mut self) {
+        self.slot = None;
+        self.st.stats.running.fetch_add(1, Ordering::SeqCst);
+        self.running = Some(Running(self.st.clone()));
+        self.wait = Some(self.queued.elapsed());
+    }
+
+    /// Logs how the request ended; None when it never started (its client left while it was queued).
+    fn end(&mut self, outcome: Result<Generation, anyhow::Error>) -> Option<Result<Generation, ApiError>> {
+        self.running = None;
+        let Some(wait) = self.wait else {
+            self.st.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            eprintln!("{} cancelled while queued: client went away", self.id);
+            return None;
+        };
+        Some(match outcome {
+            Ok(g) => {
+                log_done(&self.st, &self.id, self.t0, wait, &g, g.finish_reason == FinishReason::Cancelled);
+                Ok(g)
+            }
+            Err(e) => {
+                let e = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("generation failed: {e:#}"));
+                Err(log_error(&self.st, &self.id, self.t0, e))
+            }
+        })
+    }
+}
+
+/// The non-streaming request's side of the batcher: the answer goes back in one piece.
+struct WholeAnswer {
+    tr: Tracker,
+    gone: Arc<AtomicBool>,
+    tx: tokio::sync::oneshot::Sender<Result<Generation, ApiError>>,
+}
+
+impl Sink for WholeAnswer {
+    fn gone(&self) -> bool {
+        self.gone.load(Ordering::Relaxed)
+    }
+
+    fn started(&mut self) {
+        self.tr.started();
+    }
+
+    fn text(&mut self, _piece: &str) -> bool {
+        self.tr.first.seen();
+        !self.gone()
+    }
+
+    fn done(mut self: Box<Self>, outcome: anyhow::Result<Generation>) {
+        let out = self.tr.end(outcome).unwrap_or_else(|| Err(ApiError::new(StatusCode::BAD_REQUEST, "cancelled")));
+        let _ = self.tx.send(out);
+    }
+}
+
 async fn complete_response(st: Arc<AppState>, slot: Slot, p: Prepared, chunk: ChunkMaker, t0: Instant) -> Response {
     let flag = Arc::new(AtomicBool::new(false));
     let _drop = DropFlag(flag.clone());
     let opens_think = p.opens_think;
-    // Generation and its log line live in their own task: the connection drops this handler when the client
-    // leaves, and the task still reports how the request ended.
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let (task_st, id) = (st.clone(), chunk.id.clone());
-    tokio::spawn(async move {
-        let Prepared { prompt, req, .. } = p;
-        let seen = flag.clone();
-        let mut first = FirstToken::new(&task_st, t0);
-        let job = move |e: &Engine| {
-            e.generate(&prompt, &req, |_| {
-                first.seen();
-                !seen.load(Ordering::Relaxed)
-            })
-        };
-        let out = match with_engine(&task_st, slot, || flag.load(Ordering::Relaxed), job).await {
-            Ok((Some(g), wait)) => {
-                log_done(&task_st, &id, t0, wait, &g, flag.load(Ordering::Relaxed));
-                Ok(g)
-            }
-            Ok((None, _)) => {
-                task_st.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                eprintln!("{id} cancelled while queued: client went away");
-                Err(ApiError::new(StatusCode::BAD_REQUEST, "cancelled"))
-            }
-            Err(e) => Err(log_error(&task_st, &id, t0, e)),
-        };
-        let _ = tx.send(out);
-    });
+    let sink = WholeAnswer { tr: Tracker::new(&st, slot, &chunk.id, t0), gone: flag, tx };
+    st.batcher.submit(Job { prompt: p.prompt, req: p.req, sink: Box::new(sink) });
     let g = match rx.await {
         Ok(Ok(g)) => g,
         Ok(Err(e)) => return e.into_response(),
@@ -799,6 +827,65 @@ impl ChunkMaker {
     }
 }
 
+/// The streaming request's side of the batcher: each piece of text becomes a chunk event.
+struct Streamed {
+    tr: Tracker,
+    tx: mpsc::UnboundedSender<Event>,
+    chunk: ChunkMaker,
+    splitter: Option<ThinkSplitter>,
+    include_usage: bool,
+}
+
+impl Streamed {
+    fn send(&self, parts: Vec<(Part, String)>) -> bool {
+        parts.into_iter().all(|(part, text)| {
+            let key = if part == Part::Reasoning { "reasoning_content" } else { "content" };
+            self.tx.send(self.chunk.event(json!({ key: text }), None, self.include_usage)).is_ok()
+        })
+    }
+}
+
+impl Sink for Streamed {
+    fn gone(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    fn started(&mut self) {
+        self.tr.started();
+    }
+
+    fn text(&mut self, piece: &str) -> bool {
+        self.tr.first.seen();
+        let parts = match self.splitter.as_mut() {
+            Some(s) => s.push(piece),
+            None if piece.is_empty() => vec![],
+            None => vec![(Part::Content, piece.to_string())],
+        };
+        // Text held back by the splitter sends nothing, so the closed channel is checked as well.
+        self.send(parts) && !self.tx.is_closed()
+    }
+
+    fn done(mut self: Box<Self>, outcome: anyhow::Result<Generation>) {
+        match self.tr.end(outcome) {
+            Some(Ok(g)) => {
+                if let Some(rest) = self.splitter.as_mut().map(|s| s.finish()) {
+                    self.send(rest);
+                }
+                let _ =
+                    self.tx.send(self.chunk.event(json!({}), Some(g.finish_reason.as_openai()), self.include_usage));
+                if self.include_usage {
+                    let _ = self.tx.send(self.chunk.usage_event(&g));
+                }
+            }
+            Some(Err(e)) => {
+                let _ = self.tx.send(Event::default().data(e.body().to_string()));
+            }
+            None => {}
+        }
+        let _ = self.tx.send(Event::default().data("[DONE]"));
+    }
+}
+
 fn stream_response(
     st: Arc<AppState>,
     slot: Slot,
@@ -810,55 +897,9 @@ fn stream_response(
     let (tx, rx) = mpsc::unbounded_channel::<Event>();
     // The role comes first, as OpenAI sends it, before the request may wait for the engine.
     let _ = tx.send(chunk.event(json!({"role": "assistant", "content": ""}), None, include_usage));
-    let split = st.opts.split_reasoning;
-    tokio::spawn(async move {
-        let Prepared { prompt, req, opens_think } = p;
-        let (jtx, jchunk) = (tx.clone(), chunk.clone());
-        let mut first = FirstToken::new(&st, t0);
-        let job = move |e: &Engine| {
-            let mut splitter = split.then(|| ThinkSplitter::new(opens_think));
-            let send = |parts: Vec<(Part, String)>| {
-                parts.into_iter().all(|(part, text)| {
-                    let key = if part == Part::Reasoning { "reasoning_content" } else { "content" };
-                    jtx.send(jchunk.event(json!({ key: text }), None, include_usage)).is_ok()
-                })
-            };
-            // Text held back by the splitter sends nothing, so the closed channel is checked as well.
-            let g = e.generate(&prompt, &req, |piece| {
-                first.seen();
-                let sent = match splitter.as_mut() {
-                    Some(s) => send(s.push(piece)),
-                    None if piece.is_empty() => true,
-                    None => send(vec![(Part::Content, piece.to_string())]),
-                };
-                sent && !jtx.is_closed()
-            })?;
-            if let Some(s) = splitter.as_mut() {
-                send(s.finish());
-            }
-            Ok(g)
-        };
-        let gone = tx.clone();
-        match with_engine(&st, slot, move || gone.is_closed(), job).await {
-            Ok((Some(g), wait)) => {
-                let cancelled = tx.is_closed();
-                log_done(&st, &chunk.id, t0, wait, &g, cancelled);
-                let _ = tx.send(chunk.event(json!({}), Some(g.finish_reason.as_openai()), include_usage));
-                if include_usage {
-                    let _ = tx.send(chunk.usage_event(&g));
-                }
-            }
-            Ok((None, _)) => {
-                st.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                eprintln!("{} cancelled while queued: client went away", chunk.id);
-            }
-            Err(e) => {
-                let e = log_error(&st, &chunk.id, t0, e);
-                let _ = tx.send(Event::default().data(e.body().to_string()));
-            }
-        }
-        let _ = tx.send(Event::default().data("[DONE]"));
-    });
+    let splitter = st.opts.split_reasoning.then(|| ThinkSplitter::new(p.opens_think));
+    let sink = Streamed { tr: Tracker::new(&st, slot, &chunk.id, t0), tx, chunk, splitter, include_usage };
+    st.batcher.submit(Job { prompt: p.prompt, req: p.req, sink: Box::new(sink) });
     let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<Event, Infallible>);
     // Comments every few seconds keep proxies from timing out while queued, and reveal a closed connection.
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(5))).into_response()

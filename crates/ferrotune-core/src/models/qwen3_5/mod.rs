@@ -200,6 +200,11 @@ impl Qwen3_5 {
         )
     }
 
+    /// Inverse frequencies of the text rotary embedding.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// cos/sin for a batch of position sets (all of the same length).
     pub fn rope(&self, positions: &[&RopePositions]) -> Result<(Tensor, Tensor)> {
         let axes: [Vec<Vec<i64>>; 3] =
@@ -285,6 +290,24 @@ impl Qwen3_5 {
             c.seen += embeds.dim(1)?;
         }
         Ok((self.norm.forward(&x)?, hidden))
+    }
+
+    /// One decoding step of several sequences: row i of `embeds` (B, 1, D) continues `caches[i]` at the positions
+    /// of `rope` (B, 1, rot). Returns the final-normed hidden states (B, 1, D); each row's numbers are those it
+    /// would have alone.
+    pub fn decode_rows(&self, embeds: &Tensor, rope: &(Tensor, Tensor), caches: &mut [&mut Cache]) -> Result<Tensor> {
+        if embeds.dim(0)? != caches.len() {
+            bail!("decode_rows: {} rows of embeddings for {} caches", embeds.dim(0)?, caches.len());
+        }
+        let mut x = embeds.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut lc: Vec<&mut LayerCache> = caches.iter_mut().map(|c| &mut c.layers[i]).collect();
+            x = layer.forward_rows(&x, rope, &mut lc)?;
+        }
+        for c in caches.iter_mut() {
+            c.seen += 1;
+        }
+        Ok(self.norm.forward(&x)?)
     }
 
     /// Logits (.., V) of final hidden states (.., D).

@@ -151,6 +151,55 @@ impl Attention {
                 return self.o_proj.forward_t(&(o * ops::sigmoid(&gate)?)?, train);
             }
         }
+        let o = self.attend(&q, &k, &v, cos, sin, cache, segments)?;
+        let o = (o * ops::sigmoid(&gate)?)?;
+        self.o_proj.forward_t(&o, train)
+    }
+
+    /// One decoding step of several sequences: x (B, 1, D), cos/sin (B, 1, rot), `caches[i]` row i's cache. The
+    /// projections take all rows at once; each row attends over its own cache.
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        caches: &mut [&mut LayerCache],
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let qg = self.q_proj.forward_t(x, false)?.reshape((b, s, h, 2 * hd))?;
+        let q = qg.narrow(3, 0, hd)?;
+        let gate = qg.narrow(3, hd, hd)?.reshape((b, s, h * hd))?;
+        let k = self.k_proj.forward_t(x, false)?.reshape((b, s, kv, hd))?;
+        let v = self.v_proj.forward_t(x, false)?.reshape((b, s, kv, hd))?;
+        let (q, k) = (self.q_norm.forward(&q)?, self.k_norm.forward(&k)?);
+        let rows = caches
+            .iter_mut()
+            .enumerate()
+            .map(|(r, c)| {
+                let row = |t: &Tensor| t.narrow(0, r, 1);
+                self.attend(&row(&q)?, &row(&k)?, &row(&v)?, &row(cos)?, &row(sin)?, Some(&mut **c), None)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let o = (Tensor::cat(&rows, 0)? * ops::sigmoid(&gate)?)?;
+        self.o_proj.forward_t(&o, false)
+    }
+
+    /// Steps 3 to 5 of [`Attention::forward`]: rotary, the cache, attention. q (B, S, H, hd) and k, v (B, S, KV, hd)
+    /// after their norms; returns (B, S, H·hd) before the output gate.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut LayerCache>,
+        segments: Option<&Segments>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, _, _) = q.dims4()?;
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
         // 3. Partial rotary on the first `rot` channels.
         let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
@@ -198,14 +247,12 @@ impl Attention {
         let (k, v) = (expand(&k)?, expand(&v)?);
         let mask = match segments {
             Some(seg) if offset == 0 => Some(seg.mask.clone()),
-            _ if s > 1 => Some(ops::causal_mask(s, offset, x.device())?),
+            _ if s > 1 => Some(ops::causal_mask(s, offset, q.device())?),
             _ => None,
         };
         let o = ops::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), mask.as_ref())?;
-        // 6. (B, H, S, hd) -> (B, S, H·hd), sigmoid output gate, o_proj.
-        let o = o.transpose(1, 2)?.reshape((b, s, h * hd))?;
-        let o = (o * ops::sigmoid(&gate)?)?;
-        self.o_proj.forward_t(&o, train)
+        // 6. (B, H, S, hd) -> (B, S, H·hd).
+        o.transpose(1, 2)?.reshape((b, s, h * hd))
     }
 }
 
@@ -286,14 +333,47 @@ impl GatedDeltaNet {
         train: bool,
         segments: Option<&Segments>,
     ) -> candle_core::Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let (hv, dv) = (self.hv, self.dv);
         let mixed = self.in_proj_qkv.forward_t(x, train)?; // (B, S, conv_dim): [q | k | v]
         let z = self.in_proj_z.forward_t(x, train)?; // (B, S, Hv·dv)
         let bb = self.in_proj_b.forward_t(x, train)?; // (B, S, Hv)
         let a = self.in_proj_a.forward_t(x, train)?;
+        let y = self.mix(&mixed, &z, &bb, &a, cache, segments)?;
+        self.out_proj.forward_t(&y, train)
+    }
+
+    /// One decoding step of several sequences: x (B, 1, D), `caches[i]` row i's state. The projections take all
+    /// rows at once; each row's recurrence continues its own state.
+    pub fn forward_rows(&self, x: &Tensor, caches: &mut [&mut LayerCache]) -> candle_core::Result<Tensor> {
+        let mixed = self.in_proj_qkv.forward_t(x, false)?;
+        let z = self.in_proj_z.forward_t(x, false)?;
+        let bb = self.in_proj_b.forward_t(x, false)?;
+        let a = self.in_proj_a.forward_t(x, false)?;
+        let rows = caches
+            .iter_mut()
+            .enumerate()
+            .map(|(r, c)| {
+                let row = |t: &Tensor| t.narrow(0, r, 1);
+                self.mix(&row(&mixed)?, &row(&z)?, &row(&bb)?, &row(&a)?, Some(&mut **c), None)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.out_proj.forward_t(&Tensor::cat(&rows, 0)?, false)
+    }
+
+    /// Everything between the projections: mixed (B, S, conv_dim), z (B, S, Hv·dv), bb and a (B, S, Hv) to the
+    /// gated-normed output (B, S, Hv·dv).
+    fn mix(
+        &self,
+        mixed: &Tensor,
+        z: &Tensor,
+        bb: &Tensor,
+        a: &Tensor,
+        cache: Option<&mut LayerCache>,
+        segments: Option<&Segments>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, _) = mixed.dims3()?;
+        let (hv, dv) = (self.hv, self.dv);
         let frozen = [&self.conv1d, &self.a_log, &self.dt_bias, &self.norm].iter().all(|p| !p.is_variable());
-        if x.device().is_cpu() && x.dtype() == DType::F32 && segments.is_none() && frozen {
+        if mixed.device().is_cpu() && mixed.dtype() == DType::F32 && segments.is_none() && frozen {
             // On the CPU, everything between the projections is one op (forward and backward).
             let (prev_conv, prev_state) = match cache.as_deref() {
                 Some(LayerCache::DeltaNet { conv, state }) => (Some(conv.clone()), Some(state.clone())),
@@ -310,19 +390,12 @@ impl GatedDeltaNet {
                 dk: self.dk,
                 dv,
             };
-            let (y, conv, state) = super::delta::gated_delta_net_fused(
-                &mixed,
-                &z,
-                &bb,
-                &a,
-                &consts,
-                prev_conv.as_ref(),
-                prev_state.as_ref(),
-            )?;
+            let (y, conv, state) =
+                super::delta::gated_delta_net_fused(mixed, z, bb, a, &consts, prev_conv.as_ref(), prev_state.as_ref())?;
             if let Some(c) = cache {
                 *c = LayerCache::DeltaNet { conv, state };
             }
-            return self.out_proj.forward_t(&y, train);
+            return Ok(y);
         }
         let o = match (segments, cache) {
             (Some(seg), None) => {
@@ -332,7 +405,7 @@ impl GatedDeltaNet {
                     let mut outs = Vec::with_capacity(pieces.len());
                     for &(start, len) in pieces {
                         let cut = |t: &Tensor| t.narrow(0, r, 1)?.narrow(1, start, len);
-                        outs.push(self.recurrence(&cut(&mixed)?, &cut(&bb)?, &cut(&a)?, None, None)?.0);
+                        outs.push(self.recurrence(&cut(mixed)?, &cut(bb)?, &cut(a)?, None, None)?.0);
                     }
                     rows.push(Tensor::cat(&outs, 1)?);
                 }
@@ -343,8 +416,7 @@ impl GatedDeltaNet {
                     Some(LayerCache::DeltaNet { conv, state }) => (Some(conv.clone()), Some(state.clone())),
                     _ => (None, None),
                 };
-                let (o, conv_state, state) =
-                    self.recurrence(&mixed, &bb, &a, prev_conv.as_ref(), prev_state.as_ref())?;
+                let (o, conv_state, state) = self.recurrence(mixed, bb, a, prev_conv.as_ref(), prev_state.as_ref())?;
                 if let Some(c) = cache {
                     *c = LayerCache::DeltaNet { conv: conv_state, state };
                 }
@@ -353,8 +425,7 @@ impl GatedDeltaNet {
         };
         // 6. Gated RMSNorm per head with z; out_proj.
         let z = z.reshape((b, s, hv, dv))?;
-        let o = ops::rms_norm_gated(&o, &self.norm, &z, self.eps)?.reshape((b, s, hv * dv))?;
-        self.out_proj.forward_t(&o, train)
+        ops::rms_norm_gated(&o, &self.norm, &z, self.eps)?.reshape((b, s, hv * dv))
     }
 
     /// Steps 1–5 on one run of tokens: conv + SiLU, gates, the delta rule. mixed (B, S, conv_dim), bb and a
@@ -527,6 +598,22 @@ impl DecoderLayer {
     ) -> candle_core::Result<Tensor> {
         let x = self.forward_mixer(x, rope, cache, train, segments)?;
         self.forward_mlp(&x, train)
+    }
+
+    /// One decoding step of several sequences (x (B, 1, D), row i continuing `caches[i]`): every row is computed
+    /// as it would be alone, the projections shared.
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        caches: &mut [&mut LayerCache],
+    ) -> candle_core::Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let h = match &self.mixer {
+            Mixer::Full(attn) => attn.forward_rows(&h, &rope.0, &rope.1, caches)?,
+            Mixer::Linear(gdn) => gdn.forward_rows(&h, caches)?,
+        };
+        self.forward_mlp(&(x + h)?, false)
     }
 
     /// The first residual half: `x + mixer(norm(x))`.
