@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -53,20 +54,37 @@ impl Default for BatchOptions {
     }
 }
 
+/// What the batching thread has done, for metrics.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    /// Decoding steps (each one batch of rows).
+    pub steps: AtomicU64,
+    /// Rows decoded, all steps together (rows / steps: the mean batch size).
+    pub rows: AtomicU64,
+    /// The largest batch decoded so far.
+    pub max_rows: AtomicUsize,
+    /// Prompt tokens fed.
+    pub prefill_tokens: AtomicU64,
+}
+
 /// The handle of the batching thread; the thread ends once every handle is dropped and its work is done.
 pub struct Batcher {
     tx: mpsc::Sender<Job>,
+    pub stats: Arc<BatchStats>,
 }
 
 impl Batcher {
     pub fn start(engine: Arc<Engine>, opts: BatchOptions) -> Self {
         let (tx, rx) = mpsc::channel();
-        let spawned = std::thread::Builder::new().name("ferrotune-batch".into()).spawn(move || run(&engine, opts, rx));
+        let stats = Arc::new(BatchStats::default());
+        let st = stats.clone();
+        let spawned =
+            std::thread::Builder::new().name("ferrotune-batch".into()).spawn(move || run(&engine, opts, rx, &st));
         if let Err(e) = spawned {
             // Without a thread the receiver is gone, and every submit answers with this error.
             eprintln!("cannot start the batching thread: {e}");
         }
-        Self { tx }
+        Self { tx, stats }
     }
 
     /// Queues a request (first come, first served).
@@ -125,7 +143,7 @@ fn guard<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
         .unwrap_or_else(|_| Err(anyhow!("internal error: generation panicked; see the server log")))
 }
 
-fn run(engine: &Engine, opts: BatchOptions, rx: mpsc::Receiver<Job>) {
+fn run(engine: &Engine, opts: BatchOptions, rx: mpsc::Receiver<Job>, stats: &BatchStats) {
     let mut queue: VecDeque<Job> = VecDeque::new();
     let mut seqs: Vec<Seq> = Vec::new();
     let max_seqs = opts.max_seqs.max(1);
@@ -156,8 +174,9 @@ fn run(engine: &Engine, opts: BatchOptions, rx: mpsc::Receiver<Job>) {
             let cache = Cache::new(engine.model.layers.len());
             seqs.push(Seq { sink, stage: Stage::Admitted(prompt), cache, dec, rope_delta: 0, ended: None });
         }
-        prefill(engine, &mut seqs, opts.prefill_chunk.max(1));
-        decode(engine, &mut seqs);
+        let fed = prefill(engine, &mut seqs, opts.prefill_chunk.max(1));
+        stats.prefill_tokens.fetch_add(fed as u64, Ordering::Relaxed);
+        decode(engine, &mut seqs, stats);
         for s in seqs.iter_mut().filter(|s| s.ended.is_none() && s.sink.gone()) {
             s.dec.cancel();
             s.ended = Some(Ok(()));
@@ -168,8 +187,9 @@ fn run(engine: &Engine, opts: BatchOptions, rx: mpsc::Receiver<Job>) {
     }
 }
 
-/// Feeds waiting prompts, oldest first, whole chunks until `budget` tokens are spent (at least one chunk).
-fn prefill(engine: &Engine, seqs: &mut [Seq], budget: usize) {
+/// Feeds waiting prompts, oldest first, whole chunks until `budget` tokens are spent (at least one chunk);
+/// returns the tokens fed.
+fn prefill(engine: &Engine, seqs: &mut [Seq], budget: usize) -> usize {
     let mut spent = 0;
     for s in seqs.iter_mut().filter(|s| s.ended.is_none()) {
         let len = match &s.stage {
@@ -203,10 +223,11 @@ fn prefill(engine: &Engine, seqs: &mut [Seq], budget: usize) {
             break;
         }
     }
+    spent
 }
 
 /// One token of every decoding sequence, [`STREAM_ROWS`] rows a batch at most.
-fn decode(engine: &Engine, seqs: &mut [Seq]) {
+fn decode(engine: &Engine, seqs: &mut [Seq], stats: &BatchStats) {
     let mut rows: Vec<(u32, &mut Seq)> = seqs
         .iter_mut()
         .filter_map(|s| match s.stage {
@@ -216,6 +237,9 @@ fn decode(engine: &Engine, seqs: &mut [Seq]) {
         .collect();
     for group in rows.chunks_mut(STREAM_ROWS) {
         let tokens: Vec<u32> = group.iter().map(|(t, _)| *t).collect();
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        stats.rows.fetch_add(tokens.len() as u64, Ordering::Relaxed);
+        stats.max_rows.fetch_max(tokens.len(), Ordering::Relaxed);
         let deltas: Vec<i64> = group.iter().map(|(_, s)| s.rope_delta).collect();
         let out = {
             let mut caches: Vec<&mut Cache> = group.iter_mut().map(|(_, s)| &mut s.cache).collect();

@@ -4,7 +4,7 @@ pub mod batch;
 pub mod engine;
 pub mod sample;
 
-pub use batch::{BatchOptions, Batcher, Job, Sink};
+pub use batch::{BatchOptions, BatchStats, Batcher, Job, Sink};
 pub use engine::{
     AdapterMode, Decoding, Engine, FinishReason, GenerateRequest, Generation, GenerationConfig, Prefill, Prompt,
     PREFILL_CHUNK,

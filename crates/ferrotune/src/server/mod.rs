@@ -189,7 +189,7 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub opts: ServerOptions,
     pub stats: Stats,
-    batcher: Batcher,
+    pub batcher: Batcher,
     /// Requests decoding images and building prompts at once: one per core, so that many requests with images
     /// cannot hold every blocking thread and their decoded pictures at the same time.
     preparing: tokio::sync::Semaphore,
@@ -334,6 +334,31 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         "gauge",
         "Requests generating now (the batch size).",
         &[("", s.running.load(Ordering::Relaxed).to_string())],
+    );
+    let b = &st.batcher.stats;
+    metric(
+        "ferrotune_decode_steps_total",
+        "counter",
+        "Decoding steps, each one batch of sequences.",
+        &[("", b.steps.load(Ordering::Relaxed).to_string())],
+    );
+    metric(
+        "ferrotune_decode_rows_total",
+        "counter",
+        "Sequence-tokens decoded in those steps (divided by the steps: the mean batch size).",
+        &[("", b.rows.load(Ordering::Relaxed).to_string())],
+    );
+    metric(
+        "ferrotune_decode_batch_max",
+        "gauge",
+        "The largest batch decoded since the start.",
+        &[("", b.max_rows.load(Ordering::Relaxed).to_string())],
+    );
+    metric(
+        "ferrotune_prefill_tokens_total",
+        "counter",
+        "Prompt tokens fed to the model.",
+        &[("", b.prefill_tokens.load(Ordering::Relaxed).to_string())],
     );
     s.ttft.render(
         "ferrotune_time_to_first_token_seconds",

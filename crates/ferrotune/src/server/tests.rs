@@ -446,6 +446,90 @@ async fn sixteen_concurrent_clients_are_all_answered() {
     eprintln!("16 concurrent requests of 4 tokens: {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
 }
 
+/// Eight different requests (text and images, greedy and seeded sampling, a stop string, streamed and not) run
+/// together give each the answer it gets alone, token for token, and were decoded as one batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_decoded_together_answer_as_they_do_alone() {
+    let s = start(|o| o.batch.prefill_chunk = 4096).await;
+    let requests: Vec<Value> = (0..8)
+        .map(|i| {
+            let mut r = json!({"messages": [{"role": "user", "content": format!("Describe robot number {i}.")}],
+                               "max_tokens": 40, "temperature": 0, "stream": i % 3 == 0});
+            if i % 2 == 1 {
+                let img = if i % 4 == 1 { "img_a.png" } else { "img_b.png" };
+                r["messages"][0]["content"] = json!([{"type": "image_url", "image_url": {"url": data_url(img)}},
+                                                      {"type": "text", "text": format!("What is robot {i} doing?")}]);
+            }
+            if i == 2 || i == 5 {
+                r["temperature"] = json!(0.9);
+                r["seed"] = json!(1000 + i);
+            }
+            if i == 6 {
+                r["stop"] = json!(["the"]);
+            }
+            r
+        })
+        .collect();
+    // The text and token count of an answer, streamed or not.
+    let answer = |r: &Reply, streamed: bool| -> (String, u64) {
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        if !streamed {
+            let j = r.json();
+            let text = j["choices"][0]["message"]["content"].as_str().unwrap_or("").to_string();
+            return (text, j["usage"]["completion_tokens"].as_u64().unwrap());
+        }
+        let mut text = String::new();
+        let mut tokens = 0;
+        for e in r.events().iter().filter(|e| e.as_str() != "[DONE]") {
+            let j: Value = serde_json::from_str(e).unwrap();
+            if let Some(c) = j["choices"][0]["delta"]["content"].as_str() {
+                text.push_str(c);
+            }
+            if let Some(n) = j["usage"]["completion_tokens"].as_u64() {
+                tokens = n;
+            }
+        }
+        (text, tokens)
+    };
+    let mut alone = Vec::new();
+    for r in &requests {
+        let mut r = r.clone();
+        r["stream_options"] = json!({"include_usage": true});
+        alone.push(answer(&chat(s.addr, &r).await, r["stream"] == true));
+    }
+    assert_eq!(s.state.batcher.stats.max_rows.load(Ordering::Relaxed), 1, "one at a time so far");
+    // A long prompt keeps the model busy while the eight are prepared and queue up, so that they start together.
+    let long = json!({"messages": [{"role": "user", "content": "robot ".repeat(3000)}], "max_tokens": 1});
+    let blocker = tokio::spawn({
+        let addr = s.addr;
+        async move { chat(addr, &long).await }
+    });
+    while s.state.stats.running.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let tasks: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            let (addr, mut r) = (s.addr, r.clone());
+            r["stream_options"] = json!({"include_usage": true});
+            tokio::spawn(async move {
+                let streamed = r["stream"] == true;
+                (chat(addr, &r).await, streamed)
+            })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (reply, streamed) = t.await.unwrap();
+        let together = answer(&reply, streamed);
+        assert!(alone[i].1 > 0, "request {i} generated nothing");
+        assert_eq!(together, alone[i], "request {i}: batched answer differs from its answer alone");
+    }
+    assert_eq!(blocker.await.unwrap().status, 200);
+    let widest = s.state.batcher.stats.max_rows.load(Ordering::Relaxed);
+    assert!(widest >= 4, "the eight requests should have decoded together, the widest batch was {widest}");
+    eprintln!("widest batch: {widest} rows");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_stops_its_generation() {
     let s = start(|_| {}).await;
