@@ -57,6 +57,13 @@ pub struct Args {
     /// Seconds a request's body may take to arrive (default 30; then 408)
     #[arg(long = "body-timeout-secs", alias = "body_timeout_secs")]
     pub body_timeout_secs: Option<u64>,
+    /// Connections served at once; more are answered 429 (default 512)
+    #[arg(long = "max-connections", alias = "max_connections")]
+    pub max_connections: Option<usize>,
+    /// Seconds a request's head may take to arrive, an idle keep-alive connection's wait included (default 10;
+    /// then the connection is closed)
+    #[arg(long = "header-timeout-secs", alias = "header_timeout_secs")]
+    pub header_timeout_secs: Option<u64>,
     /// Sequences decoded together in one batch; more requests wait in the queue (default 16)
     #[arg(long = "max-num-seqs", alias = "max_num_seqs")]
     pub max_num_seqs: Option<usize>,
@@ -101,7 +108,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if let Some(secs) = args.body_timeout_secs {
         opts.body_timeout = std::time::Duration::from_secs(secs);
     }
-    for (flag, v) in [("--max-num-seqs", args.max_num_seqs), ("--prefill-chunk", args.prefill_chunk)] {
+    if let Some(secs) = args.header_timeout_secs {
+        opts.header_timeout = std::time::Duration::from_secs(secs);
+    }
+    opts.max_connections = args.max_connections.unwrap_or(opts.max_connections);
+    for (flag, v) in [
+        ("--max-num-seqs", args.max_num_seqs),
+        ("--prefill-chunk", args.prefill_chunk),
+        ("--max-connections", args.max_connections),
+    ] {
         if v == Some(0) {
             bail!("{flag} must be at least 1");
         }

@@ -70,6 +70,10 @@ pub struct ServerOptions {
     pub max_images: usize,
     /// Time a request's body may take to arrive once its headers have.
     pub body_timeout: Duration,
+    /// Connections served at once; more are answered 429.
+    pub max_connections: usize,
+    /// Time a request's head (request line and headers) may take to arrive, an idle connection's wait included.
+    pub header_timeout: Duration,
     /// Sequences decoding together and prompt tokens fed between two decoding steps.
     pub batch: BatchOptions,
 }
@@ -105,6 +109,8 @@ impl ServerOptions {
             max_waiting: 256,
             max_images: DEFAULT_MAX_IMAGES,
             body_timeout: Duration::from_secs(30),
+            max_connections: 512,
+            header_timeout: Duration::from_secs(10),
             batch: BatchOptions::default(),
         }
     }
@@ -128,6 +134,8 @@ pub struct Stats {
     pub generating_micros: AtomicU64,
     /// Time from a request's arrival to its first completion token.
     pub ttft: Histogram,
+    /// Connections answered 429 because `max_connections` were open.
+    pub refused_connections: AtomicU64,
 }
 
 /// A Prometheus histogram of seconds with fixed buckets.
@@ -229,13 +237,87 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves, then waits for the open connections to finish.
+///
+/// At most `max_connections` connections are served at once; one over the cap is answered 429 and closed. A
+/// connection whose request head does not arrive within `header_timeout` (an idle keep-alive connection too)
+/// is closed, so that slow or silent clients cannot hold the slots.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let app = router(state.clone());
+    let slots = Arc::new(tokio::sync::Semaphore::new(state.opts.max_connections.max(1)));
+    // Refusals are answered a bounded number at a time: beyond that, an over-cap connection is just closed.
+    let refusing = Arc::new(tokio::sync::Semaphore::new(256));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait for connections to close instead of spinning.
+                    eprintln!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            state.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+            if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                let max = state.opts.max_connections;
+                tokio::spawn(async move {
+                    refuse(stream, max).await;
+                    drop(permit);
+                });
+            }
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new()).header_read_timeout(state.opts.header_timeout);
+        let conn =
+            http.serve_connection(TokioIo::new(stream), hyper_util::service::TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Answers a connection over the cap with a 429 and closes it, then reads what the client sends for a moment (a
+/// socket closed with unread data resets the connection, which can lose the answer).
+async fn refuse(mut stream: tokio::net::TcpStream, max: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!("the server has {max} connections open, its limit (set by --max-connections); retry later"),
+    )
+    .code("too_many_connections");
+    let body = e.body().to_string();
+    let head = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         retry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut buf = [0u8; 4096];
+        while stream.read(&mut buf).await? > 0 {}
+        std::io::Result::Ok(())
+    })
+    .await;
 }
 
 /// Constant-time comparison, so the time to reject a key says nothing about how much of it matched.
@@ -304,6 +386,12 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
             ("{outcome=\"cancelled\"}", load(&s.cancelled).to_string()),
             ("{outcome=\"error\"}", load(&s.errors).to_string()),
         ],
+    );
+    metric(
+        "ferrotune_refused_connections_total",
+        "counter",
+        "Connections refused (429) because --max-connections were open.",
+        &[("", load(&s.refused_connections).to_string())],
     );
     metric(
         "ferrotune_prompt_tokens_total",

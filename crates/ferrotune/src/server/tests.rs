@@ -786,3 +786,49 @@ async fn a_slow_body_times_out_while_others_are_served() {
     assert!(t.elapsed() < Duration::from_secs(10));
     assert_eq!(s.state.stats.waiting.load(Ordering::Relaxed), 0, "the slow request left the queue");
 }
+
+/// 300 connections at once that send nothing: those over --max-connections are answered 429 at once, the others
+/// are closed when the header timeout passes, and then a normal request is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_over_the_cap_get_429_and_silent_ones_are_closed() {
+    let s = start(|o| {
+        o.max_connections = 200;
+        // Long enough that the 300 handshakes (which the kernel may delay by a second) all fall inside it.
+        o.header_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let t = Instant::now();
+    let mut conns = Vec::new();
+    for _ in 0..300 {
+        conns.push(TcpStream::connect(s.addr).await.unwrap());
+    }
+    let results: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let read = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut buf)).await;
+                (read.is_ok(), String::from_utf8_lossy(&buf).into_owned(), Instant::now())
+            })
+        })
+        .collect();
+    let (mut refused, mut closed) = (0, 0);
+    for r in results {
+        let (ended, text, when) = r.await.unwrap();
+        assert!(ended, "every connection ends: refused at once, or closed after the header timeout");
+        if text.starts_with("HTTP/1.1 429") {
+            assert!(text.contains("--max-connections") && text.contains("too_many_connections"), "{text}");
+            refused += 1;
+        } else {
+            // Whatever a silent connection gets (nothing, or a 408), it is closed by the header timeout.
+            assert!(when.duration_since(t) >= Duration::from_millis(2900), "closed after {:?}", when - t);
+            closed += 1;
+        }
+    }
+    assert_eq!((refused, closed), (100, 200));
+    assert!(t.elapsed() < Duration::from_secs(8), "all 300 ended in {:?}", t.elapsed());
+    let r = chat(s.addr, &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let m = String::from_utf8(get(s.addr, "/metrics", None).await.body).unwrap();
+    assert!(m.contains("ferrotune_refused_connections_total 100"), "{m}");
+}

@@ -12,11 +12,11 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-fn tiny() -> PathBuf {
+pub(crate) fn tiny() -> PathBuf {
     fixtures().join("tiny-qwen3_5")
 }
 
-fn adapter() -> PathBuf {
+pub(crate) fn adapter() -> PathBuf {
     fixtures().join("golden/peft/adapter")
 }
 

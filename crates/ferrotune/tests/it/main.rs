@@ -4,3 +4,4 @@ mod cli;
 mod python;
 mod readme;
 mod recipes;
+mod serve;
