@@ -2,7 +2,7 @@
 transformers (+ PEFT for training), reporting wall and CPU seconds per sample (per token for decode) and peak
 RSS as one JSON line.
 
-Usage: python anchor.py {train,forward,decode} MODEL_DIR [--seq 264] [--steps 3] [--threads 1]
+Usage: python anchor.py {train,forward,decode} MODEL_DIR [--seq 264] [--steps 3] [--threads 1] [--batch 1]
                         [--rank 8] [--checkpointing] [--new-tokens 64] [--image 0] [--device cpu] [--bf16]
 
 On a GPU (`--device cuda`) times include a synchronisation and `peak_gpu` is torch's max_memory_allocated;
@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (decode)")
     ap.add_argument("--image", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true")
@@ -118,12 +119,15 @@ def main():
     else:
         model.eval()
 
+        # --batch sequences of the same prompt decode together (one generate() call on a batch).
+        batch_ids = ids.repeat(args.batch, 1)
+
         def gen(n):
             # The tokens generate() returned are counted, not the ones asked for: a stop rule it applies on
             # its own (an EOS, max_length from generation_config.json) must not inflate the rate.
             with torch.no_grad():
-                out = model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            return out.shape[1] - ids.shape[1]
+                out = model.generate(input_ids=batch_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return out.shape[1] - batch_ids.shape[1]
 
         gen(2)
         sync()
@@ -138,8 +142,8 @@ def main():
         sync()
         if made < 2:
             raise SystemExit(f"generate() returned {made} new tokens of {args.new_tokens} asked for")
-        wall = (time.perf_counter() - t0 - ttft) / (made - 1)
-        cpu = (time.process_time() - c0 - cpu_first) / (made - 1)
+        wall = (time.perf_counter() - t0 - ttft) / (made - 1) / args.batch
+        cpu = (time.process_time() - c0 - cpu_first) / (made - 1) / args.batch
         print(json.dumps({**report(), "wall_per_sample": wall, "cpu_per_sample": cpu, "ttft": ttft,
                           "generated": made, "load_s": load_s}))
         return

@@ -268,11 +268,14 @@ pub fn forward(
 }
 
 /// Greedy decoding after a prompt of `prompt_len` tokens: time to first token and per-token time with the
-/// per-layer cache (KV for attention layers, recurrent state for Gated-DeltaNet layers).
+/// per-layer cache (KV for attention layers, recurrent state for Gated-DeltaNet layers). `batch` sequences (of the
+/// same prompt) decode together, one row each, as the server's batches do; the per-token figures then count every
+/// sequence's tokens.
 pub fn decode(
     model_dir: &Path,
     prompt_len: usize,
     new_tokens: usize,
+    batch: usize,
     base: Base,
     device: &Device,
 ) -> Result<BenchReport> {
@@ -287,16 +290,26 @@ pub fn decode(
         let mut cache = Cache::new(model.layers.len());
         let emb = model.embed(&mb.input_ids, None)?;
         let (h, _) = model.decode(&emb, &mb.rope, Some(&mut cache), false)?;
-        let mut logits: Vec<f32> =
+        let logits: Vec<f32> =
             model.logits(&h.narrow(1, prompt_len - 1, 1)?)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         let ttft = t0.elapsed().as_secs_f64();
+        let mut caches = vec![cache; batch];
+        let mut tokens = vec![crate::infer::sample::argmax(&logits); batch];
         let (t1, c1) = (Instant::now(), cpu_seconds());
         for _ in 0..new_tokens {
-            let tok = crate::infer::sample::argmax(&logits);
-            let rope = model.rope_continue(1, cache.seen, 1, 0)?;
-            let emb = model.embed(&Tensor::new(&[[tok]], device)?, None)?;
-            let (h, _) = model.decode(&emb, &rope, Some(&mut cache), false)?;
-            logits = model.logits(&h)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            let axes: [Vec<Vec<i64>>; 3] =
+                std::array::from_fn(|_| caches.iter().map(|c| vec![c.seen as i64]).collect::<Vec<_>>());
+            let rope = crate::models::qwen3_5::text::mrope_cos_sin(
+                model.inv_freq(),
+                &model.cfg.text.mrope_section,
+                &axes,
+                device,
+            )?;
+            let emb = model.embed(&Tensor::from_vec(tokens.clone(), (batch, 1), device)?, None)?;
+            let mut rows: Vec<&mut Cache> = caches.iter_mut().collect();
+            let h = model.decode_rows(&emb, &rope, &mut rows)?;
+            let logits = model.logits(&h)?.reshape((batch, ()))?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            tokens = logits.iter().map(|l| crate::infer::sample::argmax(l)).collect();
         }
         Ok((ttft, t1.elapsed().as_secs_f64(), cpu_seconds() - c1))
     };
@@ -304,7 +317,7 @@ pub fn decode(
     let m = start_measure(device)?;
     let (ttft, secs, cpu) = run()?;
     end_measure(device, m)?;
-    let n = new_tokens.max(1) as f64;
+    let n = (new_tokens * batch).max(1) as f64;
     Ok(BenchReport {
         device: crate::device::describe(device),
         dtype: base.dtype,

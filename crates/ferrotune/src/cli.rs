@@ -97,6 +97,10 @@ pub struct BenchArgs {
     /// Tokens to generate (decode)
     #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,
+    /// Sequences decoded together as one batch, as the server batches its streams (decode; tokens/s counts
+    /// every sequence's tokens)
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// Same as --dtype bf16
     #[arg(long)]
     pub bf16: bool,

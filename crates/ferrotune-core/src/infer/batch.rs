@@ -65,6 +65,9 @@ pub struct BatchStats {
     pub max_rows: AtomicUsize,
     /// Prompt tokens fed.
     pub prefill_tokens: AtomicU64,
+    /// Time spent feeding prompts (vision tower included) and decoding, in microseconds.
+    pub prefill_micros: AtomicU64,
+    pub decode_micros: AtomicU64,
 }
 
 /// The handle of the batching thread; the thread ends once every handle is dropped and its work is done.
@@ -174,9 +177,13 @@ fn run(engine: &Engine, opts: BatchOptions, rx: mpsc::Receiver<Job>, stats: &Bat
             let cache = Cache::new(engine.model.layers.len());
             seqs.push(Seq { sink, stage: Stage::Admitted(prompt), cache, dec, rope_delta: 0, ended: None });
         }
+        let t = std::time::Instant::now();
         let fed = prefill(engine, &mut seqs, opts.prefill_chunk.max(1));
         stats.prefill_tokens.fetch_add(fed as u64, Ordering::Relaxed);
+        let t2 = std::time::Instant::now();
+        stats.prefill_micros.fetch_add((t2 - t).as_micros() as u64, Ordering::Relaxed);
         decode(engine, &mut seqs, stats);
+        stats.decode_micros.fetch_add(t2.elapsed().as_micros() as u64, Ordering::Relaxed);
         for s in seqs.iter_mut().filter(|s| s.ended.is_none() && s.sink.gone()) {
             s.dec.cancel();
             s.ended = Some(Ok(()));

@@ -75,7 +75,7 @@ pub fn fits_gw(n: usize, k: usize) -> bool {
 
 /// `v` rounded to the nearest bf16 (ties to even), as its 16 bits; NaN stays NaN.
 #[inline(always)]
-pub(super) fn round_bits(v: f32) -> u16 {
+pub(crate) fn round_bits(v: f32) -> u16 {
     let b = v.to_bits();
     // Branch-free (a select), so that the loops calling it vectorise.
     let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;

@@ -7,7 +7,7 @@
 //! applied row by row, the two products per head go through gemm, the softmax and its gradient are formed in place,
 //! and only q, k and v are kept.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::dpbf16::SendPtr;
@@ -319,6 +319,90 @@ impl CustomOp3 for Attention {
             Some(Tensor::from_vec(dk, k.shape().clone(), dev)?),
             Some(Tensor::from_vec(dv, v.shape().clone(), dev)?),
         ))
+    }
+}
+
+/// Attention of one new position per sequence over a decoding cache, on the CPU in f32: q (B, H, 1, hd) after
+/// its rotary embedding; k and v the cache tensors (B, KV, capacity, hd) of which the first `len` positions are
+/// filled. Query head h reads key/value head h / (H / KV) in place (no expanded copies of the cache). Returns
+/// (B, 1, H·hd), or None where it does not apply (another device or dtype, a non-contiguous cache).
+pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, len: usize, kv: usize) -> Result<Option<Tensor>> {
+    let (b, h, s, hd) = q.dims4()?;
+    let cap = k.dim(2)?;
+    if s != 1 || !q.device().is_cpu() || q.dtype() != DType::F32 || k.dtype() != DType::F32 || len > cap {
+        return Ok(None);
+    }
+    let q = q.contiguous()?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else { return Ok(None) };
+    if !kl.is_contiguous() || !vl.is_contiguous() {
+        return Ok(None);
+    }
+    let qv = f32_slice(qs, ql, "decode attention: q")?;
+    let kc = f32_slice(ks, kl, "decode attention: keys")?;
+    let vc = f32_slice(vs, vl, "decode attention: values")?;
+    let mut o = vec![0f32; b * h * hd];
+    let mut scores = vec![0f32; len];
+    let scale = 1.0 / (hd as f32).sqrt();
+    for r in 0..b {
+        let at = r * kv * cap * hd;
+        decode_rows(
+            &mut o[r * h * hd..(r + 1) * h * hd],
+            &qv[r * h * hd..(r + 1) * h * hd],
+            &kc[at..at + kv * cap * hd],
+            &vc[at..at + kv * cap * hd],
+            (len, cap, kv, hd),
+            scale,
+            &mut scores,
+        );
+    }
+    Ok(Some(Tensor::from_vec(o, (b, 1, h * hd), q.device())?))
+}
+
+crate::nn::amx::wide_fn! {
+    /// [`decode_attention`] for one sequence: o and q (H, hd), k and v (KV, capacity, hd).
+    fn decode_rows(
+        o: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: (usize, usize, usize, usize),
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let (len, cap, kv, hd) = dims;
+        let heads = q.len() / hd;
+        let rep = heads / kv;
+        for (hh, (oh, qh)) in o.chunks_exact_mut(hd).zip(q.chunks_exact(hd)).enumerate() {
+            let base = (hh / rep) * cap * hd;
+            let (kh, vh) = (&k[base..base + len * hd], &v[base..base + len * hd]);
+            let mut max = f32::NEG_INFINITY;
+            for (sc, kt) in scores.iter_mut().zip(kh.chunks_exact(hd)) {
+                let mut acc = [0f32; 16];
+                for (qc, kc) in qh.chunks(16).zip(kt.chunks(16)) {
+                    for t in 0..qc.len() {
+                        acc[t] += qc[t] * kc[t];
+                    }
+                }
+                *sc = acc.iter().sum::<f32>() * scale;
+                max = max.max(*sc);
+            }
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = crate::nn::fused::exp(*sc - max);
+                sum += *sc;
+            }
+            let inv = 1.0 / sum;
+            oh.fill(0.0);
+            for (&p, vt) in scores.iter().zip(vh.chunks_exact(hd)) {
+                let p = p * inv;
+                for (a, &x) in oh.iter_mut().zip(vt) {
+                    *a += p * x;
+                }
+            }
+        }
     }
 }
 

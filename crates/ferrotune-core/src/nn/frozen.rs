@@ -380,6 +380,8 @@ fn bf16_xwt(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize) -> Vec<f3
         amx::matmul_xwt(x, m, k, w, n)
     } else if m > STREAM_ROWS && dpbf16::available() && dpbf16::fits_xwt(k) {
         dpbf16::matmul_xwt(x, m, k, w, n)
+    } else if m <= STREAM_ROWS {
+        super::stream::stream_rows_bf16_products(x, m, k, w, n)
     } else {
         mixed::matmul_xwt(&amx::round_to_bf16(x), m, k, mixed::Packed::Bf16(w), n)
     }

@@ -44,6 +44,48 @@ pub fn stream_rows(x: &[f32], m: usize, k: usize, w: Packed, n: usize) -> Vec<f3
     y
 }
 
+/// `x (m, k) @ wᵀ` for a bf16 `w` (n, k) with x rounded to bf16: the products of the bf16-products mode
+/// ([`super::Param::bf16_products`]). With AVX512-BF16 the pairs of products are summed by `vdpbf16ps` into 16
+/// lanes chunk by chunk (32 elements a chunk, a zero-padded last chunk), the lanes then reduced as the f32 kernel
+/// reduces them: one order for any m, as in [`stream_rows`], at twice its multiply rate and without widening.
+/// Elsewhere the rounded x goes through [`stream_rows`].
+pub fn stream_rows_bf16_products(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::dpbf16::available() {
+            let xb: Vec<u16> = x.iter().map(|&v| super::amx::round_bits(v)).collect();
+            let w16: &[u16] = bytemuck_u16(w);
+            let mut y = vec![0f32; m * n];
+            if m == 0 || n == 0 {
+                return y;
+            }
+            let block = 64;
+            let mut t = vec![0f32; m * n];
+            // SAFETY: the CPU has AVX512-BF16 (and F, BW); each block is (width, m), x (m, k), w (n, k).
+            let run = |(b, out): (usize, &mut [f32])| unsafe { wide::block_dp(out, &xb, m, k, w16, b * block) };
+            let blocks = t.chunks_mut(block * m).enumerate();
+            if n * k * m.min(4) < 1 << 18 {
+                blocks.for_each(run);
+            } else {
+                blocks.collect::<Vec<_>>().into_par_iter().for_each(run);
+            }
+            for (j, col) in t.chunks_exact(m).enumerate() {
+                for (i, &v) in col.iter().enumerate() {
+                    y[i * n + j] = v;
+                }
+            }
+            return y;
+        }
+    }
+    stream_rows(&super::amx::round_to_bf16(x), m, k, Packed::Bf16(w), n)
+}
+
+/// The bits of bf16 values.
+fn bytemuck_u16(w: &[half::bf16]) -> &[u16] {
+    // SAFETY: bf16 is a transparent 16-bit value: same size and alignment as u16, every bit pattern valid.
+    unsafe { std::slice::from_raw_parts(w.as_ptr() as *const u16, w.len()) }
+}
+
 /// Output columns j0.. of every row of x into `out` (width, m).
 fn block_of(out: &mut [f32], x: &[f32], m: usize, k: usize, w: Packed, j0: usize) {
     #[cfg(target_arch = "x86_64")]
@@ -214,10 +256,6 @@ mod wide {
         }
     }
 
-    /// How far ahead of its use a weight row is fetched: the hardware prefetchers lose track of the several rows
-    /// a tile streams at once.
-    const PREFETCH_BYTES: usize = 1024;
-
     /// Runs `$body` with `$j` and `$r` bound to every (weight row, x row) pair of a J × R tile.
     macro_rules! each {
         ($J:expr, $R:expr, |$j:ident, $r:ident| $body:expr) => {
@@ -276,7 +314,8 @@ mod wide {
             let mut wv = [_mm512_setzero_ps(); J];
             for (q, v) in wv.iter_mut().enumerate() {
                 if at % S::LINE == 0 {
-                    s.prefetch(wbase + q * k + at + PREFETCH_BYTES / (64 / S::LINE));
+                    // The next tile's rows, as in `tile_dp`.
+                    s.prefetch(wbase + J * k + (at / S::LINE * J + q) * S::LINE);
                 }
                 *v = s.load(wbase + q * k + at);
             }
@@ -293,16 +332,92 @@ mod wide {
         });
     }
 
-    /// The lanes reduced, the tail added and the row's scale applied, as the portable kernel does ([`super::reduce`]'s
-    /// tree as vector adds: storing the lanes to reduce them in scalars stalls on store forwarding).
+    /// [`block`] for bf16 x and w with `vdpbf16ps`: 4 × 4 tiles (8 × 1 for fewer than four rows of x).
+    ///
+    /// # Safety
+    /// AVX512-BF16, F and BW are available; `out` is (width, m) with rows j0..j0+width of w existing; x is (m, k).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn block_dp(out: &mut [f32], x: &[u16], m: usize, k: usize, w: &[u16], j0: usize) {
+        let width = out.len() / m;
+        let mut c = 0;
+        while c < width {
+            let jn = (width - c).min(if m < 4 { 8 } else { 4 });
+            let mut i = 0;
+            while i < m {
+                let rn = (m - i).min(4);
+                match (jn, rn) {
+                    (4, 4) => tile_dp::<4, 4>(out, x, m, k, w, j0, c, i),
+                    (8, _) => (0..rn).for_each(|r| tile_dp::<8, 1>(out, x, m, k, w, j0, c, i + r)),
+                    (4, _) => (0..rn).for_each(|r| tile_dp::<4, 1>(out, x, m, k, w, j0, c, i + r)),
+                    (_, 4) => (0..jn).for_each(|q| tile_dp::<1, 4>(out, x, m, k, w, j0, c + q, i)),
+                    _ => each!(jn, rn, |q, r| tile_dp::<1, 1>(out, x, m, k, w, j0, c + q, i + r)),
+                }
+                i += rn;
+            }
+            c += jn;
+        }
+    }
+
     #[inline(always)]
-    unsafe fn finish(v: __m512, x: &[f32], w: Packed, j: usize, k: usize) -> f32 {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_dp<const J: usize, const R: usize>(
+        out: &mut [f32],
+        x: &[u16],
+        m: usize,
+        k: usize,
+        w: &[u16],
+        j0: usize,
+        c: usize,
+        i: usize,
+    ) {
+        const CHUNK: usize = 32;
+        let wp = w.as_ptr().add((j0 + c) * k);
+        let xp = x.as_ptr().add(i * k);
+        let mut acc = [[_mm512_setzero_ps(); R]; J];
+        let mut at = 0;
+        while at < k {
+            let rest = k - at;
+            // The last chunk is loaded under a mask: its missing elements are zeros.
+            let mask: u32 = if rest >= CHUNK { u32::MAX } else { (1u32 << rest) - 1 };
+            let mut wv = [_mm512_setzero_si512(); J];
+            for (q, v) in wv.iter_mut().enumerate() {
+                // The next tile's rows (the J·k elements after this tile's), J lines a chunk: they are fetched
+                // while this tile computes, rows too short for the hardware prefetchers to ramp up on.
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(J * k + (at / CHUNK * J + q) * 32) as *const i8);
+                *v = _mm512_maskz_loadu_epi16(mask, wp.add(q * k + at) as *const i16);
+            }
+            let mut xv = [_mm512_setzero_si512(); R];
+            for (r, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_epi16(mask, xp.add(r * k + at) as *const i16);
+            }
+            each!(J, R, |q, r| {
+                acc[q][r] = _mm512_dpbf16_ps(
+                    acc[q][r],
+                    std::mem::transmute::<__m512i, __m512bh>(xv[r]),
+                    std::mem::transmute::<__m512i, __m512bh>(wv[q]),
+                )
+            });
+            at += CHUNK;
+        }
+        each!(J, R, |q, r| out[(c + q) * m + i + r] = hsum(acc[q][r]));
+    }
+
+    /// The 16 lanes summed as [`super::reduce`]'s tree.
+    #[inline(always)]
+    unsafe fn hsum(v: __m512) -> f32 {
         let v = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0b01_00_11_10>(v, v)); // lanes t < 8: v[t] + v[t + 8]
         let h = _mm512_castps512_ps256(v);
         let q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h)); // t < 4: + v[t + 4]
         let q = _mm_add_ps(q, _mm_movehl_ps(q, q)); // t < 2: + v[t + 2]
         let q = _mm_add_ss(q, _mm_shuffle_ps::<1>(q, q)); // v[0] + v[1]
-        let mut sum = _mm_cvtss_f32(q);
+        _mm_cvtss_f32(q)
+    }
+
+    /// The lanes reduced, the tail added and the row's scale applied, as the portable kernel does ([`super::reduce`]'s
+    /// tree as vector adds: storing the lanes to reduce them in scalars stalls on store forwarding).
+    #[inline(always)]
+    unsafe fn finish(v: __m512, x: &[f32], w: Packed, j: usize, k: usize) -> f32 {
+        let mut sum = hsum(v);
         for (t, &xv) in x.iter().enumerate().skip(k / LANES * LANES) {
             sum += xv * elem(w, j, k, t);
         }
@@ -364,6 +479,34 @@ mod tests {
                         let want: Vec<u32> = alone[i].iter().map(|v| v.to_bits()).collect();
                         assert_eq!(got, want, "k={k} n={n}: row {i} of {m} differs from the row alone");
                     }
+                }
+            }
+        }
+    }
+
+    /// The bf16-products kernel: x rounded to bf16 against an f64 product of the rounded values, and every row
+    /// of every batch size bit for bit equal to the row alone (tails shorter than a 32-element chunk included).
+    #[test]
+    fn bf16_product_rows_match_f64_and_are_the_same_alone_as_in_any_batch() {
+        for (k, n) in [(5, 3), (64, 70), (200, 9), (2560 + 13, 130)] {
+            let wb: Vec<bf16> = data(n * k, 5).iter().map(|&v| bf16::from_f32(v)).collect();
+            let x = data(STREAM_ROWS * k, 6);
+            let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+            let alone: Vec<Vec<f32>> =
+                (0..STREAM_ROWS).map(|i| stream_rows_bf16_products(&x[i * k..(i + 1) * k], 1, k, &wb, n)).collect();
+            for (i, row) in alone.iter().enumerate() {
+                for (j, &got) in row.iter().enumerate() {
+                    let want: f64 = (0..k).map(|t| xr[i * k + t] as f64 * wb[j * k + t].to_f64()).sum();
+                    let bound = 1e-5 * (k as f64).sqrt() * (1.0 + want.abs());
+                    assert!((got as f64 - want).abs() <= bound, "k={k} n={n} ({i}, {j}): {got} vs {want}");
+                }
+            }
+            for m in [2, 3, 4, 5, 8, 13, STREAM_ROWS] {
+                let y = stream_rows_bf16_products(&x[..m * k], m, k, &wb, n);
+                for i in 0..m {
+                    let got: Vec<u32> = y[i * n..(i + 1) * n].iter().map(|v| v.to_bits()).collect();
+                    let want: Vec<u32> = alone[i].iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, want, "k={k} n={n}: row {i} of {m} differs from the row alone");
                 }
             }
         }

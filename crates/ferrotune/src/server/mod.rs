@@ -448,6 +448,15 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         "Prompt tokens fed to the model.",
         &[("", b.prefill_tokens.load(Ordering::Relaxed).to_string())],
     );
+    metric(
+        "ferrotune_batch_seconds_total",
+        "counter",
+        "Time the batching thread spent feeding prompts and decoding.",
+        &[
+            ("{phase=\"prefill\"}", (b.prefill_micros.load(Ordering::Relaxed) as f64 / 1e6).to_string()),
+            ("{phase=\"decode\"}", (b.decode_micros.load(Ordering::Relaxed) as f64 / 1e6).to_string()),
+        ],
+    );
     s.ttft.render(
         "ferrotune_time_to_first_token_seconds",
         "Time from a request's arrival to its first token.",

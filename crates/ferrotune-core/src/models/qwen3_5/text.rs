@@ -228,6 +228,13 @@ impl Attention {
                 }
                 ck.slice_set(&k, 2, offset)?;
                 cv.slice_set(&v, 2, offset)?;
+                if s == 1 {
+                    // One new position (decoding): straight from the cache, without the GQA copies below.
+                    if let Some(o) = crate::nn::attention::decode_attention(&q, &ck, &cv, need, kv)? {
+                        *c = LayerCache::Attention { k: ck, v: cv, len: need };
+                        return Ok(o);
+                    }
+                }
                 let (k, v) = (ck.narrow(2, 0, need)?, cv.narrow(2, 0, need)?);
                 *c = LayerCache::Attention { k: ck, v: cv, len: need };
                 (k, v, offset)
