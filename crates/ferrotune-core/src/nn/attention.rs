@@ -344,63 +344,56 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, len: usize, kv: usiz
     let kc = f32_slice(ks, kl, "decode attention: keys")?;
     let vc = f32_slice(vs, vl, "decode attention: values")?;
     let mut o = vec![0f32; b * h * hd];
-    let mut scores = vec![0f32; len];
     let scale = 1.0 / (hd as f32).sqrt();
-    for r in 0..b {
-        let at = r * kv * cap * hd;
-        decode_rows(
-            &mut o[r * h * hd..(r + 1) * h * hd],
-            &qv[r * h * hd..(r + 1) * h * hd],
-            &kc[at..at + kv * cap * hd],
-            &vc[at..at + kv * cap * hd],
-            (len, cap, kv, hd),
+    let rep = h / kv;
+    // Query heads of every row: each reads its key/value head of its row's cache.
+    let head = |(t, oh): (usize, &mut [f32])| {
+        let (r, hh) = (t / h, t % h);
+        let base = (r * kv + hh / rep) * cap * hd;
+        let mut scores = vec![0f32; len];
+        decode_head(
+            oh,
+            &qv[t * hd..(t + 1) * hd],
+            &kc[base..base + len * hd],
+            &vc[base..base + len * hd],
             scale,
             &mut scores,
         );
+    };
+    if b * h * len * hd < 1 << 15 {
+        o.chunks_mut(hd).enumerate().for_each(head);
+    } else {
+        o.par_chunks_mut(hd).enumerate().for_each(head);
     }
     Ok(Some(Tensor::from_vec(o, (b, 1, h * hd), q.device())?))
 }
 
 crate::nn::amx::wide_fn! {
-    /// [`decode_attention`] for one sequence: o and q (H, hd), k and v (KV, capacity, hd).
-    fn decode_rows(
-        o: &mut [f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        dims: (usize, usize, usize, usize),
-        scale: f32,
-        scores: &mut [f32],
-    ) {
-        let (len, cap, kv, hd) = dims;
-        let heads = q.len() / hd;
-        let rep = heads / kv;
-        for (hh, (oh, qh)) in o.chunks_exact_mut(hd).zip(q.chunks_exact(hd)).enumerate() {
-            let base = (hh / rep) * cap * hd;
-            let (kh, vh) = (&k[base..base + len * hd], &v[base..base + len * hd]);
-            let mut max = f32::NEG_INFINITY;
-            for (sc, kt) in scores.iter_mut().zip(kh.chunks_exact(hd)) {
-                let mut acc = [0f32; 16];
-                for (qc, kc) in qh.chunks(16).zip(kt.chunks(16)) {
-                    for t in 0..qc.len() {
-                        acc[t] += qc[t] * kc[t];
-                    }
+    /// One query head of [`decode_attention`]: o and q (hd), k and v (len, hd).
+    fn decode_head(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32]) {
+        let hd = q.len();
+        let mut max = f32::NEG_INFINITY;
+        for (sc, kt) in scores.iter_mut().zip(k.chunks_exact(hd)) {
+            let mut acc = [0f32; 16];
+            for (qc, kc) in q.chunks(16).zip(kt.chunks(16)) {
+                for t in 0..qc.len() {
+                    acc[t] += qc[t] * kc[t];
                 }
-                *sc = acc.iter().sum::<f32>() * scale;
-                max = max.max(*sc);
             }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = crate::nn::fused::exp(*sc - max);
-                sum += *sc;
-            }
-            let inv = 1.0 / sum;
-            oh.fill(0.0);
-            for (&p, vt) in scores.iter().zip(vh.chunks_exact(hd)) {
-                let p = p * inv;
-                for (a, &x) in oh.iter_mut().zip(vt) {
-                    *a += p * x;
-                }
+            *sc = acc.iter().sum::<f32>() * scale;
+            max = max.max(*sc);
+        }
+        let mut sum = 0f32;
+        for sc in scores.iter_mut() {
+            *sc = crate::nn::fused::exp(*sc - max);
+            sum += *sc;
+        }
+        let inv = 1.0 / sum;
+        o.fill(0.0);
+        for (&p, vt) in scores.iter().zip(v.chunks_exact(hd)) {
+            let p = p * inv;
+            for (a, &x) in o.iter_mut().zip(vt) {
+                *a += p * x;
             }
         }
     }

@@ -787,9 +787,10 @@ pub fn gated_delta_net_fused(
     }
     let (conv, conv_state) = Conv::new(mixed, consts.conv, prev_conv, bsz, s, c)?;
     let vec1 = |t: &Tensor| -> Result<Vec<f32>> { t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
+    let inference = [mixed, z, b, a].iter().all(|t| !t.track_op());
     let init = match prev_state {
-        Some(st) => Some(vec1(st)?),
-        None => None,
+        Some(st) if !inference => Some(vec1(st)?),
+        _ => None,
     };
     let op = GdnCore {
         conv,
@@ -804,6 +805,35 @@ pub fn gated_delta_net_fused(
         init,
     };
     let packed = Tensor::cat(&[mixed, z, b, a], 2)?.contiguous()?;
+    if inference {
+        // Nothing to differentiate (decoding, evaluation): the state is read where it lies and the new one written
+        // once in its final layout, where the op would copy it four times (a decoding step moves little else).
+        let prev = prev_state.map(|t| t.contiguous()).transpose()?;
+        let prev_guard = prev.as_ref().map(|t| t.storage_and_layout());
+        let prev = match &prev_guard {
+            Some((st, l)) => match &**st {
+                Storage::Cpu(cs) => Some(f32_slice(cs, l, "gated delta net: the state")?),
+                _ => candle_core::bail!("gated delta net: the state is not on the CPU"),
+            },
+            None => None,
+        };
+        if prev.is_some_and(|p| p.len() != bsz * hv * dk * dv) {
+            candle_core::bail!(
+                "gated delta net: a state of {} values for {bsz}×{hv} heads of {dk}×{dv}",
+                prev.map_or(0, |p| p.len())
+            );
+        }
+        let (ps, pl) = packed.storage_and_layout();
+        let Storage::Cpu(ps) = &*ps else { candle_core::bail!("gated delta net: the input is not on the CPU") };
+        let x = f32_slice(ps, pl, "gated delta net: the packed input")?;
+        let (y, state) = op.infer(x, bsz, s, prev);
+        let dev = mixed.device();
+        return Ok((
+            Tensor::from_vec(y, (bsz, s, hv * dv), dev)?,
+            conv_state,
+            Tensor::from_vec(state, (bsz * hv, dk, dv), dev)?,
+        ));
+    }
     let out = packed.apply_op1(op)?;
     let y = out.narrow(1, 0, s)?;
     // State rows: (B, dk, Hv, dv) -> (B·Hv, dk, dv).
@@ -870,6 +900,42 @@ impl GdnCore {
             norms.push((rq, rk));
         }
         (rows, norms)
+    }
+
+    /// The forward pass without anything kept for a backward: the output (B, S, Hv·dv) and the state
+    /// (B·Hv, dk, dv), continuing from `prev` (same layout) when given.
+    fn infer(&self, x: &[f32], bsz: usize, s: usize, prev: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
+        let (dk, dv, hv, c) = (self.dk, self.dv, self.hv, self.conv.c);
+        let w = self.width();
+        let (_, post) = self.conv.forward(x, w, bsz, s);
+        let ow = hv * dv;
+        let mut y = vec![0f32; bsz * s * ow];
+        let mut state = match prev {
+            Some(p) => p.to_vec(),
+            None => vec![0f32; bsz * hv * dk * dv],
+        };
+        let yp = crate::nn::dpbf16::SendPtr::new(y.as_mut_ptr());
+        let head = |(task, stt): (usize, &mut [f32])| {
+            let (bi, h) = (task / hv, task % hv);
+            let (rows, _) = self.rule_rows(x, &post, bi, h, s);
+            let mut o = vec![0f32; s * dv];
+            forward(&rows, dk, dv, stt, &mut o);
+            let mut out = vec![0f32; dv];
+            for t in 0..s {
+                let row = bi * s + t;
+                let z = &x[row * w + c + h * dv..][..dv];
+                gated_norm(&mut out, &o[t * dv..(t + 1) * dv], z, &self.norm, self.eps);
+                // SAFETY: row t of sample bi, columns h·dv.., belong to this task alone.
+                unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), yp.at(row * ow + h * dv), dv) };
+            }
+        };
+        let heads = state.chunks_mut(dk * dv).enumerate();
+        if bsz * hv * s * dk * dv < 8 * crate::nn::fused::SERIAL_BELOW {
+            heads.for_each(head);
+        } else {
+            heads.collect::<Vec<_>>().into_par_iter().for_each(head);
+        }
+        (y, state)
     }
 
     fn init_of(&self, bi: usize, h: usize) -> Option<&[f32]> {
@@ -1110,6 +1176,20 @@ mod tests {
             assert!(rel(&y, &y_ref) < 1e-5, "output: {}", rel(&y, &y_ref));
             assert!(rel(&st, &st_ref) < 1e-5, "state: {}", rel(&st, &st_ref));
             assert_eq!(rel(&cs, &cs_ref), 0.0, "conv rows");
+            // Without anything to differentiate (decoding) the mixer skips the op and its copies: same numbers.
+            let (yi, csi, sti) = gated_delta_net_fused(
+                &mixed.as_tensor().detach(),
+                &z.as_tensor().detach(),
+                &b.as_tensor().detach(),
+                &a.as_tensor().detach(),
+                &consts,
+                prev_conv.as_ref(),
+                prev_state.as_ref(),
+            )?;
+            assert!(!yi.track_op());
+            for (name, p, q) in [("output", &yi, &y), ("conv rows", &csi, &cs), ("state", &sti, &st)] {
+                assert_eq!(rel(p, q), 0.0, "inference {name}");
+            }
             let wo = Tensor::randn(0f32, 1.0, y.dims(), &dev)?;
             let ws = Tensor::randn(0f32, 1.0, st.dims(), &dev)?;
             let gf = ((y * &wo)?.sum_all()? + (st * &ws)?.sum_all()?)?.backward()?;
