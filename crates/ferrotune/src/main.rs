@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use cli::{Command, DataCommand};
 
 fn main() -> ExitCode {
+    ferrotune_core::sys::tune_allocator();
     let cli = cli::parse();
     let result = match cli.command {
         Command::Train(args) => cmd::train::run(args),
