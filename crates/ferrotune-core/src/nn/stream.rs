@@ -159,16 +159,24 @@ mod wide {
 
     /// 16 consecutive elements of a weight row, widened to f32.
     trait Src: Copy {
+        /// Bytes of one element.
+        const BYTES: usize;
+        /// Elements in a 64-byte cache line.
+        const LINE: usize = 64 / Self::BYTES;
+
         /// # Safety
         /// Elements `at..at + 16` exist; AVX-512F is available.
         unsafe fn load(self, at: usize) -> __m512;
 
-        /// Elements in a 64-byte cache line.
-        const LINE: usize;
+        /// The first element's address.
+        fn base(self) -> *const i8;
 
         /// A hint to fetch element `at` (which may lie past the end) into the cache.
         #[inline(always)]
-        fn prefetch(self, _at: usize) {}
+        fn prefetch(self, at: usize) {
+            // SAFETY: a prefetch never faults; the address is only computed.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.base().wrapping_add(at * Self::BYTES)) }
+        }
     }
 
     #[derive(Clone, Copy)]
@@ -181,12 +189,10 @@ mod wide {
     struct Int8(*const u8);
 
     impl Src for Bf16 {
-        const LINE: usize = 32;
+        const BYTES: usize = 2;
 
-        #[inline(always)]
-        fn prefetch(self, at: usize) {
-            // SAFETY: a prefetch never faults; the address is only computed.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.0.wrapping_add(at) as *const i8) }
+        fn base(self) -> *const i8 {
+            self.0 as *const i8
         }
 
         #[inline(always)]
@@ -197,12 +203,10 @@ mod wide {
     }
 
     impl Src for F16 {
-        const LINE: usize = 32;
+        const BYTES: usize = 2;
 
-        #[inline(always)]
-        fn prefetch(self, at: usize) {
-            // SAFETY: as for bf16.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.0.wrapping_add(at) as *const i8) }
+        fn base(self) -> *const i8 {
+            self.0 as *const i8
         }
 
         #[inline(always)]
@@ -212,12 +216,10 @@ mod wide {
     }
 
     impl Src for F32 {
-        const LINE: usize = 16;
+        const BYTES: usize = 4;
 
-        #[inline(always)]
-        fn prefetch(self, at: usize) {
-            // SAFETY: as for bf16.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.0.wrapping_add(at) as *const i8) }
+        fn base(self) -> *const i8 {
+            self.0 as *const i8
         }
 
         #[inline(always)]
@@ -227,12 +229,10 @@ mod wide {
     }
 
     impl Src for Int8 {
-        const LINE: usize = 64;
+        const BYTES: usize = 1;
 
-        #[inline(always)]
-        fn prefetch(self, at: usize) {
-            // SAFETY: as for bf16.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.0.wrapping_add(at) as *const i8) }
+        fn base(self) -> *const i8 {
+            self.0 as *const i8
         }
 
         #[inline(always)]

@@ -134,16 +134,8 @@ impl Attention {
         train: bool,
         segments: Option<&Segments>,
     ) -> candle_core::Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        // 1. Projections. q_proj interleaves [query | gate] per head: (B, S, H, 2·hd).
-        let qg = self.q_proj.forward_t(x, train)?.reshape((b, s, h, 2 * hd))?;
-        let q = qg.narrow(3, 0, hd)?;
-        let gate = qg.narrow(3, hd, hd)?.reshape((b, s, h * hd))?;
-        let k = self.k_proj.forward_t(x, train)?.reshape((b, s, kv, hd))?;
-        let v = self.v_proj.forward_t(x, train)?.reshape((b, s, kv, hd))?;
-        // 2. Per-head norms, then (B, S, heads, hd) -> (B, heads, S, hd).
-        let (q, k) = (self.q_norm.forward(&q)?, self.k_norm.forward(&k)?);
+        let hd = self.head_dim;
+        let (q, gate, k, v) = self.project(x, train)?;
         if cache.is_none() && segments.is_none() {
             // Steps 3 to 5 as one op on the CPU (forward and backward).
             let scale = 1.0 / (hd as f64).sqrt();
@@ -165,14 +157,7 @@ impl Attention {
         sin: &Tensor,
         caches: &mut [&mut LayerCache],
     ) -> candle_core::Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let qg = self.q_proj.forward_t(x, false)?.reshape((b, s, h, 2 * hd))?;
-        let q = qg.narrow(3, 0, hd)?;
-        let gate = qg.narrow(3, hd, hd)?.reshape((b, s, h * hd))?;
-        let k = self.k_proj.forward_t(x, false)?.reshape((b, s, kv, hd))?;
-        let v = self.v_proj.forward_t(x, false)?.reshape((b, s, kv, hd))?;
-        let (q, k) = (self.q_norm.forward(&q)?, self.k_norm.forward(&k)?);
+        let (q, gate, k, v) = self.project(x, false)?;
         let rows = caches
             .iter_mut()
             .enumerate()
@@ -183,6 +168,19 @@ impl Attention {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let o = (Tensor::cat(&rows, 0)? * ops::sigmoid(&gate)?)?;
         self.o_proj.forward_t(&o, false)
+    }
+
+    /// Steps 1 and 2 of [`Attention::forward`]: the projections (q_proj interleaves [query | gate] per head) and
+    /// the per-head norms. Returns q (B, S, H, hd), the gate (B, S, H·hd), k and v (B, S, KV, hd).
+    fn project(&self, x: &Tensor, train: bool) -> candle_core::Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let (b, s, _) = x.dims3()?;
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let qg = self.q_proj.forward_t(x, train)?.reshape((b, s, h, 2 * hd))?;
+        let q = qg.narrow(3, 0, hd)?;
+        let gate = qg.narrow(3, hd, hd)?.reshape((b, s, h * hd))?;
+        let k = self.k_proj.forward_t(x, train)?.reshape((b, s, kv, hd))?;
+        let v = self.v_proj.forward_t(x, train)?.reshape((b, s, kv, hd))?;
+        Ok((self.q_norm.forward(&q)?, gate, self.k_norm.forward(&k)?, v))
     }
 
     /// Steps 3 to 5 of [`Attention::forward`]: rotary, the cache, attention. q (B, S, H, hd) and k, v (B, S, KV, hd)
