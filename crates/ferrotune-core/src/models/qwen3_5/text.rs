@@ -6,6 +6,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use super::config::{LayerType, TextConfig};
 use super::gdn;
@@ -158,8 +159,9 @@ impl Attention {
         caches: &mut [&mut LayerCache],
     ) -> candle_core::Result<Tensor> {
         let (q, gate, k, v) = self.project(x, false)?;
+        // Rows on the pool: a row's attention is small, and one after another they would leave cores idle.
         let rows = caches
-            .iter_mut()
+            .par_iter_mut()
             .enumerate()
             .map(|(r, c)| {
                 let row = |t: &Tensor| t.narrow(0, r, 1);
@@ -353,8 +355,9 @@ impl GatedDeltaNet {
         let z = self.in_proj_z.forward_t(x, false)?;
         let bb = self.in_proj_b.forward_t(x, false)?;
         let a = self.in_proj_a.forward_t(x, false)?;
+        // Rows on the pool, as in attention's.
         let rows = caches
-            .iter_mut()
+            .par_iter_mut()
             .enumerate()
             .map(|(r, c)| {
                 let row = |t: &Tensor| t.narrow(0, r, 1);
