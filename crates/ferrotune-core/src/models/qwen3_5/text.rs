@@ -137,10 +137,17 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let hd = self.head_dim;
         let (q, gate, k, v) = self.project(x, train)?;
-        if cache.is_none() && segments.is_none() {
-            // Steps 3 to 5 as one op on the CPU (forward and backward).
+        let fresh = matches!(cache.as_deref(), None | Some(LayerCache::Empty));
+        if fresh && segments.is_none() {
+            // Steps 3 to 5 as one op on the CPU (forward and backward); a prompt's first chunk then fills the
+            // cache with its rotated keys and its values.
             let scale = 1.0 / (hd as f64).sqrt();
             if let Some(o) = crate::nn::attention::attention(&q, &k, &v, cos, sin, scale, true)? {
+                if let Some(c) = cache {
+                    let (cs, sn) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+                    let kr = ops::apply_rope(&k.transpose(1, 2)?, &cs, &sn)?.contiguous()?;
+                    Self::append(c, &kr, &v.transpose(1, 2)?.contiguous()?)?;
+                }
                 return self.o_proj.forward_t(&(o * ops::sigmoid(&gate)?)?, train);
             }
         }
@@ -170,6 +177,33 @@ impl Attention {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let o = (Tensor::cat(&rows, 0)? * ops::sigmoid(&gate)?)?;
         self.o_proj.forward_t(&o, false)
+    }
+
+    /// Writes k and v (B, KV, S, hd; k after its rotary embedding) after the cached positions, growing the cache
+    /// to twice its capacity (in whole blocks) when full. Returns the cache tensors (B, KV, capacity, hd) and the
+    /// number of positions cached before.
+    fn append(c: &mut LayerCache, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor, usize)> {
+        let (b, kv, s, hd) = k.dims4()?;
+        let (offset, mut ck, mut cv) = match std::mem::take(c) {
+            LayerCache::Attention { k: pk, v: pv, len } => (len, pk, pv),
+            _ => (0, k.zeros_like()?.narrow(2, 0, 0)?, v.zeros_like()?.narrow(2, 0, 0)?),
+        };
+        let need = offset + s;
+        if need > ck.dim(2)? {
+            let cap = need.max(2 * ck.dim(2)?).next_multiple_of(KV_BLOCK);
+            let grow = |old: &Tensor| -> candle_core::Result<Tensor> {
+                let t = Tensor::zeros((b, kv, cap, hd), old.dtype(), old.device())?;
+                if offset > 0 {
+                    t.slice_set(&old.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
+                }
+                Ok(t)
+            };
+            (ck, cv) = (grow(&ck)?, grow(&cv)?);
+        }
+        ck.slice_set(k, 2, offset)?;
+        cv.slice_set(v, 2, offset)?;
+        *c = LayerCache::Attention { k: ck.clone(), v: cv.clone(), len: need };
+        Ok((ck, cv, offset))
     }
 
     /// Steps 1 and 2 of [`Attention::forward`]: the projections (q_proj interleaves [query | gate] per head) and
@@ -209,35 +243,15 @@ impl Attention {
         // 4. Cache: append and attend over everything seen.
         let (k, v, offset) = match cache {
             Some(c) => {
-                let (offset, mut ck, mut cv) = match std::mem::take(c) {
-                    LayerCache::Attention { k: pk, v: pv, len } => (len, pk, pv),
-                    _ => (0, k.zeros_like()?.narrow(2, 0, 0)?, v.zeros_like()?.narrow(2, 0, 0)?),
-                };
+                let (ck, cv, offset) = Self::append(c, &k, &v)?;
                 let need = offset + s;
-                if need > ck.dim(2)? {
-                    // Grow to twice the capacity (in whole blocks), keeping the filled positions.
-                    let cap = need.max(2 * ck.dim(2)?).next_multiple_of(KV_BLOCK);
-                    let grow = |old: &Tensor| -> candle_core::Result<Tensor> {
-                        let t = Tensor::zeros((b, kv, cap, hd), old.dtype(), old.device())?;
-                        if offset > 0 {
-                            t.slice_set(&old.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
-                        }
-                        Ok(t)
-                    };
-                    (ck, cv) = (grow(&ck)?, grow(&cv)?);
-                }
-                ck.slice_set(&k, 2, offset)?;
-                cv.slice_set(&v, 2, offset)?;
                 if s == 1 {
                     // One new position (decoding): straight from the cache, without the GQA copies below.
                     if let Some(o) = crate::nn::attention::decode_attention(&q, &ck, &cv, need, kv)? {
-                        *c = LayerCache::Attention { k: ck, v: cv, len: need };
                         return Ok(o);
                     }
                 }
-                let (k, v) = (ck.narrow(2, 0, need)?, cv.narrow(2, 0, need)?);
-                *c = LayerCache::Attention { k: ck, v: cv, len: need };
-                (k, v, offset)
+                (ck.narrow(2, 0, need)?, cv.narrow(2, 0, need)?, offset)
             }
             None => (k, v, 0),
         };
