@@ -576,7 +576,12 @@ async fn a_panicking_handler_is_a_500_error_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_429_and_frees_up() {
-    let s = start(|o| o.max_waiting = 1).await;
+    // One sequence at a time, so that a second request has to wait in the queue.
+    let s = start(|o| {
+        o.max_waiting = 1;
+        o.batch.max_seqs = 1;
+    })
+    .await;
     // A long stream holds the engine...
     let body =
         json!({"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 3000, "stream": true}).to_string();
@@ -586,6 +591,11 @@ async fn a_full_queue_answers_429_and_frees_up() {
     sock.write_all(body.as_bytes()).await.unwrap();
     let mut buf = [0u8; 4096];
     assert!(sock.read(&mut buf).await.unwrap() > 0);
+    let t = Instant::now();
+    while s.state.stats.running.load(Ordering::SeqCst) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the stream did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // ...one request waits for it...
     let addr = s.addr;
     let second = tokio::spawn(async move {
