@@ -267,28 +267,59 @@ mod wide {
         };
     }
 
+    /// A kernel computing a J × R tile of outputs: columns c..c+J of rows i..i+R.
+    trait Tiler {
+        /// # Safety
+        /// As the kernel's: the tile lies inside the block.
+        unsafe fn tile<const J: usize, const R: usize>(&mut self, c: usize, i: usize);
+    }
+
+    /// Covers a block of `width` output columns × `m` rows with tiles: 4 × 4 where it can, 8 × 1 for fewer than four
+    /// rows of x (the eight sums are the independent adds that keep the adder busy while one chain waits), smaller
+    /// tiles at the edges.
     #[inline(always)]
-    unsafe fn run<S: Src>(out: &mut [f32], x: &[f32], m: usize, k: usize, w: Packed, j0: usize, s: S) {
-        let width = out.len() / m;
+    unsafe fn tiles<T: Tiler>(t: &mut T, m: usize, width: usize) {
         let mut c = 0;
         while c < width {
-            // Eight weight rows a step for single rows of x: the eight sums are the independent adds that keep the
-            // adder busy while one row's chain waits.
             let jn = (width - c).min(if m < 4 { 8 } else { 4 });
             let mut i = 0;
             while i < m {
                 let rn = (m - i).min(4);
                 match (jn, rn) {
-                    (4, 4) => tile::<S, 4, 4>(out, x, m, k, w, j0, c, i, s),
-                    (8, _) => (0..rn).for_each(|r| tile::<S, 8, 1>(out, x, m, k, w, j0, c, i + r, s)),
-                    (4, _) => (0..rn).for_each(|r| tile::<S, 4, 1>(out, x, m, k, w, j0, c, i + r, s)),
-                    (_, 4) => (0..jn).for_each(|q| tile::<S, 1, 4>(out, x, m, k, w, j0, c + q, i, s)),
-                    _ => each!(jn, rn, |q, r| tile::<S, 1, 1>(out, x, m, k, w, j0, c + q, i + r, s)),
+                    (4, 4) => t.tile::<4, 4>(c, i),
+                    (8, _) => (0..rn).for_each(|r| t.tile::<8, 1>(c, i + r)),
+                    (4, _) => (0..rn).for_each(|r| t.tile::<4, 1>(c, i + r)),
+                    (_, 4) => (0..jn).for_each(|q| t.tile::<1, 4>(c + q, i)),
+                    _ => each!(jn, rn, |q, r| t.tile::<1, 1>(c + q, i + r)),
                 }
                 i += rn;
             }
             c += jn;
         }
+    }
+
+    /// The f32-accumulating kernel's arguments.
+    struct Wide<'a, S> {
+        out: &'a mut [f32],
+        x: &'a [f32],
+        m: usize,
+        k: usize,
+        w: Packed<'a>,
+        j0: usize,
+        s: S,
+    }
+
+    impl<S: Src> Tiler for Wide<'_, S> {
+        #[inline(always)]
+        unsafe fn tile<const J: usize, const R: usize>(&mut self, c: usize, i: usize) {
+            tile::<S, J, R>(self.out, self.x, self.m, self.k, self.w, self.j0, c, i, self.s)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn run<S: Src>(out: &mut [f32], x: &[f32], m: usize, k: usize, w: Packed, j0: usize, s: S) {
+        let width = out.len() / m;
+        tiles(&mut Wide { out, x, m, k, w, j0, s }, m, width);
     }
 
     /// Output columns c..c+J of rows i..i+R into `out` (width, m): one 16-lane accumulator each.
@@ -339,22 +370,23 @@ mod wide {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn block_dp(out: &mut [f32], x: &[u16], m: usize, k: usize, w: &[u16], j0: usize) {
         let width = out.len() / m;
-        let mut c = 0;
-        while c < width {
-            let jn = (width - c).min(if m < 4 { 8 } else { 4 });
-            let mut i = 0;
-            while i < m {
-                let rn = (m - i).min(4);
-                match (jn, rn) {
-                    (4, 4) => tile_dp::<4, 4>(out, x, m, k, w, j0, c, i),
-                    (8, _) => (0..rn).for_each(|r| tile_dp::<8, 1>(out, x, m, k, w, j0, c, i + r)),
-                    (4, _) => (0..rn).for_each(|r| tile_dp::<4, 1>(out, x, m, k, w, j0, c, i + r)),
-                    (_, 4) => (0..jn).for_each(|q| tile_dp::<1, 4>(out, x, m, k, w, j0, c + q, i)),
-                    _ => each!(jn, rn, |q, r| tile_dp::<1, 1>(out, x, m, k, w, j0, c + q, i + r)),
-                }
-                i += rn;
-            }
-            c += jn;
+        tiles(&mut Dp { out, x, m, k, w, j0 }, m, width);
+    }
+
+    /// The dot-product kernel's arguments.
+    struct Dp<'a> {
+        out: &'a mut [f32],
+        x: &'a [u16],
+        m: usize,
+        k: usize,
+        w: &'a [u16],
+        j0: usize,
+    }
+
+    impl Tiler for Dp<'_> {
+        #[inline(always)]
+        unsafe fn tile<const J: usize, const R: usize>(&mut self, c: usize, i: usize) {
+            tile_dp::<J, R>(self.out, self.x, self.m, self.k, self.w, self.j0, c, i)
         }
     }
 
