@@ -54,37 +54,6 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
 }
 
-/// `GELU` with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, written as
-/// `x − x / (exp(2u) + 1)` with the vectorised [`exp`]: libm's `tanhf` per element took a tenth of a 135M prefill
-/// with an image (the vision tower's MLPs). Within 1e-6 of candle's `gelu` (tested). Only where nothing is
-/// differentiated (inference); otherwise candle's op with its backward.
-pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if !fits(&[x]) || x.track_op() {
-        return x.gelu();
-    }
-    let x = x.contiguous()?;
-    let (xs, xl) = x.storage_and_layout();
-    let Storage::Cpu(xs) = &*xs else { return x.gelu() };
-    let xv = f32_slice(xs, xl, "gelu input")?;
-    let mut y = vec![0f32; xv.len()];
-    if xv.len() < SERIAL_BELOW {
-        gelu_into(&mut y, xv);
-    } else {
-        y.par_chunks_mut(1 << 14).zip(xv.par_chunks(1 << 14)).for_each(|(o, x)| gelu_into(o, x));
-    }
-    Tensor::from_vec(y, x.shape(), x.device())
-}
-
-crate::nn::amx::wide_fn! {
-    fn gelu_into(o: &mut [f32], x: &[f32]) {
-        const C: f32 = 0.797_884_6; // √(2/π)
-        for (o, &x) in o.iter_mut().zip(x) {
-            let u = C * (x + 0.044_715 * x * x * x);
-            *o = x - x / (exp(2.0 * u) + 1.0);
-        }
-    }
-}
-
 struct SwiGlu;
 
 crate::nn::amx::wide_fn! {
@@ -270,21 +239,6 @@ pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    /// The vectorised GELU (tanh form) against candle's `gelu`, over the whole range where it is not 0 or x.
-    #[test]
-    fn gelu_tanh_equals_candles_gelu() {
-        let xs: Vec<f32> = (-20_000..=20_000).map(|i| i as f32 * 6e-4).chain([-90.0, -30.0, 30.0, 90.0, 0.0]).collect();
-        let x = Tensor::from_vec(xs.clone(), xs.len(), &candle_core::Device::Cpu).unwrap();
-        let got: Vec<f32> = gelu_tanh(&x).unwrap().to_vec1().unwrap();
-        let want: Vec<f32> = x.gelu().unwrap().to_vec1().unwrap();
-        for ((&x, g), w) in xs.iter().zip(got).zip(want) {
-            assert!((g - w).abs() <= 1e-6 * (1.0 + x.abs()), "gelu({x}): {g} vs {w}");
-        }
-        // Where a gradient is asked for, candle's op (and its backward) runs.
-        let v = candle_core::Var::from_tensor(&x).unwrap();
-        assert!(gelu_tanh(v.as_tensor()).unwrap().track_op());
-    }
     use candle_core::{Device, Var, D};
 
     /// Largest difference over the largest magnitude of `b` (the reference).

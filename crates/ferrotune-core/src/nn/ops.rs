@@ -105,7 +105,7 @@ pub fn apply_rope_f32(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
 
 /// `GELU` with the tanh approximation (`gelu_pytorch_tanh`).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    super::fused::gelu_tanh(x)
+    x.gelu()
 }
 
 /// Exact (erf) GELU, torch's `nn.GELU()`.
@@ -117,7 +117,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 pub fn activation(x: &Tensor, name: &str) -> Result<Tensor> {
     match name {
         "silu" | "swish" => x.silu(),
-        "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => gelu_tanh(x),
+        "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => x.gelu(),
         "gelu" => x.gelu_erf(),
         "quick_gelu" => x.broadcast_mul(&sigmoid(&(x * 1.702)?)?),
         other => Err(candle_core::Error::Msg(format!(
