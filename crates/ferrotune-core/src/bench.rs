@@ -297,14 +297,7 @@ pub fn decode(
         let mut tokens = vec![crate::infer::sample::argmax(&logits); batch];
         let (t1, c1) = (Instant::now(), cpu_seconds());
         for _ in 0..new_tokens {
-            let axes: [Vec<Vec<i64>>; 3] =
-                std::array::from_fn(|_| caches.iter().map(|c| vec![c.seen as i64]).collect::<Vec<_>>());
-            let rope = crate::models::qwen3_5::text::mrope_cos_sin(
-                model.inv_freq(),
-                &model.cfg.text.mrope_section,
-                &axes,
-                device,
-            )?;
+            let rope = model.rope_rows(&caches.iter().map(|c| c.seen as i64).collect::<Vec<_>>())?;
             let emb = model.embed(&Tensor::from_vec(tokens.clone(), (batch, 1), device)?, None)?;
             let mut rows: Vec<&mut Cache> = caches.iter_mut().collect();
             let h = model.decode_rows(&emb, &rope, &mut rows)?;

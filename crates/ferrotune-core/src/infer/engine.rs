@@ -274,11 +274,8 @@ impl Engine {
         if deltas.len() != b || caches.len() != b {
             bail!("step_rows: {b} tokens, {} rope deltas, {} caches", deltas.len(), caches.len());
         }
-        let axes: [Vec<Vec<i64>>; 3] = std::array::from_fn(|_| {
-            caches.iter().zip(deltas).map(|(c, &d)| vec![c.seen as i64 + d]).collect::<Vec<_>>()
-        });
-        let rope =
-            crate::models::qwen3_5::text::mrope_cos_sin(m.inv_freq(), &m.cfg.text.mrope_section, &axes, &m.device)?;
+        let positions: Vec<i64> = caches.iter().zip(deltas).map(|(c, &d)| c.seen as i64 + d).collect();
+        let rope = m.rope_rows(&positions)?;
         let emb = m.embed(&Tensor::from_vec(tokens.to_vec(), (b, 1), &m.device)?, None)?;
         let h = m.decode_rows(&emb, &rope, caches)?;
         let logits = m.logits(&h)?.reshape((b, ()))?.to_dtype(DType::F32)?;

@@ -22,15 +22,20 @@ const LANES: usize = 16;
 pub fn stream_rows(x: &[f32], m: usize, k: usize, w: Packed, n: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
+    by_blocks(m, n, k, |out, j0| block_of(out, x, m, k, w, j0))
+}
+
+/// The (m, n) output of `block(out, j0)`, which writes output columns j0.. of every row transposed (width, m) into
+/// `out`: blocks of 64 columns, each its own slice so threads share nothing, on the pool when large enough.
+fn by_blocks(m: usize, n: usize, k: usize, block: impl Fn(&mut [f32], usize) + Sync) -> Vec<f32> {
+    const BLOCK: usize = 64;
     let mut y = vec![0f32; m * n];
     if m == 0 || n == 0 {
         return y;
     }
-    // Blocks of output columns, each written transposed (width, m) into its own slice so threads share nothing.
-    let block = 64;
     let mut t = vec![0f32; m * n];
-    let run = |(b, out): (usize, &mut [f32])| block_of(out, x, m, k, w, b * block);
-    let blocks = t.chunks_mut(block * m).enumerate();
+    let run = |(b, out): (usize, &mut [f32])| block(out, b * BLOCK);
+    let blocks = t.chunks_mut(BLOCK * m).enumerate();
     if n * k * m.min(4) < 1 << 18 {
         blocks.for_each(run);
     } else {
@@ -55,26 +60,8 @@ pub fn stream_rows_bf16_products(x: &[f32], m: usize, k: usize, w: &[half::bf16]
         if super::dpbf16::available() {
             let xb: Vec<u16> = x.iter().map(|&v| super::amx::round_bits(v)).collect();
             let w16: &[u16] = bytemuck_u16(w);
-            let mut y = vec![0f32; m * n];
-            if m == 0 || n == 0 {
-                return y;
-            }
-            let block = 64;
-            let mut t = vec![0f32; m * n];
             // SAFETY: the CPU has AVX512-BF16 (and F, BW); each block is (width, m), x (m, k), w (n, k).
-            let run = |(b, out): (usize, &mut [f32])| unsafe { wide::block_dp(out, &xb, m, k, w16, b * block) };
-            let blocks = t.chunks_mut(block * m).enumerate();
-            if n * k * m.min(4) < 1 << 18 {
-                blocks.for_each(run);
-            } else {
-                blocks.collect::<Vec<_>>().into_par_iter().for_each(run);
-            }
-            for (j, col) in t.chunks_exact(m).enumerate() {
-                for (i, &v) in col.iter().enumerate() {
-                    y[i * n + j] = v;
-                }
-            }
-            return y;
+            return by_blocks(m, n, k, |out, j0| unsafe { wide::block_dp(out, &xb, m, k, w16, j0) });
         }
     }
     stream_rows(&super::amx::round_to_bf16(x), m, k, Packed::Bf16(w), n)

@@ -200,9 +200,11 @@ impl Qwen3_5 {
         )
     }
 
-    /// Inverse frequencies of the text rotary embedding.
-    pub fn inv_freq(&self) -> &[f32] {
-        &self.inv_freq
+    /// cos/sin (B, 1, rot) of one new position per sequence: row i at plain position `positions[i]` (text
+    /// advances all three M-RoPE axes together).
+    pub fn rope_rows(&self, positions: &[i64]) -> Result<(Tensor, Tensor)> {
+        let axes: [Vec<Vec<i64>>; 3] = std::array::from_fn(|_| positions.iter().map(|&p| vec![p]).collect());
+        Ok(text::mrope_cos_sin(&self.inv_freq, &self.cfg.text.mrope_section, &axes, &self.device)?)
     }
 
     /// cos/sin for a batch of position sets (all of the same length).
