@@ -327,29 +327,55 @@ impl CustomOp3 for Attention {
 /// filled. Query head h reads key/value head h / (H / KV) in place (no expanded copies of the cache). Returns
 /// (B, 1, H·hd), or None where it does not apply (another device or dtype, a non-contiguous cache).
 pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, len: usize, kv: usize) -> Result<Option<Tensor>> {
+    let b = q.dim(0)?;
+    if k.dim(0)? != b || v.dim(0)? != b {
+        candle_core::bail!("decode attention: {b} queries for a cache of {} rows", k.dim(0)?);
+    }
+    let rows = (0..b).map(|r| Ok((k.narrow(0, r, 1)?, v.narrow(0, r, 1)?, len))).collect::<Result<Vec<_>>>()?;
+    decode_attention_rows(q, &rows, kv)
+}
+
+/// [`decode_attention`] for rows with caches of their own: row r's keys and values (1, KV, capacity_r, hd), of
+/// which the first len_r positions are filled. Every row's query heads run as one parallel loop.
+pub fn decode_attention_rows(q: &Tensor, caches: &[(Tensor, Tensor, usize)], kv: usize) -> Result<Option<Tensor>> {
     let (b, h, s, hd) = q.dims4()?;
-    let cap = k.dim(2)?;
-    if s != 1 || !q.device().is_cpu() || q.dtype() != DType::F32 || k.dtype() != DType::F32 || len > cap {
+    if caches.len() != b {
+        candle_core::bail!("decode attention: {b} queries for {} caches", caches.len());
+    }
+    if s != 1 || !q.device().is_cpu() || q.dtype() != DType::F32 {
         return Ok(None);
     }
     let q = q.contiguous()?;
     let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else { return Ok(None) };
-    if !kl.is_contiguous() || !vl.is_contiguous() {
-        return Ok(None);
-    }
+    let Storage::Cpu(qs) = &*qs else { return Ok(None) };
     let qv = f32_slice(qs, ql, "decode attention: q")?;
-    let kc = f32_slice(ks, kl, "decode attention: keys")?;
-    let vc = f32_slice(vs, vl, "decode attention: values")?;
+    let guards: Vec<_> =
+        caches.iter().map(|(k, v, len)| (k.storage_and_layout(), v.storage_and_layout(), *len)).collect();
+    let mut rows = Vec::with_capacity(b);
+    for (((ks, kl), (vs, vl), len), (k, _, _)) in guards.iter().zip(caches) {
+        let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&**ks, &**vs) else { return Ok(None) };
+        let (kb, kh, cap, khd) = k.dims4()?;
+        if k.dtype() != DType::F32 || !kl.is_contiguous() || !vl.is_contiguous() || kb != 1 || kh != kv || khd != hd {
+            return Ok(None);
+        }
+        if *len > cap || vl.shape() != kl.shape() {
+            candle_core::bail!("decode attention: {len} positions in a cache of {cap}");
+        }
+        rows.push((
+            f32_slice(ks, kl, "decode attention: keys")?,
+            f32_slice(vs, vl, "decode attention: values")?,
+            cap,
+            *len,
+        ));
+    }
     let mut o = vec![0f32; b * h * hd];
     let scale = 1.0 / (hd as f32).sqrt();
     let rep = h / kv;
     // Query heads of every row: each reads its key/value head of its row's cache.
     let head = |(t, oh): (usize, &mut [f32])| {
         let (r, hh) = (t / h, t % h);
-        let base = (r * kv + hh / rep) * cap * hd;
+        let (kc, vc, cap, len) = rows[r];
+        let base = (hh / rep) * cap * hd;
         let mut scores = vec![0f32; len];
         decode_head(
             oh,
@@ -360,7 +386,8 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, len: usize, kv: usiz
             &mut scores,
         );
     };
-    if b * h * len * hd < 1 << 15 {
+    let work: usize = rows.iter().map(|r| r.3).sum::<usize>() * h * hd;
+    if work < 1 << 15 {
         o.chunks_mut(hd).enumerate().for_each(head);
     } else {
         o.par_chunks_mut(hd).enumerate().for_each(head);

@@ -275,22 +275,37 @@ crate::nn::amx::wide_fn! {
 
 /// One head's forward: the AVX-512 kernel for value heads of 16·n columns (n ≤ 8), else the portable loops.
 fn forward(x: &[f32], dk: usize, dv: usize, st: &mut [f32], outs: &mut [f32]) {
+    // SAFETY: `st` is initialised and the kernel reads and writes it in place.
+    unsafe { forward_from(x, dk, dv, None, st.as_mut_ptr(), outs) }
+}
+
+/// [`forward`] from the state `src` (or `st` itself) into `st`.
+///
+/// # Safety
+/// `st` (and `src`) point to dk·dv floats; without `src`, `st` holds the state to continue from. With `src` and
+/// at least one token, `st` may be uninitialised: every value of it is written.
+unsafe fn forward_from(x: &[f32], dk: usize, dv: usize, src: Option<*const f32>, st: *mut f32, outs: &mut [f32]) {
+    let steps = outs.len() / dv;
     #[cfg(target_arch = "x86_64")]
-    if dv.is_multiple_of(16) && (16..=128).contains(&dv) && std::is_x86_feature_detected!("avx512f") {
-        let steps = outs.len() / dv;
+    if steps > 0 && dv.is_multiple_of(16) && (16..=128).contains(&dv) && std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F; the buffers have the sizes the kernel reads (checked by the callers).
-        unsafe {
-            match dv / 16 {
-                8 => wide::sweep::<8>(x, dk, steps, st, Some(outs), None),
-                4 => wide::sweep::<4>(x, dk, steps, st, Some(outs), None),
-                2 => wide::sweep::<2>(x, dk, steps, st, Some(outs), None),
-                1 => wide::sweep::<1>(x, dk, steps, st, Some(outs), None),
-                _ => forward_head(x, dk, dv, st, outs),
-            }
-        }
+        let sweep = match dv / 16 {
+            1 => wide::sweep::<1>,
+            2 => wide::sweep::<2>,
+            3 => wide::sweep::<3>,
+            4 => wide::sweep::<4>,
+            5 => wide::sweep::<5>,
+            6 => wide::sweep::<6>,
+            7 => wide::sweep::<7>,
+            _ => wide::sweep::<8>,
+        };
+        sweep(x, dk, steps, st, src, Some(outs), None);
         return;
     }
-    forward_head(x, dk, dv, st, outs)
+    if let Some(src) = src {
+        std::ptr::copy_nonoverlapping(src, st, dk * dv);
+    }
+    forward_head(x, dk, dv, std::slice::from_raw_parts_mut(st, dk * dv), outs)
 }
 
 /// One head's backward, dispatched as [`forward`].
@@ -299,13 +314,17 @@ fn backward(x: &[f32], dk: usize, dv: usize, init: Option<&[f32]>, go: &[f32], g
     if dv.is_multiple_of(16) && (16..=128).contains(&dv) && std::is_x86_feature_detected!("avx512f") {
         // SAFETY: as in `forward`.
         unsafe {
-            match dv / 16 {
-                8 => wide::backward::<8>(x, dk, init, go, gx),
-                4 => wide::backward::<4>(x, dk, init, go, gx),
-                2 => wide::backward::<2>(x, dk, init, go, gx),
-                1 => wide::backward::<1>(x, dk, init, go, gx),
-                _ => backward_head(x, dk, dv, init, go, gx),
-            }
+            let backward = match dv / 16 {
+                1 => wide::backward::<1>,
+                2 => wide::backward::<2>,
+                3 => wide::backward::<3>,
+                4 => wide::backward::<4>,
+                5 => wide::backward::<5>,
+                6 => wide::backward::<6>,
+                7 => wide::backward::<7>,
+                _ => wide::backward::<8>,
+            };
+            backward(x, dk, init, go, gx)
         }
         return;
     }
@@ -361,18 +380,21 @@ mod wide {
         std::array::from_fn(|j| _mm512_mul_ps(beta, _mm512_sub_ps(v[j], kv[j])))
     }
 
-    /// Tokens 0..steps on the state `st` (dk × 16·NV), in place. Writes each token's output to `outs`, and with
-    /// `saved` = (kv, δ, marks) each token's kv and δ and the state before every BLOCK-th token.
+    /// Tokens 0..steps on the state `st` (dk × 16·NV), in place, or starting from `src` (then `st` is only
+    /// written: decoding writes the next state without first copying the previous one). Writes each token's
+    /// output to `outs`, and with `saved` = (kv, δ, marks) each token's kv and δ and the state before every
+    /// BLOCK-th token.
     ///
     /// # Safety
-    /// AVX-512F; `x` holds `steps` packed tokens, `st` dk rows, `outs` and the saved rows `steps` rows of 16·NV,
-    /// the marks one state per block.
+    /// AVX-512F; `x` holds `steps` ≥ 1 packed tokens, `st` (and `src`) dk rows, `outs` and the saved rows `steps`
+    /// rows of 16·NV, the marks one state per block; `saved` only without `src`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn sweep<const NV: usize>(
         x: &[f32],
         dk: usize,
         steps: usize,
-        st: &mut [f32],
+        st: *mut f32,
+        src: Option<*const f32>,
         mut outs: Option<&mut [f32]>,
         mut saved: Option<(&mut [f32], &mut [f32], &mut [f32])>,
     ) {
@@ -380,13 +402,16 @@ mod wide {
         if steps == 0 {
             return;
         }
-        let sp = st.as_mut_ptr();
+        debug_assert!(src.is_none() || saved.is_none());
+        let sp = st;
+        // Where token t's rows are read: `src` for the first, then the state written.
+        let mut rp = src.unwrap_or(sp);
         // kv of the first token.
         let first = token(x, 0, dk, dv);
         let mut kv = [_mm512_setzero_ps(); NV];
         for r in 0..dk {
             let c = _mm512_set1_ps(first.alpha * first.k[r]);
-            let row = load::<NV>(sp.add(r * dv));
+            let row = load::<NV>(rp.add(r * dv));
             for j in 0..NV {
                 kv[j] = _mm512_fmadd_ps(c, row[j], kv[j]);
             }
@@ -395,7 +420,7 @@ mod wide {
             let tk = token(x, t, dk, dv);
             if let Some((kvs, deltas, marks)) = saved.as_mut() {
                 if t % BLOCK == 0 {
-                    marks[t / BLOCK * dk * dv..][..dk * dv].copy_from_slice(&st[..dk * dv]);
+                    marks[t / BLOCK * dk * dv..][..dk * dv].copy_from_slice(std::slice::from_raw_parts(sp, dk * dv));
                 }
                 store(kvs.as_mut_ptr().add(t * dv), &kv);
                 store(deltas.as_mut_ptr().add(t * dv), &delta::<NV>(&tk, &kv));
@@ -407,7 +432,7 @@ mod wide {
             let mut kvn = [_mm512_setzero_ps(); NV];
             for r in 0..dk {
                 let p = sp.add(r * dv);
-                let row = load::<NV>(p);
+                let row = load::<NV>(rp.add(r * dv));
                 let kr = _mm512_set1_ps(tk.k[r]);
                 let s: [__m512; NV] = std::array::from_fn(|j| _mm512_fmadd_ps(kr, d[j], _mm512_mul_ps(alpha, row[j])));
                 store(p, &s);
@@ -426,6 +451,7 @@ mod wide {
                 store(outs.as_mut_ptr().add(t * dv), &o);
             }
             kv = kvn;
+            rp = sp;
         }
     }
 
@@ -502,7 +528,7 @@ mod wide {
         let (mut kvs, mut deltas, mut marks) =
             (vec![0f32; steps * dv], vec![0f32; steps * dv], vec![0f32; blocks * len]);
         let mut st = init.map_or_else(|| vec![0f32; len], |s| s.to_vec());
-        sweep::<NV>(x, dk, steps, &mut st, None, Some((&mut kvs, &mut deltas, &mut marks)));
+        sweep::<NV>(x, dk, steps, st.as_mut_ptr(), None, None, Some((&mut kvs, &mut deltas, &mut marks)));
         let mut ds = go[steps * dv..steps * dv + len].to_vec();
         // Finishes token t's first half: dv, dβ, and dkv for its second half.
         let finish = |t: usize, ddelta: &[__m512; NV], gx: &mut [f32]| -> [__m512; NV] {
@@ -779,60 +805,25 @@ pub fn gated_delta_net_fused(
     prev_state: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (bsz, s, c) = mixed.dims3()?;
-    let GdnConsts { hk, hv, dk, dv, .. } = *consts;
-    if c != 2 * hk * dk + hv * dv || hk == 0 || hv % hk != 0 {
-        candle_core::bail!(
-            "gated delta net: {c} mixed channels for {hk} key heads of {dk} and {hv} value heads of {dv}"
-        );
-    }
+    let GdnConsts { hv, dk, dv, .. } = *consts;
     let (conv, conv_state) = Conv::new(mixed, consts.conv, prev_conv, bsz, s, c)?;
-    let vec1 = |t: &Tensor| -> Result<Vec<f32>> { t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
     let inference = [mixed, z, b, a].iter().all(|t| !t.track_op());
     let init = match prev_state {
         Some(st) if !inference => Some(vec1(st)?),
         _ => None,
     };
-    let op = GdnCore {
-        conv,
-        neg_a: vec1(consts.a_log)?.iter().map(|v| -v.exp()).collect(),
-        dt_bias: vec1(consts.dt_bias)?,
-        norm: vec1(consts.norm)?,
-        eps: consts.eps as f32,
-        hk,
-        hv,
-        dk,
-        dv,
-        init,
-    };
+    let op = GdnCore::new(consts, c, conv, init)?;
     let packed = Tensor::cat(&[mixed, z, b, a], 2)?.contiguous()?;
     if inference {
         // Nothing to differentiate (decoding, evaluation): the state is read where it lies and the new one written
         // once in its final layout, where the op would copy it four times (a decoding step moves little else).
-        let prev = prev_state.map(|t| t.contiguous()).transpose()?;
-        let prev_guard = prev.as_ref().map(|t| t.storage_and_layout());
-        let prev = match &prev_guard {
-            Some((st, l)) => match &**st {
-                Storage::Cpu(cs) => Some(f32_slice(cs, l, "gated delta net: the state")?),
-                _ => candle_core::bail!("gated delta net: the state is not on the CPU"),
-            },
-            None => None,
+        let prev = match prev_state {
+            Some(t) => (0..bsz).map(|bi| t.narrow(0, bi * hv, hv).map(Some)).collect::<Result<Vec<_>>>()?,
+            None => vec![None; bsz],
         };
-        if prev.is_some_and(|p| p.len() != bsz * hv * dk * dv) {
-            candle_core::bail!(
-                "gated delta net: a state of {} values for {bsz}×{hv} heads of {dk}×{dv}",
-                prev.map_or(0, |p| p.len())
-            );
-        }
-        let (ps, pl) = packed.storage_and_layout();
-        let Storage::Cpu(ps) = &*ps else { candle_core::bail!("gated delta net: the input is not on the CPU") };
-        let x = f32_slice(ps, pl, "gated delta net: the packed input")?;
-        let (y, state) = op.infer(x, bsz, s, prev);
-        let dev = mixed.device();
-        return Ok((
-            Tensor::from_vec(y, (bsz, s, hv * dv), dev)?,
-            conv_state,
-            Tensor::from_vec(state, (bsz * hv, dk, dv), dev)?,
-        ));
+        let (y, mut states) = op.infer_tensors(&packed, &prev)?;
+        let state = if states.len() == 1 { states.remove(0) } else { Tensor::cat(&states, 0)? };
+        return Ok((y, conv_state, state));
     }
     let out = packed.apply_op1(op)?;
     let y = out.narrow(1, 0, s)?;
@@ -840,6 +831,47 @@ pub fn gated_delta_net_fused(
     let state =
         out.narrow(1, s, dk)?.reshape((bsz, dk, hv, dv))?.transpose(1, 2)?.contiguous()?.reshape((bsz * hv, dk, dv))?;
     Ok((y, conv_state, state))
+}
+
+/// [`gated_delta_net_fused`] for the rows of a decoding batch, each a sequence of its own: mixed (B, S, C), z, b
+/// and a as there, untracked; `prev[i]` row i's conv rows (1, K − 1, C) and state (Hv, dk, dv), or none for a
+/// fresh sequence. Every row's heads run as one parallel loop, and each new state is written without copying the
+/// previous one first. Returns the output (B, S, Hv·dv) and each row's conv rows and state after it.
+pub fn gated_delta_net_rows(
+    mixed: &Tensor,
+    z: &Tensor,
+    b: &Tensor,
+    a: &Tensor,
+    consts: &GdnConsts,
+    prev: &[Option<(&Tensor, &Tensor)>],
+) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+    let (bsz, s, c) = mixed.dims3()?;
+    if prev.len() != bsz {
+        candle_core::bail!("gated delta net: {} caches for {bsz} rows", prev.len());
+    }
+    let k = consts.conv.dim(1)?;
+    let convs = prev
+        .iter()
+        .map(|p| match p {
+            Some((conv, _)) => conv.to_dtype(DType::F32),
+            None => Tensor::zeros((1, k - 1, c), DType::F32, mixed.device()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (conv, conv_state) = Conv::new(mixed, consts.conv, Some(&Tensor::cat(&convs, 0)?), bsz, s, c)?;
+    let op = GdnCore::new(consts, c, conv, None)?;
+    let packed = Tensor::cat(&[mixed, z, b, a], 2)?.contiguous()?;
+    let states: Vec<Option<Tensor>> = prev.iter().map(|p| p.map(|(_, st)| st.clone())).collect();
+    let (y, states) = op.infer_tensors(&packed, &states)?;
+    let rows = states
+        .into_iter()
+        .enumerate()
+        .map(|(r, st)| Ok((conv_state.narrow(0, r, 1)?, st)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((y, rows))
+}
+
+fn vec1(t: &Tensor) -> Result<Vec<f32>> {
+    t.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
 struct GdnCore {
@@ -867,6 +899,28 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 impl GdnCore {
+    /// The op for `c` mixed channels (checked against the heads) with its conv.
+    fn new(consts: &GdnConsts, c: usize, conv: Conv, init: Option<Vec<f32>>) -> Result<Self> {
+        let GdnConsts { hk, hv, dk, dv, .. } = *consts;
+        if c != 2 * hk * dk + hv * dv || hk == 0 || hv % hk != 0 {
+            candle_core::bail!(
+                "gated delta net: {c} mixed channels for {hk} key heads of {dk} and {hv} value heads of {dv}"
+            );
+        }
+        Ok(Self {
+            conv,
+            neg_a: vec1(consts.a_log)?.iter().map(|v| -v.exp()).collect(),
+            dt_bias: vec1(consts.dt_bias)?,
+            norm: vec1(consts.norm)?,
+            eps: consts.eps as f32,
+            hk,
+            hv,
+            dk,
+            dv,
+            init,
+        })
+    }
+
     /// Width of a packed input row: [mixed | z | b | a].
     fn width(&self) -> usize {
         self.conv.c + self.hv * self.dv + 2 * self.hv
@@ -902,24 +956,34 @@ impl GdnCore {
         (rows, norms)
     }
 
-    /// The forward pass without anything kept for a backward: the output (B, S, Hv·dv) and the state
-    /// (B·Hv, dk, dv), continuing from `prev` (same layout) when given.
-    fn infer(&self, x: &[f32], bsz: usize, s: usize, prev: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
+    /// The forward pass without anything kept for a backward: the output (B, S, Hv·dv) and each sample's state
+    /// (Hv, dk, dv), continuing from `prev[bi]` (same layout) when given. A state continued over at least one
+    /// token is written straight into its new buffer (no copy of the previous one first).
+    fn infer(&self, x: &[f32], bsz: usize, s: usize, prev: &[Option<&[f32]>]) -> (Vec<f32>, Vec<Vec<f32>>) {
         let (dk, dv, hv, c) = (self.dk, self.dv, self.hv, self.conv.c);
         let w = self.width();
+        let len = hv * dk * dv;
         let (_, post) = self.conv.forward(x, w, bsz, s);
         let ow = hv * dv;
         let mut y = vec![0f32; bsz * s * ow];
-        let mut state = match prev {
-            Some(p) => p.to_vec(),
-            None => vec![0f32; bsz * hv * dk * dv],
-        };
+        let mut states: Vec<Vec<f32>> = prev
+            .iter()
+            .map(|p| match p {
+                Some(_) if s > 0 => Vec::with_capacity(len),
+                Some(p) => p.to_vec(),
+                None => vec![0f32; len],
+            })
+            .collect();
+        let dst: Vec<_> = states.iter_mut().map(|v| crate::nn::dpbf16::SendPtr::new(v.as_mut_ptr())).collect();
         let yp = crate::nn::dpbf16::SendPtr::new(y.as_mut_ptr());
-        let head = |(task, stt): (usize, &mut [f32])| {
+        let head = |task: usize| {
             let (bi, h) = (task / hv, task % hv);
             let (rows, _) = self.rule_rows(x, &post, bi, h, s);
             let mut o = vec![0f32; s * dv];
-            forward(&rows, dk, dv, stt, &mut o);
+            let src = prev[bi].filter(|_| s > 0).map(|p| p[h * dk * dv..].as_ptr());
+            // SAFETY: head h's dk·dv values of sample bi's buffer (its capacity), written by this task alone; with
+            // `src` every one of them is written, otherwise they hold the state to continue.
+            unsafe { forward_from(&rows, dk, dv, src, dst[bi].at(h * dk * dv), &mut o) };
             let mut out = vec![0f32; dv];
             for t in 0..s {
                 let row = bi * s + t;
@@ -929,13 +993,56 @@ impl GdnCore {
                 unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), yp.at(row * ow + h * dv), dv) };
             }
         };
-        let heads = state.chunks_mut(dk * dv).enumerate();
         if bsz * hv * s * dk * dv < 8 * crate::nn::fused::SERIAL_BELOW {
-            heads.for_each(head);
+            (0..bsz * hv).for_each(head);
         } else {
-            heads.collect::<Vec<_>>().into_par_iter().for_each(head);
+            (0..bsz * hv).into_par_iter().for_each(head);
         }
-        (y, state)
+        for (v, p) in states.iter_mut().zip(prev) {
+            if p.is_some() && s > 0 {
+                // SAFETY: every head wrote its dk·dv values above.
+                unsafe { v.set_len(len) };
+            }
+        }
+        (y, states)
+    }
+
+    /// [`GdnCore::infer`] on tensors: the packed input (B, S, width) and each sample's state (Hv, dk, dv) or none.
+    /// Returns the output (B, S, Hv·dv) and each sample's new state.
+    fn infer_tensors(&self, packed: &Tensor, prev: &[Option<Tensor>]) -> Result<(Tensor, Vec<Tensor>)> {
+        let (bsz, s, _) = packed.dims3()?;
+        let (dk, dv, hv) = (self.dk, self.dv, self.hv);
+        let prev = prev.iter().map(|t| t.as_ref().map(|t| t.contiguous()).transpose()).collect::<Result<Vec<_>>>()?;
+        let guards: Vec<_> = prev.iter().map(|t| t.as_ref().map(|t| t.storage_and_layout())).collect();
+        let mut slices = Vec::with_capacity(bsz);
+        for g in &guards {
+            slices.push(match g {
+                Some((st, l)) => match &**st {
+                    Storage::Cpu(cs) => {
+                        let v = f32_slice(cs, l, "gated delta net: the state")?;
+                        if v.len() != hv * dk * dv {
+                            candle_core::bail!(
+                                "gated delta net: a state of {} values for {hv} heads of {dk}×{dv}",
+                                v.len()
+                            );
+                        }
+                        Some(v)
+                    }
+                    _ => candle_core::bail!("gated delta net: the state is not on the CPU"),
+                },
+                None => None,
+            });
+        }
+        if slices.len() != bsz {
+            candle_core::bail!("gated delta net: {} states for {bsz} samples", slices.len());
+        }
+        let (ps, pl) = packed.storage_and_layout();
+        let Storage::Cpu(ps) = &*ps else { candle_core::bail!("gated delta net: the input is not on the CPU") };
+        let x = f32_slice(ps, pl, "gated delta net: the packed input")?;
+        let (y, states) = self.infer(x, bsz, s, &slices);
+        let dev = packed.device();
+        let states = states.into_iter().map(|v| Tensor::from_vec(v, (hv, dk, dv), dev)).collect::<Result<_>>()?;
+        Ok((Tensor::from_vec(y, (bsz, s, hv * dv), dev)?, states))
     }
 
     fn init_of(&self, bi: usize, h: usize) -> Option<&[f32]> {
@@ -1127,9 +1234,12 @@ mod tests {
     fn fused_mixer_and_its_gradients_equal_the_composed_ops() -> Result<()> {
         use crate::nn::ops;
         let dev = Device::Cpu;
-        for (bsz, s, hk, hv, dk, dv, cont) in
-            [(1, 9, 1, 2, 8, 16, false), (2, 21, 2, 4, 8, 32, true), (1, 3, 1, 1, 4, 8, true)]
-        {
+        for (bsz, s, hk, hv, dk, dv, cont) in [
+            (1, 9, 1, 2, 8, 16, false),
+            (2, 21, 2, 4, 8, 32, true),
+            (1, 3, 1, 1, 4, 8, true),
+            (2, 1, 1, 2, 8, 96, true),
+        ] {
             let c = 2 * hk * dk + hv * dv;
             let kk = 4;
             let var = |shape: &[usize], sd: f32| Var::from_tensor(&Tensor::randn(0f32, sd, shape, &dev).unwrap());
@@ -1202,6 +1312,49 @@ mod tests {
         Ok(())
     }
 
+    /// A decoding batch's rows through one op: each row's output, conv rows and state equal the row alone, bit
+    /// for bit (rows with a state and a fresh one; value heads on the AVX-512 kernel and on the portable loops).
+    #[test]
+    fn mixer_rows_together_equal_each_row_alone() -> Result<()> {
+        let dev = Device::Cpu;
+        for (hk, hv, dk, dv) in [(1, 2, 8, 96), (2, 4, 8, 24)] {
+            let (bsz, c, kk) = (3, 2 * hk * dk + hv * dv, 4);
+            let rnd = |shape: &[usize], sd: f32| Tensor::randn(0f32, sd, shape, &dev);
+            let (mixed, z, b, a) = (
+                rnd(&[bsz, 1, c], 1.0)?,
+                rnd(&[bsz, 1, hv * dv], 1.0)?,
+                rnd(&[bsz, 1, hv], 1.0)?,
+                rnd(&[bsz, 1, hv], 1.0)?,
+            );
+            let conv = rnd(&[c, kk], 0.5)?;
+            let (a_log, dt_bias, norm) = (rnd(&[hv], 1.0)?, rnd(&[hv], 0.5)?, (rnd(&[dv], 0.2)? + 1.0)?);
+            let consts =
+                GdnConsts { conv: &conv, a_log: &a_log, dt_bias: &dt_bias, norm: &norm, eps: 1e-6, hk, hv, dk, dv };
+            let caches = [
+                Some((rnd(&[1, kk - 1, c], 1.0)?, rnd(&[hv, dk, dv], 0.3)?)),
+                None,
+                Some((rnd(&[1, kk - 1, c], 1.0)?, rnd(&[hv, dk, dv], 0.3)?)),
+            ];
+            let prev: Vec<_> = caches.iter().map(|p| p.as_ref().map(|(c, s)| (c, s))).collect();
+            let (y, next) = gated_delta_net_rows(&mixed, &z, &b, &a, &consts, &prev)?;
+            for r in 0..bsz {
+                let row = |t: &Tensor| t.narrow(0, r, 1);
+                let (cp, sp) = (prev[r].map(|p| p.0), prev[r].map(|p| p.1));
+                let (y1, c1, s1) =
+                    gated_delta_net_fused(&row(&mixed)?, &row(&z)?, &row(&b)?, &row(&a)?, &consts, cp, sp)?;
+                for (name, p, q) in
+                    [("output", &row(&y)?, &y1), ("conv rows", &next[r].0, &c1), ("state", &next[r].1, &s1)]
+                {
+                    assert_eq!(rel(p, q), 0.0, "dv={dv} row {r}: {name}");
+                }
+            }
+            // The previous states are read, not written: a cache cloned before the step still holds them.
+            let again = gated_delta_net_rows(&mixed, &z, &b, &a, &consts, &prev)?;
+            assert_eq!(rel(&again.0, &y), 0.0);
+        }
+        Ok(())
+    }
+
     #[test]
     fn fused_conv_and_its_gradient_equal_the_composed_ops() -> Result<()> {
         let dev = Device::Cpu;
@@ -1230,7 +1383,14 @@ mod tests {
         // Value heads of 16·n columns take the AVX-512 kernel where the CPU has it, the others the portable loops;
         // lengths across the blocks of recomputed states (8 and 16 tokens).
         let shapes = [(1, 8, 8, true), (5, 16, 24, false), (37, 16, 8, true), (40, 12, 20, false)];
-        let wide = [(1, 4, 16, true), (9, 8, 32, false), (37, 16, 64, true), (20, 8, 128, false)];
+        let wide = [
+            (1, 4, 16, true),
+            (9, 8, 32, false),
+            (37, 16, 64, true),
+            (20, 8, 128, false),
+            (11, 8, 96, true),
+            (3, 4, 48, false),
+        ];
         for (s, dk, dv, with_state) in shapes.into_iter().chain(wide) {
             let n = 3;
             let [q, k, v, g, beta] = inputs(n, s, dk, dv, s as u64)?;

@@ -166,6 +166,9 @@ impl Attention {
         caches: &mut [&mut LayerCache],
     ) -> candle_core::Result<Tensor> {
         let (q, gate, k, v) = self.project(x, false)?;
+        if let Some(o) = self.attend_rows(&q, &k, &v, cos, sin, caches)? {
+            return self.o_proj.forward_t(&(o * ops::sigmoid(&gate)?)?, false);
+        }
         // Rows on the pool: a row's attention is small, and one after another they would leave cores idle.
         let rows = caches
             .par_iter_mut()
@@ -177,6 +180,42 @@ impl Attention {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let o = (Tensor::cat(&rows, 0)? * ops::sigmoid(&gate)?)?;
         self.o_proj.forward_t(&o, false)
+    }
+
+    /// [`Attention::attend`] of one new position per row, each over its own cache, as one op on the CPU: every
+    /// row's rotary embedding at once, each row's keys and values written to its cache, then all rows' query heads
+    /// on the pool. None (nothing written) where the op does not apply.
+    fn attend_rows(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        caches: &mut [&mut LayerCache],
+    ) -> candle_core::Result<Option<Tensor>> {
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        let caches_fit = caches.iter().all(|c| match &**c {
+            LayerCache::Attention { k, .. } => cpu_f32(k),
+            LayerCache::Empty => true,
+            LayerCache::DeltaNet { .. } => false,
+        });
+        if !cpu_f32(q) || q.dim(1)? != 1 || !caches_fit {
+            return Ok(None);
+        }
+        let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
+        let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+        let q = ops::apply_rope(&q, &cos, &sin)?;
+        let k = ops::apply_rope(&k, &cos, &sin)?.contiguous()?;
+        let v = v.contiguous()?;
+        let mut rows = Vec::with_capacity(caches.len());
+        for (r, c) in caches.iter_mut().enumerate() {
+            let (ck, cv, offset) = Self::append(c, &k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?)?;
+            rows.push((ck, cv, offset + 1));
+        }
+        let o = crate::nn::attention::decode_attention_rows(&q, &rows, self.kv_heads)?;
+        // Written already: a cache the op would refuse was ruled out above.
+        o.map(Some).ok_or_else(|| candle_core::Error::Msg("decode attention refused a checked cache".into()))
     }
 
     /// Writes k and v (B, KV, S, hd; k after its rotary embedding) after the cached positions, growing the cache
@@ -369,6 +408,21 @@ impl GatedDeltaNet {
         let z = self.in_proj_z.forward_t(x, false)?;
         let bb = self.in_proj_b.forward_t(x, false)?;
         let a = self.in_proj_a.forward_t(x, false)?;
+        if let Some(consts) = self.fused_consts(&mixed) {
+            // Every row's heads as one op.
+            let prev = caches
+                .iter()
+                .map(|c| match &**c {
+                    LayerCache::DeltaNet { conv, state } => Some((conv, state)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>();
+            let (y, next) = super::delta::gated_delta_net_rows(&mixed, &z, &bb, &a, &consts, &prev)?;
+            for (c, (conv, state)) in caches.iter_mut().zip(next) {
+                **c = LayerCache::DeltaNet { conv, state };
+            }
+            return self.out_proj.forward_t(&y, false);
+        }
         // Rows on the pool, as in attention's.
         let rows = caches
             .par_iter_mut()
@@ -379,6 +433,22 @@ impl GatedDeltaNet {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         self.out_proj.forward_t(&Tensor::cat(&rows, 0)?, false)
+    }
+
+    /// The fused CPU op's constants, where it applies: f32 on the CPU, none of them trained.
+    fn fused_consts(&self, mixed: &Tensor) -> Option<super::delta::GdnConsts<'_>> {
+        let frozen = [&self.conv1d, &self.a_log, &self.dt_bias, &self.norm].iter().all(|p| !p.is_variable());
+        (mixed.device().is_cpu() && mixed.dtype() == DType::F32 && frozen).then_some(super::delta::GdnConsts {
+            conv: &self.conv1d,
+            a_log: &self.a_log,
+            dt_bias: &self.dt_bias,
+            norm: &self.norm,
+            eps: self.eps,
+            hk: self.hk,
+            hv: self.hv,
+            dk: self.dk,
+            dv: self.dv,
+        })
     }
 
     /// Everything between the projections: mixed (B, S, conv_dim), z (B, S, Hv·dv), bb and a (B, S, Hv) to the
@@ -394,23 +464,11 @@ impl GatedDeltaNet {
     ) -> candle_core::Result<Tensor> {
         let (b, s, _) = mixed.dims3()?;
         let (hv, dv) = (self.hv, self.dv);
-        let frozen = [&self.conv1d, &self.a_log, &self.dt_bias, &self.norm].iter().all(|p| !p.is_variable());
-        if mixed.device().is_cpu() && mixed.dtype() == DType::F32 && segments.is_none() && frozen {
+        if let Some(consts) = self.fused_consts(mixed).filter(|_| segments.is_none()) {
             // On the CPU, everything between the projections is one op (forward and backward).
             let (prev_conv, prev_state) = match cache.as_deref() {
                 Some(LayerCache::DeltaNet { conv, state }) => (Some(conv.clone()), Some(state.clone())),
                 _ => (None, None),
-            };
-            let consts = super::delta::GdnConsts {
-                conv: &self.conv1d,
-                a_log: &self.a_log,
-                dt_bias: &self.dt_bias,
-                norm: &self.norm,
-                eps: self.eps,
-                hk: self.hk,
-                hv,
-                dk: self.dk,
-                dv,
             };
             let (y, conv, state) =
                 super::delta::gated_delta_net_fused(mixed, z, bb, a, &consts, prev_conv.as_ref(), prev_state.as_ref())?;
