@@ -293,7 +293,8 @@ pub fn decode(
         let logits: Vec<f32> =
             model.logits(&h.narrow(1, prompt_len - 1, 1)?)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         let ttft = t0.elapsed().as_secs_f64();
-        let mut caches = vec![cache; batch];
+        // Each sequence its own cache, as the server's are (clones would share the key/value storage).
+        let mut caches = (0..batch).map(|_| cache.fork()).collect::<Result<Vec<_>>>()?;
         let mut tokens = vec![crate::infer::sample::argmax(&logits); batch];
         let (t1, c1) = (Instant::now(), cpu_seconds());
         for _ in 0..new_tokens {

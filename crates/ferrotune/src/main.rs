@@ -11,6 +11,7 @@ use cli::{Command, DataCommand};
 
 fn main() -> ExitCode {
     ferrotune_core::sys::tune_allocator();
+    ferrotune_core::sys::tune_threads();
     let cli = cli::parse();
     let result = match cli.command {
         Command::Train(args) => cmd::train::run(args),

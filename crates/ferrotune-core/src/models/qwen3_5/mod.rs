@@ -49,6 +49,26 @@ impl Cache {
     pub fn new(n_layers: usize) -> Self {
         Self { layers: vec![LayerCache::Empty; n_layers], seen: 0 }
     }
+
+    /// A copy that shares no storage with this one (a clone's key/value cache is written in place by both).
+    pub fn fork(&self) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(match l {
+                    LayerCache::Attention { k, v, len } => {
+                        LayerCache::Attention { k: k.copy()?, v: v.copy()?, len: *len }
+                    }
+                    LayerCache::DeltaNet { conv, state } => {
+                        LayerCache::DeltaNet { conv: conv.copy()?, state: state.copy()? }
+                    }
+                    LayerCache::Empty => LayerCache::Empty,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { layers, seen: self.seen })
+    }
 }
 
 /// The model; the decoder's parts keep the keys under `model.language_model` that the loader gave them.
