@@ -117,7 +117,7 @@ fn plan_shards(tensors: &[Planned], limit: u64) -> Vec<Vec<usize>> {
 }
 
 /// The sum of the adapters' `scale·B·A` per module path, in f32.
-fn adapter_deltas(adapters: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
+pub(crate) fn adapter_deltas(adapters: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
     let mut deltas: HashMap<String, Tensor> = HashMap::new();
     for dir in adapters {
         let a = Adapter::load(dir, &Device::Cpu)?;

@@ -12,6 +12,7 @@ pub mod device;
 pub mod env;
 pub mod eval;
 pub mod export;
+pub mod gguf;
 pub mod image;
 pub mod infer;
 pub mod lora;

@@ -10,6 +10,7 @@ mod demo;
 mod eval;
 mod export;
 mod generate;
+mod gguf;
 mod image;
 mod loading;
 mod metrics;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::Parser;
 use ferrotune_core::export::{export, parse_dtype, ExportOptions};
+use ferrotune_core::gguf::{export_gguf, GgufOptions, Quant};
 
 use super::serving::{adapter_dirs, layered, named_template, template_of_adapters};
 
@@ -35,6 +36,15 @@ pub struct Args {
     /// auto (keep the stored dtypes), float32, bfloat16 or float16.
     #[arg(long = "infer_dtype", alias = "infer-dtype", value_name = "DTYPE")]
     pub infer_dtype: Option<String>,
+    /// safetensors (a checkpoint for transformers, vLLM and ferrotune), gguf (llama.cpp / Ollama / LM Studio:
+    /// `<name>-<QUANT>.gguf` with the adapters merged, `mmproj-<name>-F16.gguf` with the vision tower, and a
+    /// Modelfile) or gguf-lora (the adapter alone, for llama.cpp's `--lora`).
+    #[arg(long = "export_format", alias = "export-format", value_name = "FORMAT")]
+    pub export_format: Option<String>,
+    /// GGUF weight type: bf16 (default), f16, q8_0 or q4_k_m (llama-quantize's mix of Q4_K and Q6_K); gguf-lora:
+    /// f32 (default), bf16, f16 or q8_0.
+    #[arg(long = "export_quant", alias = "export-quant", value_name = "TYPE")]
+    pub export_quant: Option<String>,
     /// Replace the checkpoint files of a non-empty export_dir.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub overwrite: Option<bool>,
@@ -62,7 +72,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         bail!("export_hub_model_id: ferrotune does not upload; export, then `huggingface-cli upload REPO DIR`");
     }
     if args.export_quantization_bit.is_some() {
-        bail!("export_quantization_bit: quantized export is not supported; export in bfloat16 and quantize with a dedicated tool");
+        bail!("export_quantization_bit: a quantized safetensors export is not supported; for 8- or 4-bit weights use --export_format gguf --export_quant q8_0 (or q4_k_m)");
     }
     if let Some(t) = args.finetuning_type.as_deref().filter(|t| *t != "lora") {
         bail!("finetuning_type {t:?}: only LoRA adapters are merged by export");
@@ -90,6 +100,48 @@ pub fn run(args: Args) -> Result<ExitCode> {
         (Some(name), None) => Some(named_template(name)?),
         (None, _) => None,
     };
+    let format = args.export_format.as_deref().unwrap_or("safetensors");
+    match format {
+        "safetensors" => {
+            if let Some(q) = &args.export_quant {
+                bail!("export_quant {q:?} applies to --export_format gguf or gguf-lora");
+            }
+        }
+        "gguf" | "gguf-lora" => {
+            let lora_only = format == "gguf-lora";
+            if lora_only && adapters.is_empty() {
+                bail!("--export_format gguf-lora writes an adapter: pass --adapter_name_or_path DIR");
+            }
+            let quant = Quant::parse(args.export_quant.as_deref().unwrap_or(if lora_only { "f32" } else { "bf16" }))?;
+            let opts = GgufOptions {
+                model_dir,
+                adapters,
+                export_dir: export_dir.clone(),
+                quant,
+                lora_only,
+                overwrite: args.overwrite.unwrap_or(false),
+                chat_template,
+            };
+            let t = std::time::Instant::now();
+            let report = export_gguf(&opts, |line| eprintln!("{line}"))?;
+            let types: Vec<String> = report.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+            eprintln!(
+                "exported {} ({} merged modules; tensors: {}) to {} in {:.1}s",
+                report
+                    .files
+                    .iter()
+                    .map(|(f, b)| format!("{f} {:.1} MB", *b as f64 / 1e6))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                report.merged_modules,
+                types.join(", "),
+                export_dir.display(),
+                t.elapsed().as_secs_f64()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        other => bail!("export_format {other:?}: expected safetensors, gguf or gguf-lora"),
+    }
     let opts = ExportOptions {
         model_dir,
         adapters,

@@ -125,3 +125,40 @@ fn peft_loads_a_fresh_adapter() {
         assert!(d <= 1e-4, "merged {merge}: ferrotune's logits differ from PEFT's by {d}");
     }
 }
+
+/// With tools/golden/.venv-gguf: llama.cpp's converter, llama-quantize and llama.cpp itself rerun on what the current
+/// binary writes (tools/golden/check_gguf.py), and their results equal the committed fixtures that the library's
+/// tests compare ferrotune with.
+#[test]
+fn llama_cpp_reruns_on_the_current_gguf_export() {
+    let py = root().join("tools/golden/.venv-gguf/bin/python");
+    if !py.is_file() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED llama_cpp_reruns_on_the_current_gguf_export: tools/golden/.venv-gguf is missing \
+             (`bash tools/golden/setup_gguf.sh` builds the pinned llama-cpp-python)"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("check.json");
+    run_python(&py, "check_gguf.py", &[env!("CARGO_BIN_EXE_ferrotune"), "--out", out.to_str().unwrap()]);
+    let fixtures = root().join("tests/fixtures/golden/gguf");
+    let (now, committed) = (read_json(&out), read_json(&fixtures.join("reference.json")));
+    assert_eq!(now["greedy"], committed["greedy"], "llama.cpp's greedy tokens");
+    if now.get("converter").is_some() {
+        for key in ["converter", "llama_quantize_q4_k_m", "llama_quantize_base_q4_k_m"] {
+            assert_eq!(now[key], committed[key], "{key}");
+        }
+    }
+    for (file, bound) in [("logits.safetensors", 1e-5f32), ("quant.safetensors", 0.0)] {
+        let now = candle_core::safetensors::load(format!("{}.{file}", out.display()), &Device::Cpu).unwrap();
+        let committed = candle_core::safetensors::load(fixtures.join(file), &Device::Cpu).unwrap();
+        assert_eq!(now.len(), committed.len(), "{file}");
+        for (name, t) in &committed {
+            let (a, b) = (t.to_dtype(DType::F32).unwrap(), now[name].to_dtype(DType::F32).unwrap());
+            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d <= bound, "{file} {name}: the rerun differs by {d}");
+        }
+    }
+}
