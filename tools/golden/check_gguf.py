@@ -7,12 +7,13 @@ at commit 0c1e5709) on the tiny checkpoint with the PEFT adapter of tests/fixtur
    know the tiny tokenizer's pre-tokenizer hash; it is told `qwen35`, as for Qwen3.5's own.
 2. ferrotune's GGUF files (f32, bf16, f16, q8_0, q4_k_m) and its GGUF LoRA are run in llama.cpp on fixed token-id
    prompts: the last position's logits and 12 greedy tokens, for the merged model and for the bf16 base with the
-   LoRA applied at run time.
+   LoRA applied at run time; and the f32 and bf16 model + projector on a chat prompt with a picture through
+   llama.cpp's multimodal library (mtmd): the text tokens it made and the last logits.
 3. ggml's reference quantizer (`ggml_quantize_chunk` of the installed libggml) quantizes fixed random rows to
    Q8_0, Q5_0, Q4_K and Q6_K.
 4. llama-quantize (`llama_model_quantize`) turns the converter's bf16 file into Q4_K_M: the type it picks per tensor.
 
-Writes tests/fixtures/golden/gguf/{reference.json, logits.safetensors, quant.safetensors}, which the Rust test
+Writes tests/fixtures/golden/gguf/{reference.json, logits.safetensors, quant.safetensors, image.png}, which the Rust test
 `gguf_export_equals_llama_cpp` checks ferrotune against; with --out FILE only (no --write-reference) it writes the
 same measurements elsewhere and leaves the fixture as committed.
 
@@ -155,6 +156,70 @@ class Model:
         return first, toks
 
 
+IMAGE_SIDE = 128
+IMAGE_TEXT = "Describe the robot."
+
+
+def image_rgb():
+    """A 128×128 test picture (16 image tokens after the 2×2 merge; a multiple of 32 pixels, so neither side
+    resizes it)."""
+    y, x = np.mgrid[0:IMAGE_SIDE, 0:IMAGE_SIDE]
+    return np.stack([(x * 2) % 256, (y * 2) % 256, ((x ^ y) * 3) % 256], -1).astype(np.uint8)
+
+
+def write_png(path, img):
+    import struct
+    import zlib
+
+    h, w, _ = img.shape
+    rows = b"".join(b"\x00" + img[i].tobytes() for i in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+
+
+def image_prompt(model_path, mmproj_path):
+    """The chat-rendered prompt with the picture through llama.cpp's multimodal path (mtmd): the text tokens it
+    made of the prompt and the last position's logits."""
+    from llama_cpp import mtmd_cpp as M
+
+    m = Model(model_path)
+    mp = M.mtmd_context_params_default()
+    mp.use_gpu, mp.n_threads, mp.print_timings = False, 2, False
+    mc = M.mtmd_init_from_file(mmproj_path.encode(), m.m, mp)
+    if not mc:
+        sys.exit(f"llama.cpp could not load the projector {mmproj_path}")
+    ctx = m.context()
+    img = image_rgb()
+    bitmap = M.mtmd_bitmap_init(IMAGE_SIDE, IMAGE_SIDE, (ctypes.c_uint8 * img.size).from_buffer_copy(img.tobytes()))
+    text = (f"<|im_start|>user\n{M.mtmd_default_marker().decode()}{IMAGE_TEXT}<|im_end|>\n"
+            "<|im_start|>assistant\n<think>\n").encode()
+    it = M.mtmd_input_text()
+    it.text, it.text_len, it.add_special, it.parse_special = text, len(text), False, True
+    chunks = M.mtmd_input_chunks_init()
+    if M.mtmd_tokenize(mc, chunks, ctypes.byref(it), (M.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) != 0:
+        sys.exit("mtmd_tokenize failed")
+    parts = []
+    for i in range(M.mtmd_input_chunks_size(chunks)):
+        c = M.mtmd_input_chunks_get(chunks, i)
+        if M.mtmd_input_chunk_get_type(c) == 0:
+            n = ctypes.c_size_t()
+            p = M.mtmd_input_chunk_get_tokens_text(c, ctypes.byref(n))
+            parts.append([int(p[j]) for j in range(n.value)])
+        else:
+            parts.append({"image_tokens": int(M.mtmd_input_chunk_get_n_tokens(c))})
+    n_past = L.llama_pos(0)
+    if M.mtmd_helper_eval_chunks(mc, ctx, chunks, 0, 0, 64, True, ctypes.byref(n_past)) != 0:
+        sys.exit("mtmd_helper_eval_chunks failed")
+    logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), (m.n_vocab,)).copy()
+    M.mtmd_free(mc)
+    return parts, logits
+
+
 def ggml_quant_reference():
     """Fixed random rows through ggml's own quantizer."""
     libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
@@ -218,6 +283,11 @@ def main():
             for i, (lg, toks) in enumerate(runs):
                 logits[f"{quant}.{i}"] = lg.astype(np.float32)
             greedy[quant] = [toks for _, toks in runs]
+            if quant in ("f32", "bf16"):
+                mmproj = next(os.path.join(d, f) for f in os.listdir(d) if f.startswith("mmproj"))
+                parts, lg = image_prompt(path, mmproj)
+                ref[f"image_prompt_{quant}"] = parts
+                logits[f"{quant}.image"] = lg.astype(np.float32)
         # The base alone in bf16 with the GGUF LoRA applied at run time.
         base = os.path.join(tmp, "base")
         run([binary, "export", "--model_name_or_path", CKPT, "--export_dir", base, "--export_format", "gguf"])
@@ -231,8 +301,10 @@ def main():
         greedy["bf16+lora"] = [toks for _, toks in runs]
         ref["greedy"] = greedy
         quant_ref = ggml_quant_reference()
+    ref["image"] = {"file": "image.png", "text": IMAGE_TEXT}
     if write_ref:
         os.makedirs(OUT, exist_ok=True)
+        write_png(os.path.join(OUT, "image.png"), image_rgb())
         with open(os.path.join(OUT, "reference.json"), "w") as f:
             json.dump(ref, f, indent=1)
             f.write("\n")

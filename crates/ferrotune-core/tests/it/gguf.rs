@@ -200,6 +200,39 @@ fn llama_cpp_runs_the_gguf_files_as_ferrotune_runs_the_checkpoint() {
     }
 }
 
+/// The chat prompt with a picture through llama.cpp's multimodal library (the f32 and bf16 model + projector
+/// files): the same token ids around the picture, as many image tokens, and ferrotune's logits.
+#[test]
+fn llama_cpp_reads_a_picture_through_the_projector_as_ferrotune_does() {
+    let r = reference();
+    let e = Engine::load(&tiny_checkpoint(), &[adapter().as_path()], AdapterMode::Separate, DType::F32, &Device::Cpu)
+        .unwrap();
+    let picture = ferrotune_core::image::load_image(&fixtures().join("golden/gguf/image.png")).unwrap();
+    let text = format!(
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n<think>\n",
+        r["image"]["text"].as_str().unwrap()
+    );
+    let prompt = e.prompt_from_text(&text, &[picture]).unwrap();
+    let pad = e.tokenizer.token_id("<|image_pad|>").unwrap();
+    let logits = safetensors("logits.safetensors");
+    let (mine, _) = e.prefill(&prompt, &mut ferrotune_core::models::qwen3_5::Cache::new(e.model.layers.len())).unwrap();
+    // bf16: the merged weights and the projector's rounded to bf16, and llama.cpp's products in bf16.
+    for (quant, bound) in [("f32", 0.01f32), ("bf16", 0.4)] {
+        let mut ids = Vec::new();
+        for part in r[format!("image_prompt_{quant}")].as_array().unwrap() {
+            match part.get("image_tokens") {
+                Some(n) => ids.extend(std::iter::repeat_n(pad, n.as_u64().unwrap() as usize)),
+                None => ids.extend(part.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32)),
+            }
+        }
+        assert_eq!(ids, prompt.ids, "{quant}: llama.cpp's tokens of the prompt with the picture");
+        let theirs: Vec<f32> = logits[&format!("{quant}.image")].to_vec1().unwrap();
+        let d = mine.iter().zip(&theirs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("llama.cpp {quant} with a picture: max |logit diff| {d:.4}");
+        assert!(d <= bound, "{quant}: with the picture, llama.cpp's logits differ from ferrotune's by {d} > {bound}");
+    }
+}
+
 #[test]
 fn the_gguf_lora_holds_the_adapter_in_llama_cpps_layout() {
     let dir = scratch("gguf-lora").join("lora");
