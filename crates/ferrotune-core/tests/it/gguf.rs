@@ -277,3 +277,51 @@ fn quantizers_write_ggmls_bytes() {
         assert_eq!(differ, 0, "{name}: {differ} of {} blocks differ from ggml's", got.len() / size);
     }
 }
+
+/// What llama.cpp would not load, or what the format cannot carry, is refused before a file is written.
+#[test]
+fn unloadable_exports_are_refused_before_writing() {
+    let tmp = scratch("gguf-refused");
+    // Another model family.
+    let other = tmp.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    for entry in std::fs::read_dir(tiny_checkpoint()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), other.join(entry.file_name())).unwrap();
+    }
+    let cfg = std::fs::read_to_string(other.join("config.json")).unwrap().replace("\"qwen3_5\"", "\"llama\"");
+    std::fs::write(other.join("config.json"), cfg).unwrap();
+    let mut opts = GgufOptions {
+        model_dir: other,
+        adapters: vec![],
+        export_dir: tmp.join("out"),
+        quant: Quant::Bf16,
+        lora_only: false,
+        overwrite: false,
+        chat_template: None,
+    };
+    let err = format!("{:#}", export_gguf(&opts, |_| {}).unwrap_err());
+    assert!(err.contains("model_type") && err.contains("llama"), "{err}");
+    // A GGUF LoRA holds one adapter, in a 16/32-bit or 8-bit type.
+    opts.model_dir = tiny_checkpoint();
+    opts.lora_only = true;
+    opts.adapters = vec![adapter(), adapter()];
+    let err = format!("{:#}", export_gguf(&opts, |_| {}).unwrap_err());
+    assert!(err.contains("one adapter"), "{err}");
+    opts.adapters = vec![adapter()];
+    opts.quant = Quant::Q4KM;
+    let err = format!("{:#}", export_gguf(&opts, |_| {}).unwrap_err());
+    assert!(err.contains("q4_k_m"), "{err}");
+    assert!(!tmp.join("out").exists(), "nothing written");
+    // An existing file is kept unless --overwrite.
+    opts.lora_only = false;
+    opts.quant = Quant::Bf16;
+    export_gguf(&opts, |_| {}).unwrap();
+    let err = format!("{:#}", export_gguf(&opts, |_| {}).unwrap_err());
+    assert!(err.contains("--overwrite"), "{err}");
+    opts.overwrite = true;
+    export_gguf(&opts, |_| {}).unwrap();
+    let names: Vec<String> =
+        std::fs::read_dir(tmp.join("out")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert_eq!(names.len(), 3, "model, projector and Modelfile, no temporary files left: {names:?}");
+}
