@@ -146,52 +146,71 @@ fn guard<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
         .unwrap_or_else(|_| Err(anyhow!("internal error: generation panicked; see the server log")))
 }
 
-fn run(engine: &Engine, opts: BatchOptions, rx: mpsc::Receiver<Job>, stats: &BatchStats) {
+fn run(engine: &Engine, opts: BatchOptions, mut rx: mpsc::Receiver<Job>, stats: &BatchStats) {
     let mut queue: VecDeque<Job> = VecDeque::new();
     let mut seqs: Vec<Seq> = Vec::new();
-    let max_seqs = opts.max_seqs.max(1);
     loop {
-        if seqs.is_empty() && queue.is_empty() {
-            match rx.recv() {
-                Ok(job) => queue.push_back(job),
-                Err(_) => return,
+        match rx.recv() {
+            Ok(job) => queue.push_back(job),
+            Err(_) => return,
+        }
+        // While there is work, the loop runs on a worker of the compute pool: each op's parallel work then starts
+        // from a worker instead of being handed to the pool and waited for across threads (decoding 9-13%
+        // faster). Waiting for requests happens outside it, so that an idle loop holds no worker.
+        let busy = || {
+            while !(seqs.is_empty() && queue.is_empty()) {
+                iterate(engine, &opts, &rx, stats, &mut queue, &mut seqs);
             }
-        }
-        queue.extend(rx.try_iter());
-        // Requests whose client left while queued end here, never started.
-        let (left, kept): (Vec<Job>, Vec<Job>) = queue.drain(..).partition(|j| j.sink.gone());
-        queue = kept.into();
-        for job in left {
-            let g = Generation {
-                text: String::new(),
-                token_ids: vec![],
-                prompt_tokens: job.prompt.ids.len(),
-                finish_reason: FinishReason::Cancelled,
-            };
-            job.sink.done(Ok(g));
-        }
-        while seqs.len() < max_seqs {
-            let Some(Job { prompt, req, mut sink }) = queue.pop_front() else { break };
-            sink.started();
-            let dec = Decoding::new(engine, &prompt.ids, &req);
-            let cache = Cache::new(engine.model.layers.len());
-            seqs.push(Seq { sink, stage: Stage::Admitted(prompt), cache, dec, rope_delta: 0, ended: None });
-        }
-        let t = std::time::Instant::now();
-        let fed = prefill(engine, &mut seqs, opts.prefill_chunk.max(1));
-        stats.prefill_tokens.fetch_add(fed as u64, Ordering::Relaxed);
-        let t2 = std::time::Instant::now();
-        stats.prefill_micros.fetch_add((t2 - t).as_micros() as u64, Ordering::Relaxed);
-        decode(engine, &mut seqs, stats);
-        stats.decode_micros.fetch_add(t2.elapsed().as_micros() as u64, Ordering::Relaxed);
-        for s in seqs.iter_mut().filter(|s| s.ended.is_none() && s.sink.gone()) {
-            s.dec.cancel();
-            s.ended = Some(Ok(()));
-        }
-        let (over, running): (Vec<Seq>, Vec<Seq>) = seqs.drain(..).partition(|s| s.ended.is_some());
-        seqs = running;
-        over.into_iter().for_each(Seq::end);
+            rx
+        };
+        rx = rayon::join(busy, || ()).0;
     }
+}
+
+/// One iteration: new requests admitted, waiting prompts fed a chunk, one token of every decoding sequence.
+fn iterate(
+    engine: &Engine,
+    opts: &BatchOptions,
+    rx: &mpsc::Receiver<Job>,
+    stats: &BatchStats,
+    queue: &mut VecDeque<Job>,
+    seqs: &mut Vec<Seq>,
+) {
+    let max_seqs = opts.max_seqs.max(1);
+    queue.extend(rx.try_iter());
+    // Requests whose client left while queued end here, never started.
+    let (left, kept): (Vec<Job>, Vec<Job>) = queue.drain(..).partition(|j| j.sink.gone());
+    *queue = kept.into();
+    for job in left {
+        let g = Generation {
+            text: String::new(),
+            token_ids: vec![],
+            prompt_tokens: job.prompt.ids.len(),
+            finish_reason: FinishReason::Cancelled,
+        };
+        job.sink.done(Ok(g));
+    }
+    while seqs.len() < max_seqs {
+        let Some(Job { prompt, req, mut sink }) = queue.pop_front() else { break };
+        sink.started();
+        let dec = Decoding::new(engine, &prompt.ids, &req);
+        let cache = Cache::new(engine.model.layers.len());
+        seqs.push(Seq { sink, stage: Stage::Admitted(prompt), cache, dec, rope_delta: 0, ended: None });
+    }
+    let t = std::time::Instant::now();
+    let fed = prefill(engine, seqs, opts.prefill_chunk.max(1));
+    stats.prefill_tokens.fetch_add(fed as u64, Ordering::Relaxed);
+    let t2 = std::time::Instant::now();
+    stats.prefill_micros.fetch_add((t2 - t).as_micros() as u64, Ordering::Relaxed);
+    decode(engine, seqs, stats);
+    stats.decode_micros.fetch_add(t2.elapsed().as_micros() as u64, Ordering::Relaxed);
+    for s in seqs.iter_mut().filter(|s| s.ended.is_none() && s.sink.gone()) {
+        s.dec.cancel();
+        s.ended = Some(Ok(()));
+    }
+    let (over, running): (Vec<Seq>, Vec<Seq>) = seqs.drain(..).partition(|s| s.ended.is_some());
+    *seqs = running;
+    over.into_iter().for_each(Seq::end);
 }
 
 /// Feeds waiting prompts, oldest first, whole chunks until `budget` tokens are spent (at least one chunk);

@@ -401,13 +401,7 @@ crate::nn::amx::wide_fn! {
         let hd = q.len();
         let mut max = f32::NEG_INFINITY;
         for (sc, kt) in scores.iter_mut().zip(k.chunks_exact(hd)) {
-            let mut acc = [0f32; 16];
-            for (qc, kc) in q.chunks(16).zip(kt.chunks(16)) {
-                for t in 0..qc.len() {
-                    acc[t] += qc[t] * kc[t];
-                }
-            }
-            *sc = acc.iter().sum::<f32>() * scale;
+            *sc = crate::nn::fused::dot16(q, kt) * scale;
             max = max.max(*sc);
         }
         let mut sum = 0f32;
