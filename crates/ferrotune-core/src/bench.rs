@@ -307,7 +307,7 @@ pub fn decode(
         }
         Ok((ttft, t1.elapsed().as_secs_f64(), cpu_seconds() - c1))
     };
-    let in_pool = || rayon::join(&run, || ()).0;
+    let in_pool = || rayon::join(run, || ()).0;
     in_pool()?;
     let m = start_measure(device)?;
     let (ttft, secs, cpu) = in_pool()?;
