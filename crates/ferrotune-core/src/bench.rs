@@ -204,9 +204,10 @@ pub fn train(model_dir: &Path, opts: &TrainBench, base: Base, device: &Device) -
         }
         Ok(())
     };
-    run(opts.warmup, &mut acc, &mut opt)?;
+    // On the pool, as `ferrotune train` runs.
+    crate::parallel::on_compute_pool(|| run(opts.warmup, &mut acc, &mut opt))?;
     let m = start_measure(device)?;
-    run(opts.steps, &mut acc, &mut opt)?;
+    crate::parallel::on_compute_pool(|| run(opts.steps, &mut acc, &mut opt))?;
     let (wall, cpu) = end_measure(device, m)?;
     let n = opts.steps.max(1) as f64;
     Ok(BenchReport {
@@ -307,7 +308,8 @@ pub fn decode(
         }
         Ok((ttft, t1.elapsed().as_secs_f64(), cpu_seconds() - c1))
     };
-    let in_pool = || rayon::join(run, || ()).0;
+    // On the pool, as the server's batching loop runs.
+    let in_pool = || crate::parallel::on_compute_pool(run);
     in_pool()?;
     let m = start_measure(device)?;
     let (ttft, secs, cpu) = in_pool()?;

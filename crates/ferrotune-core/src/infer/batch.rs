@@ -163,7 +163,7 @@ fn run(engine: &Engine, opts: BatchOptions, mut rx: mpsc::Receiver<Job>, stats: 
             }
             rx
         };
-        rx = rayon::join(busy, || ()).0;
+        rx = crate::parallel::on_compute_pool(busy);
     }
 }
 

@@ -48,7 +48,7 @@ pub fn run(args: ConfigArgs) -> Result<ExitCode> {
         device,
         workers: None,
     };
-    let outcome = trainer::run(&plan, &prepared, &opts)?;
+    let outcome = ferrotune_core::parallel::on_compute_pool(|| trainer::run(&plan, &prepared, &opts))?;
     if outcome.interrupted {
         return Ok(ExitCode::from(130));
     }
