@@ -182,6 +182,22 @@ impl Attention {
         self.o_proj.forward_t(&o, false)
     }
 
+    /// q (B, S, H, hd), k and v (B, S, KV, hd) as (B, heads, S, hd), q and k after the rotary embedding (k and v
+    /// contiguous, as the cache takes them).
+    fn heads_first_rotated(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
+        let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+        let q = ops::apply_rope(&q, &cos, &sin)?;
+        let k = ops::apply_rope(&k, &cos, &sin)?.contiguous()?;
+        Ok((q, k, v.contiguous()?))
+    }
+
     /// [`Attention::attend`] of one new position per row, each over its own cache, as one op on the CPU: every
     /// row's rotary embedding at once, each row's keys and values written to its cache, then all rows' query heads
     /// on the pool. None (nothing written) where the op does not apply.
@@ -203,11 +219,7 @@ impl Attention {
         if !cpu_f32(q) || q.dim(1)? != 1 || !caches_fit {
             return Ok(None);
         }
-        let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
-        let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
-        let q = ops::apply_rope(&q, &cos, &sin)?;
-        let k = ops::apply_rope(&k, &cos, &sin)?.contiguous()?;
-        let v = v.contiguous()?;
+        let (q, k, v) = Self::heads_first_rotated(q, k, v, cos, sin)?;
         let mut rows = Vec::with_capacity(caches.len());
         for (r, c) in caches.iter_mut().enumerate() {
             let (ck, cv, offset) = Self::append(c, &k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?)?;
@@ -273,12 +285,8 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, s, _, _) = q.dims4()?;
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
         // 3. Partial rotary on the first `rot` channels.
-        let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
-        let q = ops::apply_rope(&q, &cos, &sin)?;
-        let k = ops::apply_rope(&k, &cos, &sin)?.contiguous()?;
-        let v = v.contiguous()?;
+        let (q, k, v) = Self::heads_first_rotated(q, k, v, cos, sin)?;
         // 4. Cache: append and attend over everything seen.
         let (k, v, offset) = match cache {
             Some(c) => {
