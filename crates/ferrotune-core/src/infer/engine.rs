@@ -148,6 +148,7 @@ impl Engine {
     ) -> Result<Self> {
         crate::models::model_type(model_dir)?;
         let mut model = Qwen3_5::load_as(model_dir, dtype, device, format)?;
+        model.visual.fast_gelu(true);
         let kept = model.embed_tokens.dtype() != model.dtype;
         let mode = if kept && adapters.len() == 1 { AdapterMode::Separate } else { mode };
         for dir in adapters {

@@ -148,11 +148,11 @@ crate::nn::amx::wide_fn! {
     fn softmax_prefix(row: &mut [f32], n: usize) {
         let (live, masked) = row.split_at_mut(n);
         let max = live.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-        let mut sum = 0f32;
+        // The exponentials in a loop of their own (it vectorises), then summed in order as before.
         for x in live.iter_mut() {
             *x = crate::nn::fused::exp(*x - max);
-            sum += *x;
         }
+        let sum = live.iter().fold(0f32, |s, &x| s + x);
         let inv = 1.0 / sum;
         for x in live.iter_mut() {
             *x *= inv;
@@ -404,11 +404,10 @@ crate::nn::amx::wide_fn! {
             *sc = crate::nn::fused::dot16(q, kt) * scale;
             max = max.max(*sc);
         }
-        let mut sum = 0f32;
         for sc in scores.iter_mut() {
             *sc = crate::nn::fused::exp(*sc - max);
-            sum += *sc;
         }
+        let sum = scores.iter().fold(0f32, |s, &x| s + x);
         let inv = 1.0 / sum;
         o.fill(0.0);
         for (&p, vt) in scores.iter().zip(v.chunks_exact(hd)) {
