@@ -156,14 +156,15 @@ fn run(engine: &Engine, opts: BatchOptions, mut rx: mpsc::Receiver<Job>, stats: 
         }
         // While there is work, the loop runs on a worker of the compute pool: each op's parallel work then starts
         // from a worker instead of being handed to the pool and waited for across threads (decoding 9-13%
-        // faster). Waiting for requests happens outside it, so that an idle loop holds no worker.
+        // faster). Waiting for requests happens outside it, so that an idle loop holds no worker. Not with a
+        // one-thread pool (a small model): the request threads' image work would wait for the loop to drain.
         let busy = || {
             while !(seqs.is_empty() && queue.is_empty()) {
                 iterate(engine, &opts, &rx, stats, &mut queue, &mut seqs);
             }
             rx
         };
-        rx = crate::parallel::on_compute_pool(busy);
+        rx = if rayon::current_num_threads() > 1 { crate::parallel::on_compute_pool(busy) } else { busy() };
     }
 }
 
