@@ -223,6 +223,8 @@ pub struct Writer {
     path: PathBuf,
     plan: Vec<(TensorPlan, u64)>,
     next: usize,
+    /// Bytes of the next tensor written so far by [`Writer::write_part`].
+    partial: u64,
 }
 
 impl Writer {
@@ -263,19 +265,36 @@ impl Writer {
         }
         header.resize((header.len() as u64).next_multiple_of(ALIGNMENT) as usize, 0);
         out.write_all(&header)?;
-        Ok(Self { out, tmp, path: path.to_path_buf(), plan: planned, next: 0 })
+        Ok(Self { out, tmp, path: path.to_path_buf(), plan: planned, next: 0, partial: 0 })
     }
 
     /// The next tensor's data (its plan's name, exactly its planned size).
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        self.write_part(name, data)?;
+        self.end_tensor(name)
+    }
+
+    /// A piece of the next tensor's data (rows in order); [`Writer::end_tensor`] closes it.
+    pub fn write_part(&mut self, name: &str, data: &[u8]) -> Result<()> {
         let Some((t, size)) = self.plan.get(self.next) else { bail!("{name}: more tensors than planned") };
-        if t.name != name || data.len() as u64 != *size {
-            bail!("writing {name} ({} bytes) where {} ({size} bytes) is planned", data.len(), t.name);
+        if t.name != name || self.partial + data.len() as u64 > *size {
+            bail!("writing {} more bytes of {name} where {} ({size} bytes) is planned", data.len(), t.name);
         }
         self.out.write_all(data)?;
+        self.partial += data.len() as u64;
+        Ok(())
+    }
+
+    /// Closes the next tensor: all its planned bytes written, then the padding to the alignment.
+    pub fn end_tensor(&mut self, name: &str) -> Result<()> {
+        let Some((t, size)) = self.plan.get(self.next) else { bail!("{name}: more tensors than planned") };
+        if t.name != name || self.partial != *size {
+            bail!("{name}: {} of {size} bytes written", self.partial);
+        }
         let pad = size.next_multiple_of(ALIGNMENT) - size;
         self.out.write_all(&vec![0u8; pad as usize])?;
         self.next += 1;
+        self.partial = 0;
         Ok(())
     }
 

@@ -625,6 +625,13 @@ fn deltas(adapters: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
     crate::export::adapter_deltas(adapters)
 }
 
+/// Bytes of f32 values converted at a time when a tensor goes by row blocks (a few rows in the unit tests, so
+/// that the tiny checkpoint's matrices take that path).
+#[cfg(not(test))]
+const BLOCK_BYTES: usize = 256 << 20;
+#[cfg(test)]
+const BLOCK_BYTES: usize = 1 << 10;
+
 /// Writes one file from its plan, loading, merging and transforming one tensor at a time.
 #[allow(clippy::too_many_arguments)]
 fn write_file(
@@ -646,18 +653,37 @@ fn write_file(
     );
     bar.set_message(path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default());
     for s in sources {
-        let t = ckpt.load(&s.hf, &Device::Cpu)?.to_dtype(DType::F32)?;
-        let shape = t.dims().to_vec();
-        let t = match s.hf.strip_suffix(".weight").and_then(|m| deltas.get(m)) {
-            Some(d) => {
-                report.merged_modules += 1;
-                (t + d).with_context(|| format!("merging the adapter into {}", s.hf))?
-            }
-            None => t,
-        };
-        let x = apply(&s.transform, t.flatten_all()?.to_vec1::<f32>()?, &shape, order);
+        let stored = ckpt.load(&s.hf, &Device::Cpu)?;
+        let shape = stored.dims().to_vec();
+        let delta = s.hf.strip_suffix(".weight").and_then(|m| deltas.get(m));
+        if delta.is_some() {
+            report.merged_modules += 1;
+        }
+        // Rows a block at a time where the transform keeps rows apart (the 248,320-row embedding of the real
+        // sizes would otherwise be held in f32 twice); whole otherwise (the value-head reorders move rows).
         let row = *s.plan.shape.last().unwrap_or(&1);
-        w.write_tensor(&s.plan.name, &quantize(s.plan.ty, &x, row))?;
+        let merged = |t: Tensor, d: Option<Tensor>| -> Result<Vec<f32>> {
+            let t = t.to_dtype(DType::F32)?;
+            let t = match d {
+                Some(d) => (t + d).with_context(|| format!("merging the adapter into {}", s.hf))?,
+                None => t,
+            };
+            Ok(t.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let by_rows = matches!(s.transform, Transform::None | Transform::Cols { .. }) && shape.len() == 2;
+        let block = if by_rows { (BLOCK_BYTES / 4 / shape[1].max(1)).max(1) } else { usize::MAX };
+        if block < shape[0] {
+            for start in (0..shape[0]).step_by(block) {
+                let n = block.min(shape[0] - start);
+                let d = delta.map(|d| d.narrow(0, start, n)).transpose()?;
+                let x = apply(&s.transform, merged(stored.narrow(0, start, n)?, d)?, &[n, shape[1]], order);
+                w.write_part(&s.plan.name, &quantize(s.plan.ty, &x, row))?;
+            }
+            w.end_tensor(&s.plan.name)?;
+        } else {
+            let x = apply(&s.transform, merged(stored, delta.cloned())?, &shape, order);
+            w.write_tensor(&s.plan.name, &quantize(s.plan.ty, &x, row))?;
+        }
         *report.types.entry(s.plan.ty.name()).or_default() += 1;
         bar.inc(1);
     }
@@ -845,6 +871,37 @@ mod tests {
         let x: Vec<f32> = (0..12).map(|v| v as f32).collect(); // 2 leading rows, then 4 heads of 1 row × 2 cols
         let y = permute_rows(&x, 2, 1, 2, &sh.order());
         assert_eq!(y, vec![0., 1., 2., 3., 4., 5., 8., 9., 6., 7., 10., 11.]);
+    }
+
+    /// Written a few rows at a time, the files still equal what llama.cpp's converter writes (the fixture of the
+    /// integration test `gguf_files_equal_what_llama_cpps_converter_writes`).
+    #[test]
+    fn row_blocks_write_the_converters_bytes() {
+        use std::hash::Hasher;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        let reference: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join("golden/gguf/reference.json")).unwrap()).unwrap();
+        let dir = std::env::temp_dir().join(format!("ferrotune-gguf-blocks-{}", std::process::id())).join("tiny");
+        let opts = GgufOptions {
+            model_dir: root.join("tiny-qwen3_5"),
+            adapters: vec![root.join("golden/peft/adapter")],
+            export_dir: dir.clone(),
+            quant: Quant::Bf16,
+            lora_only: false,
+            overwrite: true,
+            chat_template: None,
+        };
+        let report = export_gguf(&opts, |_| {}).unwrap();
+        let g = super::super::format::Gguf::open(&dir.join(&report.files[0].0)).unwrap();
+        let want = reference["converter"]["model"]["tensors"].as_array().unwrap();
+        assert_eq!(g.tensors.len(), want.len());
+        for t in want {
+            let name = t["name"].as_str().unwrap();
+            let mut h = fnv::FnvHasher::default();
+            h.write(&g.tensor_bytes(name).unwrap());
+            assert_eq!(format!("{:016x}", h.finish()), t["fnv1a64"].as_str().unwrap(), "{name}");
+        }
+        let _ = std::fs::remove_dir_all(dir.parent().unwrap());
     }
 
     /// llama-quantize's Q4_K_M choice for 24 layers: Q6_K at 0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23.
