@@ -49,20 +49,6 @@ impl Value {
         }
     }
 
-    pub fn as_u32(&self) -> Option<u32> {
-        match self {
-            Value::U32(v) => Some(*v),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Value::Str(s) => Some(s),
-            _ => None,
-        }
-    }
-
     fn write(&self, w: &mut impl Write) -> std::io::Result<()> {
         match self {
             Value::U8(v) => w.write_all(&[*v]),

@@ -1,7 +1,7 @@
 //! ggml's block formats, quantized as llama.cpp's reference code does (`quantize_row_*_ref` in ggml-quants.c,
 //! no importance matrix), so that a file written here holds what `llama-quantize` would write: Q8_0 and Q5_0
-//! (blocks of 32), Q4_K and Q6_K (super-blocks of 256), and the 16-bit types. Each has its dequantization, used
-//! by the tests and the export's error report.
+//! (blocks of 32), Q4_K and Q6_K (super-blocks of 256), and the 16-bit types. Each has its dequantization (the tests
+//! measure the formats' errors with it).
 
 use half::{bf16, f16};
 use rayon::prelude::*;

@@ -620,11 +620,6 @@ fn vision_kv(cfg: &Config, model_dir: &Path, name: &str, q: Quant) -> Result<Vec
     ])
 }
 
-/// The sum of the adapters' scale·B·A per module, f32.
-fn deltas(adapters: &[PathBuf]) -> Result<HashMap<String, Tensor>> {
-    crate::export::adapter_deltas(adapters)
-}
-
 /// Bytes of f32 values converted at a time when a tensor goes by row blocks (a few rows in the unit tests, so
 /// that the tiny checkpoint's matrices take that path).
 #[cfg(not(test))]
@@ -741,7 +736,7 @@ pub fn export_gguf(opts: &GgufOptions, mut log: impl FnMut(&str)) -> Result<Gguf
         return export_lora(opts, &cfg, &name, &order, report, &mut log);
     }
     let ckpt = Checkpoint::open(&opts.model_dir)?;
-    let deltas = deltas(&opts.adapters)?;
+    let deltas = crate::export::adapter_deltas(&opts.adapters)?;
     let text = text_plan(&ckpt, &cfg, opts.quant)?;
     let vision = vision_plan(&ckpt, &cfg, opts.quant)?;
     for module in deltas.keys() {

@@ -273,6 +273,23 @@ crate::nn::amx::wide_fn! {
     }
 }
 
+/// The `wide` kernel `$f` instantiated for value heads of `$dv` = 16·n columns (1 ≤ n ≤ 8).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_width {
+    ($dv:expr, $f:ident) => {
+        match $dv / 16 {
+            1 => wide::$f::<1>,
+            2 => wide::$f::<2>,
+            3 => wide::$f::<3>,
+            4 => wide::$f::<4>,
+            5 => wide::$f::<5>,
+            6 => wide::$f::<6>,
+            7 => wide::$f::<7>,
+            _ => wide::$f::<8>,
+        }
+    };
+}
+
 /// One head's forward: the AVX-512 kernel for value heads of 16·n columns (n ≤ 8), else the portable loops.
 fn forward(x: &[f32], dk: usize, dv: usize, st: &mut [f32], outs: &mut [f32]) {
     // SAFETY: `st` is initialised and the kernel reads and writes it in place.
@@ -289,16 +306,7 @@ unsafe fn forward_from(x: &[f32], dk: usize, dv: usize, src: Option<*const f32>,
     #[cfg(target_arch = "x86_64")]
     if steps > 0 && dv.is_multiple_of(16) && (16..=128).contains(&dv) && std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F; the buffers have the sizes the kernel reads (checked by the callers).
-        let sweep = match dv / 16 {
-            1 => wide::sweep::<1>,
-            2 => wide::sweep::<2>,
-            3 => wide::sweep::<3>,
-            4 => wide::sweep::<4>,
-            5 => wide::sweep::<5>,
-            6 => wide::sweep::<6>,
-            7 => wide::sweep::<7>,
-            _ => wide::sweep::<8>,
-        };
+        let sweep = by_width!(dv, sweep);
         sweep(x, dk, steps, st, src, Some(outs), None);
         return;
     }
@@ -314,16 +322,7 @@ fn backward(x: &[f32], dk: usize, dv: usize, init: Option<&[f32]>, go: &[f32], g
     if dv.is_multiple_of(16) && (16..=128).contains(&dv) && std::is_x86_feature_detected!("avx512f") {
         // SAFETY: as in `forward`.
         unsafe {
-            let backward = match dv / 16 {
-                1 => wide::backward::<1>,
-                2 => wide::backward::<2>,
-                3 => wide::backward::<3>,
-                4 => wide::backward::<4>,
-                5 => wide::backward::<5>,
-                6 => wide::backward::<6>,
-                7 => wide::backward::<7>,
-                _ => wide::backward::<8>,
-            };
+            let backward = by_width!(dv, backward);
             backward(x, dk, init, go, gx)
         }
         return;
