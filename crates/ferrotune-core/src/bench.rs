@@ -449,6 +449,37 @@ pub fn kernels(hidden: usize, inter: usize, m: usize, reps: usize) -> Result<Vec
             }
         }
     }
+    // Decoding reads every weight from memory once a step: the same products over a ring of copies larger than
+    // any cache, so that each product streams its weight from memory (the rows above find it in cache).
+    let (_, wbf) = &weights[2];
+    let bytes = bytes_of(wbf) * (hidden * inter) as f64;
+    let copies = ((512u64 << 20) as f64 / bytes).ceil().max(2.0) as usize;
+    let ring = (0..copies)
+        .map(|_| {
+            let mut p = crate::nn::Param::new("w", wbf.tensor.copy()?);
+            p.bf16_products = wbf.bf16_products;
+            Ok(p)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for rows_m in [1, 8, 16] {
+        let x = Tensor::randn(0f32, 1.0, (rows_m, hidden), &dev)?;
+        for w in &ring {
+            std::hint::black_box(crate::nn::frozen::frozen_matmul_param(&x, w)?);
+        }
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            for w in &ring {
+                std::hint::black_box(crate::nn::frozen::frozen_matmul_param(&x, w)?);
+            }
+        }
+        let s = t0.elapsed().as_secs_f64() / (reps * copies) as f64;
+        rows.push(KernelRow {
+            name: format!("x ({rows_m}×{hidden}) · W{bf_label} ({inter}×{hidden})ᵀ from memory"),
+            seconds: s,
+            gflops: Some(2.0 * (rows_m * hidden * inter) as f64 / s / 1e9),
+            gbytes: bytes / s / 1e9,
+        });
+    }
     Ok(rows)
 }
 
