@@ -15,9 +15,12 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
 
-use super::engine::{Decoding, Engine, FinishReason, GenerateRequest, Generation, Prefill, Prompt, PREFILL_CHUNK};
+use super::engine::{
+    Decoding, Engine, FinishReason, GenerateRequest, Generation, NamedAdapter, Prefill, Prompt, PREFILL_CHUNK,
+};
 use crate::models::qwen3_5::Cache;
 use crate::nn::stream::STREAM_ROWS;
+use crate::nn::{with_row_adapters, RowAdapter};
 
 /// Where a request's results go. Every method is called on the batching thread, so each must be quick.
 pub trait Sink: Send {
@@ -36,6 +39,8 @@ pub trait Sink: Send {
 pub struct Job {
     pub prompt: Prompt,
     pub req: GenerateRequest,
+    /// One of the adapters served by name (None: the base as loaded).
+    pub adapter: Option<Arc<NamedAdapter>>,
     pub sink: Box<dyn Sink>,
 }
 
@@ -108,6 +113,7 @@ enum Stage {
 
 struct Seq {
     sink: Box<dyn Sink>,
+    adapter: Option<Arc<NamedAdapter>>,
     stage: Stage,
     cache: Cache,
     dec: Decoding,
@@ -192,11 +198,11 @@ fn iterate(
         job.sink.done(Ok(g));
     }
     while seqs.len() < max_seqs {
-        let Some(Job { prompt, req, mut sink }) = queue.pop_front() else { break };
+        let Some(Job { prompt, req, adapter, mut sink }) = queue.pop_front() else { break };
         sink.started();
         let dec = Decoding::new(engine, &prompt.ids, &req);
         let cache = Cache::new(engine.model.layers.len());
-        seqs.push(Seq { sink, stage: Stage::Admitted(prompt), cache, dec, rope_delta: 0, ended: None });
+        seqs.push(Seq { sink, adapter, stage: Stage::Admitted(prompt), cache, dec, rope_delta: 0, ended: None });
     }
     let t = std::time::Instant::now();
     let fed = prefill(engine, seqs, opts.prefill_chunk.max(1));
@@ -228,8 +234,10 @@ fn prefill(engine: &Engine, seqs: &mut [Seq], budget: usize) -> usize {
             break;
         }
         spent += len;
+        // The sequence's adapter for every row of its prompt (the vision tower's too).
+        let chosen = s.adapter.as_ref().map(|a| vec![a.rows(None)]).unwrap_or_default();
         if let Stage::Admitted(prompt) = &s.stage {
-            match guard(|| engine.begin_prefill(prompt)) {
+            match guard(|| with_row_adapters(chosen.clone(), || engine.begin_prefill(prompt))) {
                 Ok(p) => {
                     s.rope_delta = p.pos.delta;
                     s.stage = Stage::Prefilling(p);
@@ -241,7 +249,7 @@ fn prefill(engine: &Engine, seqs: &mut [Seq], budget: usize) -> usize {
             }
         }
         let Stage::Prefilling(p) = &mut s.stage else { continue };
-        match guard(|| engine.prefill_chunk(p, &mut s.cache, budget)) {
+        match guard(|| with_row_adapters(chosen, || engine.prefill_chunk(p, &mut s.cache, budget))) {
             Ok(None) => {}
             Ok(Some(mut logits)) => s.advance(engine, &mut logits),
             Err(e) => s.ended = Some(Err(e)),
@@ -268,9 +276,10 @@ fn decode(engine: &Engine, seqs: &mut [Seq], stats: &BatchStats) {
         stats.rows.fetch_add(tokens.len() as u64, Ordering::Relaxed);
         stats.max_rows.fetch_max(tokens.len(), Ordering::Relaxed);
         let deltas: Vec<i64> = group.iter().map(|(_, s)| s.rope_delta).collect();
+        let chosen = adapter_rows(group.iter().map(|(_, s)| s.adapter.as_ref()));
         let out = {
             let mut caches: Vec<&mut Cache> = group.iter_mut().map(|(_, s)| &mut s.cache).collect();
-            guard(|| engine.step_rows(&tokens, &deltas, &mut caches))
+            guard(|| with_row_adapters(chosen, || engine.step_rows(&tokens, &deltas, &mut caches)))
         };
         match out {
             Ok(logits) => {
@@ -286,4 +295,17 @@ fn decode(engine: &Engine, seqs: &mut [Seq], stats: &BatchStats) {
             }
         }
     }
+}
+
+/// The rows of a decoding batch grouped by their sequences' adapters (rows of the base in none).
+fn adapter_rows<'a>(adapters: impl Iterator<Item = Option<&'a Arc<NamedAdapter>>>) -> Vec<RowAdapter> {
+    let mut groups: Vec<(&Arc<NamedAdapter>, Vec<usize>)> = Vec::new();
+    for (row, a) in adapters.enumerate() {
+        let Some(a) = a else { continue };
+        match groups.iter_mut().find(|(g, _)| Arc::ptr_eq(g, a)) {
+            Some((_, rows)) => rows.push(row),
+            None => groups.push((a, vec![row])),
+        }
+    }
+    groups.into_iter().map(|(a, rows)| a.rows(Some(rows))).collect()
 }

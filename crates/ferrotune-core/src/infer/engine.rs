@@ -2,7 +2,9 @@
 //! processor; prompts built exactly like transformers' processor; prefill then token-by-token decode with a
 //! caller-owned cache (KV for full-attention layers, conv + delta-rule state for Gated-DeltaNet layers).
 
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -13,6 +15,7 @@ use crate::chat_template::{expand_pads, ChatTemplate, RenderOptions};
 use crate::image::ImageProcessorConfig;
 use crate::lora::Adapter;
 use crate::models::qwen3_5::{Cache, Qwen3_5, RopePositions, VisionInput};
+use crate::nn::{with_row_adapters, AdapterWeights, RowAdapter};
 use crate::tokenizer::Tokenizer;
 use crate::weights::FrozenFormat;
 
@@ -112,6 +115,40 @@ pub struct Engine {
     pub processor: ImageProcessorConfig,
     pub generation: GenerationConfig,
     image_pad: String,
+    /// (in, out) features of every linear module, for checking adapters added later.
+    modules: HashMap<String, (usize, usize)>,
+    /// Adapters served by name beside the base (see [`Engine::add_adapter`]).
+    adapters: RwLock<BTreeMap<String, Arc<NamedAdapter>>>,
+}
+
+/// An adapter served by name on the engine's base, beside others: its matrices stay apart from the base
+/// weights, and the rows of a batch each take their own sequence's adapter.
+pub struct NamedAdapter {
+    pub name: String,
+    pub dir: PathBuf,
+    pub weights: Arc<AdapterWeights>,
+    /// The chat template the adapter was trained with, when its folder carries one (prompts for it use that).
+    pub template: Option<ChatTemplate>,
+    pub rank: usize,
+    /// Bytes its matrices take (f32).
+    pub bytes: usize,
+}
+
+impl std::fmt::Debug for NamedAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NamedAdapter")
+            .field("name", &self.name)
+            .field("dir", &self.dir)
+            .field("rank", &self.rank)
+            .finish()
+    }
+}
+
+impl NamedAdapter {
+    /// The choice of this adapter for the rows `rows` of the next products (None: every row).
+    pub fn rows(&self, rows: Option<Vec<usize>>) -> RowAdapter {
+        RowAdapter { rows, adapter: self.weights.clone() }
+    }
 }
 
 /// How to apply adapters when loading.
@@ -160,6 +197,7 @@ impl Engine {
                 .apply(model.linears_mut(), mode == AdapterMode::Merge)
                 .with_context(|| format!("applying adapter {}", dir.display()))?;
         }
+        let modules = model.linears_mut().into_iter().map(|(p, l)| (p, (l.in_dim(), l.out_dim()))).collect();
         let tokenizer = Tokenizer::from_path(model_dir)?;
         // An adapter trained by ferrotune carries the chat template it was trained with; serve with that one.
         let template = match adapters.iter().rev().find(|d| d.join("chat_template.jinja").exists()) {
@@ -171,7 +209,71 @@ impl Engine {
         let image_pad = tokenizer
             .id_to_token(model.cfg.image_token_id)
             .with_context(|| format!("the tokenizer has no token for image_token_id {}", model.cfg.image_token_id))?;
-        Ok(Self { model, tokenizer, template, processor, generation, image_pad })
+        let adapters = RwLock::default();
+        Ok(Self { model, tokenizer, template, processor, generation, image_pad, modules, adapters })
+    }
+
+    /// Reads an adapter folder to serve under `name` beside the base (see [`Engine::add_adapter`]): every module
+    /// it adapts must exist in this model with the adapter's shapes.
+    pub fn load_adapter(&self, name: &str, dir: &Path) -> Result<NamedAdapter> {
+        let adapter = Adapter::load(dir, &self.model.device)?;
+        let mut rank = 0;
+        let mut bytes = 0;
+        for (module, (a, b)) in &adapter.weights {
+            let Some(&(inp, out)) = self.modules.get(module) else {
+                bail!(
+                    "{}: the adapter targets {module}, which this model does not have (was it trained on another \
+                     model?)",
+                    dir.display()
+                )
+            };
+            let (r, a_in) = a.dims2()?;
+            let (b_out, r2) = b.dims2()?;
+            if a_in != inp || b_out != out || r != r2 {
+                bail!(
+                    "{}: adapter for {module}: A {:?} / B {:?} do not fit the module's weight [{out}, {inp}]",
+                    dir.display(),
+                    a.dims(),
+                    b.dims()
+                );
+            }
+            rank = rank.max(r);
+            bytes += (a.elem_count() + b.elem_count()) * 4;
+        }
+        let template =
+            if dir.join("chat_template.jinja").is_file() { Some(ChatTemplate::from_dir(dir)?) } else { None };
+        let weights = Arc::new(AdapterWeights { modules: adapter.weights, scale: adapter.spec.scale() });
+        Ok(NamedAdapter { name: name.to_string(), dir: dir.to_path_buf(), weights, template, rank, bytes })
+    }
+
+    /// Serves `adapter` under its name from now on; a name in use is refused.
+    pub fn add_adapter(&self, adapter: NamedAdapter) -> Result<Arc<NamedAdapter>> {
+        let mut map = self.adapters.write().unwrap_or_else(|e| e.into_inner());
+        if map.contains_key(&adapter.name) {
+            bail!("an adapter named `{}` is already loaded; unload it first or pick another name", adapter.name);
+        }
+        let a = Arc::new(adapter);
+        map.insert(a.name.clone(), a.clone());
+        Ok(a)
+    }
+
+    /// Stops serving the adapter `name` (sequences already running with it finish with it).
+    pub fn remove_adapter(&self, name: &str) -> Option<Arc<NamedAdapter>> {
+        self.adapters.write().unwrap_or_else(|e| e.into_inner()).remove(name)
+    }
+
+    pub fn adapter(&self, name: &str) -> Option<Arc<NamedAdapter>> {
+        self.adapters.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+
+    /// The adapters served by name, by name.
+    pub fn adapters(&self) -> Vec<Arc<NamedAdapter>> {
+        self.adapters.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    /// The chat template prompts for `adapter` are rendered with.
+    pub fn template_for<'a>(&'a self, adapter: Option<&'a NamedAdapter>) -> &'a ChatTemplate {
+        adapter.and_then(|a| a.template.as_ref()).unwrap_or(&self.template)
     }
 
     /// Renders `messages` (transformers' chat format: content strings or parts `{"type": "text"|"image"}`) with
@@ -290,13 +392,26 @@ impl Engine {
         &self,
         prompt: &Prompt,
         req: &GenerateRequest,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        self.generate_with(prompt, req, None, on_text)
+    }
+
+    /// [`Engine::generate`] with one of the adapters served by name (None: the base, or the adapters applied at
+    /// load).
+    pub fn generate_with(
+        &self,
+        prompt: &Prompt,
+        req: &GenerateRequest,
+        adapter: Option<&NamedAdapter>,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation> {
+        let chosen = || adapter.map(|a| vec![a.rows(None)]).unwrap_or_default();
         let mut cache = Cache::new(self.model.layers.len());
-        let (mut logits, pos) = self.prefill(prompt, &mut cache)?;
+        let (mut logits, pos) = with_row_adapters(chosen(), || self.prefill(prompt, &mut cache))?;
         let mut d = Decoding::new(self, &prompt.ids, req);
         while let Some(tok) = d.accept(&self.tokenizer, &mut logits, &mut on_text)? {
-            logits = self.step(tok, pos.delta, &mut cache)?;
+            logits = with_row_adapters(chosen(), || self.step(tok, pos.delta, &mut cache))?;
         }
         Ok(d.finish(&mut on_text))
     }

@@ -6,7 +6,7 @@ pub mod sample;
 
 pub use batch::{BatchOptions, BatchStats, Batcher, Job, Sink};
 pub use engine::{
-    AdapterMode, Decoding, Engine, FinishReason, GenerateRequest, Generation, GenerationConfig, Prefill, Prompt,
-    PREFILL_CHUNK,
+    AdapterMode, Decoding, Engine, FinishReason, GenerateRequest, Generation, GenerationConfig, NamedAdapter, Prefill,
+    Prompt, PREFILL_CHUNK,
 };
 pub use sample::{Sampler, SamplingParams};

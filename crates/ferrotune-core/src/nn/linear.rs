@@ -48,50 +48,104 @@ impl Linear {
         self.weight.dims()[0]
     }
 
-    /// x: (.., in) -> (.., out). `train` enables the adapter's dropout.
+    /// x: (.., in) -> (.., out). `train` enables the adapter's dropout. Without an adapter of its own, the
+    /// adapters chosen for the rows of this thread's products ([`with_row_adapters`]) apply.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
+        let y = match &self.lora {
+            Some(l) => self.forward_lora(&x2, train, Some((l.a.as_tensor(), l.b.as_tensor(), l.scale, l.dropout)))?,
+            None => match ROW_ADAPTERS.with(|g| self.forward_row_adapters(&x2, &g.borrow()))? {
+                Some(y) => y,
+                None => self.forward_lora(&x2, train, None)?,
+            },
+        };
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.out_dim();
+        y.reshape(out_dims)
+    }
+
+    /// `x2` (rows, in) through the base and the adapter `(A, B, scale, dropout)` if any: (rows, out).
+    fn forward_lora(&self, x2: &Tensor, train: bool, lora: Option<(&Tensor, &Tensor, f64, f32)>) -> Result<Tensor> {
         // Without dropout a frozen base and its adapter are one op on the CPU.
-        if let Some(lora) = self.lora.as_ref().filter(|l| !(train && l.dropout > 0.0) && self.bias.is_none()) {
-            if let Some(y) = super::frozen::frozen_lora_matmul(
-                &x2,
-                &self.weight,
-                lora.a.as_tensor(),
-                lora.b.as_tensor(),
-                lora.scale,
-            )? {
-                let mut out_dims = dims;
-                let last = out_dims.len() - 1;
-                out_dims[last] = self.out_dim();
-                return y.reshape(out_dims);
+        if let Some((a, b, scale, _)) = lora.filter(|l| !(train && l.3 > 0.0) && self.bias.is_none()) {
+            if let Some(y) = super::frozen::frozen_lora_matmul(x2, &self.weight, a, b, scale)? {
+                return Ok(y);
             }
         }
         // A trainable base weight (full fine-tuning) needs its gradient; a frozen one must not get one.
         let mut y = if self.weight.is_variable() {
             x2.matmul(&self.weight.t()?)?
         } else {
-            super::frozen::frozen_matmul_param(&x2, &self.weight)?
+            super::frozen::frozen_matmul_param(x2, &self.weight)?
         };
         // Activations keep their dtype whatever the weight's (an adapter merged into a 16-bit weight is f32).
-        if y.dtype() != x.dtype() {
-            y = y.to_dtype(x.dtype())?;
+        if y.dtype() != x2.dtype() {
+            y = y.to_dtype(x2.dtype())?;
         }
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        if let Some(lora) = &self.lora {
+        if let Some((a, b, scale, p)) = lora {
             let xin = x2.to_dtype(DType::F32)?;
-            let xin = if train && lora.dropout > 0.0 { dropout(&xin, lora.dropout)? } else { xin };
-            let delta = (xin.matmul(&lora.a.as_tensor().t()?)?.matmul(&lora.b.as_tensor().t()?)? * lora.scale)?;
+            let xin = if train && p > 0.0 { dropout(&xin, p)? } else { xin };
+            let delta = (xin.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?;
             y = (y.to_dtype(DType::F32)? + delta)?.to_dtype(y.dtype())?;
         }
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = self.out_dim();
-        y.reshape(out_dims)
+        Ok(y)
+    }
+
+    /// The products of rows that several adapters share out: None when none of them adapts this module. Every
+    /// row gets the numbers it would get with its adapter as this module's own branch (inference only).
+    fn forward_row_adapters(&self, x2: &Tensor, groups: &[RowAdapter]) -> Result<Option<Tensor>> {
+        let mut used = groups.iter().filter_map(|g| g.adapter.modules.get(&*self.path).map(|ab| (g, ab))).peekable();
+        let Some(&(first, (a, b))) = used.peek() else { return Ok(None) };
+        if first.rows.is_none() {
+            // One sequence (a prompt): exactly the single-branch path.
+            return self.forward_lora(x2, false, Some((a, b, first.adapter.scale, 0.0))).map(Some);
+        }
+        let m = x2.dim(0)?;
+        let k = x2.dim(1)?;
+        let n = self.out_dim();
+        // A decoding batch on the CPU: the base product of every row, then each group's adapter product added
+        // row by row, as the single-branch op does for a few rows (the same sums in the same order).
+        let cpu = x2.device().is_cpu() && x2.dtype() == DType::F32 && self.bias.is_none();
+        let base = if cpu && m <= super::stream::STREAM_ROWS {
+            let xv = x2.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            super::frozen::cpu_xwt(&xv, m, k, &self.weight)?.map(|y| (xv, y))
+        } else {
+            None
+        };
+        if let Some((xv, mut y)) = base {
+            for (g, (a, b)) in used {
+                let rows = g.rows.as_deref().unwrap_or(&[]);
+                let (av, bv) = (a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+                let r = a.dim(0)?;
+                let xg: Vec<f32> = rows.iter().flat_map(|&i| xv[i * k..(i + 1) * k].iter().copied()).collect();
+                let u = super::stream::stream_rows(&xg, rows.len(), k, super::mixed::Packed::F32(&av), r);
+                let v = super::stream::stream_rows(&u, rows.len(), r, super::mixed::Packed::F32(&bv), n);
+                let scale = g.adapter.scale as f32;
+                for (gi, &i) in rows.iter().enumerate() {
+                    for (y, v) in y[i * n..(i + 1) * n].iter_mut().zip(&v[gi * n..(gi + 1) * n]) {
+                        *y += scale * v;
+                    }
+                }
+            }
+            return Ok(Some(Tensor::from_vec(y, (m, n), x2.device())?));
+        }
+        // Elsewhere (a GPU): the base product, plus each group's adapter product on its rows.
+        let mut y = self.forward_lora(x2, false, None)?.to_dtype(DType::F32)?;
+        for (g, (a, b)) in used {
+            let rows = g.rows.as_deref().unwrap_or(&[]);
+            let idx = Tensor::from_vec(rows.iter().map(|&i| i as u32).collect::<Vec<_>>(), rows.len(), x2.device())?;
+            let xg = x2.index_select(&idx, 0)?.to_dtype(DType::F32)?;
+            let delta = (xg.matmul(&a.t()?)?.matmul(&b.t()?)? * g.adapter.scale)?;
+            y = y.index_add(&idx, &delta, 0)?;
+        }
+        y.to_dtype(x2.dtype()).map(Some)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -99,7 +153,39 @@ impl Linear {
     }
 }
 
+/// An adapter's matrices by module, served beside others on one base (its modules keep no branch of their own).
+#[derive(Debug)]
+pub struct AdapterWeights {
+    /// Module path -> (A [r, in], B [out, r]), f32.
+    pub modules: std::collections::HashMap<String, (Tensor, Tensor)>,
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub scale: f64,
+}
+
+/// Which rows of the next products an adapter applies to.
+#[derive(Clone, Debug)]
+pub struct RowAdapter {
+    /// Row indices of the products' input (one per sequence of a decoding batch); None: every row.
+    pub rows: Option<Vec<usize>>,
+    pub adapter: std::sync::Arc<AdapterWeights>,
+}
+
+/// Runs `f` with `groups` choosing the adapter of each row of this thread's linear products (modules without an
+/// adapter of their own). The models call their linears on the calling thread, so the choice reaches every one.
+pub fn with_row_adapters<R>(groups: Vec<RowAdapter>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Vec<RowAdapter>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let prev = std::mem::take(&mut self.0);
+            ROW_ADAPTERS.with(|g| *g.borrow_mut() = prev);
+        }
+    }
+    let _restore = Restore(ROW_ADAPTERS.with(|g| std::mem::replace(&mut *g.borrow_mut(), groups)));
+    f()
+}
+
 thread_local! {
+    static ROW_ADAPTERS: std::cell::RefCell<Vec<RowAdapter>> = const { std::cell::RefCell::new(Vec::new()) };
     static DROPOUT_RNG: std::cell::RefCell<rand::rngs::StdRng> =
         std::cell::RefCell::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0));
     /// The current seed, and whether a GPU's generator still has to be reset to it.

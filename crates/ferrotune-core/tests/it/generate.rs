@@ -241,3 +241,87 @@ fn chunked_prefill_equals_a_full_forward_and_batched_rows_equal_each_row_alone()
         }
     }
 }
+
+#[test]
+fn adapters_served_by_name_equal_peft_and_share_one_batch() {
+    use ferrotune_core::nn::with_row_adapters;
+    let e = engine(None);
+    let peft = e.add_adapter(e.load_adapter("peft", &fixtures().join("golden/peft/adapter")).unwrap()).unwrap();
+    let ours_dir = fixtures().join("golden/ferrotune_adapter");
+    let ours = e.add_adapter(e.load_adapter("ours", &ours_dir).unwrap()).unwrap();
+    assert!(peft.bytes > 0 && peft.rank > 0);
+    let dup = e.load_adapter("peft", &ours_dir).unwrap();
+    assert!(format!("{:#}", e.add_adapter(dup).unwrap_err()).contains("already loaded"));
+    assert_eq!(e.adapters().iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["ours", "peft"]);
+    // The second adapter's reference: the engine with it as the only branch.
+    let single =
+        Engine::load(&tiny_checkpoint(), &[ours_dir.as_path()], AdapterMode::Separate, DType::F32, &Device::Cpu)
+            .unwrap();
+    let opts = RenderOptions { add_generation_prompt: true, ..Default::default() };
+    let mut differs = false;
+    for c in cases() {
+        let name = c["name"].as_str().unwrap();
+        let prompt = e.prompt(&c["messages"], &images(&c), &opts).unwrap();
+        // transformers' greedy tokens without and with the PEFT adapter.
+        let base = e.generate_with(&prompt, &greedy(1.0), None, |_| true).unwrap();
+        assert_eq!(base.token_ids, ids(&c["base"]), "{name}: the base beside named adapters");
+        let with_peft = e.generate_with(&prompt, &greedy(1.0), Some(&peft), |_| true).unwrap();
+        assert_eq!(with_peft.token_ids, ids(&c["adapter"]), "{name}: the `peft` adapter served by name");
+        let with_ours = e.generate_with(&prompt, &greedy(1.0), Some(&ours), |_| true).unwrap();
+        let reference = single.generate(&prompt, &greedy(1.0), |_| true).unwrap();
+        assert_eq!(with_ours.token_ids, reference.token_ids, "{name}: the `ours` adapter served by name");
+        differs |= with_ours.token_ids != with_peft.token_ids && with_peft.token_ids != base.token_ids;
+    }
+    assert!(differs, "the adapters change the answers (else this test shows nothing)");
+    // Rows of the base and of both adapters in one batch: each row's logits bit-equal to the row alone.
+    let prompts: Vec<_> = cases().iter().map(|c| e.prompt(&c["messages"], &images(c), &opts).unwrap()).collect();
+    let choice = [None, Some(&peft), Some(&ours), Some(&peft)];
+    let mut states = Vec::new();
+    for (i, a) in choice.iter().enumerate() {
+        let prompt = &prompts[i % prompts.len()];
+        let mut cache = Cache::new(e.model.layers.len());
+        let rows = a.map(|a| vec![a.rows(None)]).unwrap_or_default();
+        let (_, pos) = with_row_adapters(rows, || e.prefill(prompt, &mut cache)).unwrap();
+        states.push((cache, pos.delta));
+    }
+    for step in 0..4u32 {
+        let tokens: Vec<u32> = (0..states.len() as u32).map(|i| 300 + 13 * i + step).collect();
+        let alone: Vec<Vec<f32>> = states
+            .iter()
+            .zip(&tokens)
+            .zip(&choice)
+            .map(|(((cache, delta), &t), a)| {
+                let rows = a.map(|a| vec![a.rows(None)]).unwrap_or_default();
+                with_row_adapters(rows, || e.step(t, *delta, &mut cache.clone())).unwrap()
+            })
+            .collect();
+        let groups = vec![peft.rows(Some(vec![1, 3])), ours.rows(Some(vec![2]))];
+        let deltas: Vec<i64> = states.iter().map(|s| s.1).collect();
+        let mut caches: Vec<&mut Cache> = states.iter_mut().map(|s| &mut s.0).collect();
+        let together = with_row_adapters(groups, || e.step_rows(&tokens, &deltas, &mut caches)).unwrap();
+        for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "step {step}: row {i} ({:?}) of the batch differs from the row alone",
+                choice[i].map(|a| &a.name)
+            );
+        }
+    }
+}
+
+#[test]
+fn an_adapter_for_another_model_is_refused_by_name() {
+    let e = engine(None);
+    let dir = crate::common::scratch("adapter-other-model");
+    std::fs::copy(fixtures().join("golden/peft/adapter/adapter_config.json"), dir.join("adapter_config.json")).unwrap();
+    let a = candle_core::Tensor::zeros((4, 64), DType::F32, &Device::Cpu).unwrap();
+    let b = candle_core::Tensor::zeros((64, 4), DType::F32, &Device::Cpu).unwrap();
+    let key = "base_model.model.model.language_model.layers.99.mlp.up_proj";
+    let tensors =
+        std::collections::HashMap::from([(format!("{key}.lora_A.weight"), a), (format!("{key}.lora_B.weight"), b)]);
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
+    let err = format!("{:#}", e.load_adapter("x", &dir).err().unwrap());
+    assert!(err.contains("layers.99.mlp.up_proj") && err.contains("does not have"), "{err}");
+    assert!(e.adapters().is_empty());
+}

@@ -67,6 +67,10 @@ pub struct Args {
     /// Sequences decoded together in one batch; more requests wait in the queue (default 16)
     #[arg(long = "max-num-seqs", alias = "max_num_seqs")]
     pub max_num_seqs: Option<usize>,
+    /// Folder that adapters loaded at run time (`POST /v1/load_lora_adapter`) must lie in; without it the
+    /// adapters served are those of --adapter_name_or_path
+    #[arg(long = "lora-dir", alias = "lora_dir", value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
     /// Prompt tokens fed between two decoding steps of the running sequences (default 256): smaller keeps their
     /// pace steadier while a long prompt comes in
     #[arg(long = "prefill-chunk", alias = "prefill_chunk")]
@@ -91,6 +95,20 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let mut opts =
         ServerOptions::new(args.served_model_name.clone().unwrap_or(loaded.model_name), loaded.max_model_len);
+    if loaded.engine.adapter(&opts.served_name).is_some() {
+        bail!(
+            "the adapter name `{0}` is also the base model's name; rename the adapter (NAME=DIR) or the base \
+             (--served-model-name)",
+            opts.served_name
+        );
+    }
+    if let Some(d) = &args.lora_dir {
+        let c = d.canonicalize().with_context(|| format!("--lora-dir {}: not found", d.display()))?;
+        if !c.is_dir() {
+            bail!("--lora-dir {}: not a folder", d.display());
+        }
+        opts.lora_dir = Some(c);
+    }
     opts.api_key = args.api_key.clone().filter(|k| !k.is_empty());
     opts.media = MediaPolicy {
         media_dir,

@@ -47,6 +47,12 @@ const HELP: &str = "/image PATH  attach an image to your next message (repeat fo
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let args = layered::<Args>("chat", &args.config, &[])?.unwrap_or(args);
+    if super::serving::named_adapters(args.model.adapter_name_or_path.as_deref())?.is_some() {
+        anyhow::bail!(
+            "--adapter_name_or_path: NAME=DIR entries serve several adapters side by side, which only `api` does; \
+             chat with one adapter folder (DIR, or DIR,DIR applied in order)"
+        );
+    }
     let loaded = load_engine(&args.model, &args.sampling)?;
     let show_reasoning = args.show_reasoning.unwrap_or(false);
     let mut chat = Conversation::new(args.system.clone());

@@ -17,7 +17,8 @@ pub struct ModelArgs {
     /// Checkpoint folder (config.json, *.safetensors, tokenizer.json, chat template, preprocessor_config.json).
     #[arg(long = "model_name_or_path", alias = "model-name-or-path", value_name = "DIR")]
     pub model_name_or_path: Option<PathBuf>,
-    /// LoRA adapter folder(s), comma-separated; all are applied in order.
+    /// LoRA adapter folder(s), comma-separated; all are applied in order. `api` also takes NAME=DIR,NAME=DIR:
+    /// each adapter served beside the others on one base, picked by a request's `model`.
     #[arg(long = "adapter_name_or_path", alias = "adapter-name-or-path", value_name = "DIR[,DIR..]")]
     pub adapter_name_or_path: Option<String>,
     /// LLaMA-Factory template to render prompts with (qwen3_5, qwen3_5_nothink, qwen2_vl, ...) when the adapter
@@ -119,14 +120,60 @@ pub fn named_template(name: &str) -> Result<(String, String)> {
 
 /// Parses `a,b` into adapter folders, each of which must exist.
 pub fn adapter_dirs(list: Option<&str>) -> Result<Vec<PathBuf>> {
-    let dirs: Vec<PathBuf> =
-        list.unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()).map(PathBuf::from).collect();
+    if named_adapters(list)?.is_some() {
+        bail!(
+            "--adapter_name_or_path: NAME=DIR entries serve several adapters side by side, which only `api` does; \
+             pass the folder(s) alone (DIR[,DIR..]: applied in order)"
+        );
+    }
+    let dirs: Vec<PathBuf> = entries(list).map(PathBuf::from).collect();
     for d in &dirs {
-        if !d.join("adapter_config.json").is_file() {
-            bail!("{}: not an adapter folder (no adapter_config.json)", d.display());
-        }
+        check_adapter_dir(d)?;
     }
     Ok(dirs)
+}
+
+fn entries(list: Option<&str>) -> impl Iterator<Item = &str> {
+    list.unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn check_adapter_dir(d: &Path) -> Result<()> {
+    if !d.join("adapter_config.json").is_file() {
+        bail!("{}: not an adapter folder (no adapter_config.json)", d.display());
+    }
+    Ok(())
+}
+
+/// Whether a name can be a served model id: letters, digits and `-_.:/`.
+pub fn valid_adapter_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 128 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+}
+
+/// Parses `name=DIR,name2=DIR2` (adapters served by name side by side): None when the list has no names.
+pub fn named_adapters(list: Option<&str>) -> Result<Option<Vec<(String, PathBuf)>>> {
+    let items: Vec<&str> = entries(list).collect();
+    if !items.iter().any(|i| i.contains('=')) {
+        return Ok(None);
+    }
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    for item in items {
+        let Some((name, dir)) = item.split_once('=') else {
+            bail!(
+                "--adapter_name_or_path: `{item}` has no name while others do; name every adapter (NAME=DIR,NAME=DIR) \
+                 to serve them side by side, or none to apply them in order"
+            )
+        };
+        let (name, dir) = (name.trim(), PathBuf::from(dir.trim()));
+        if !valid_adapter_name(name) {
+            bail!("--adapter_name_or_path: adapter name {name:?} must be letters, digits and -_.:/ (NAME=DIR)");
+        }
+        if out.iter().any(|(n, _)| n == name) {
+            bail!("--adapter_name_or_path: the name `{name}` is given twice; each adapter needs its own");
+        }
+        check_adapter_dir(&dir)?;
+        out.push((name.to_string(), dir));
+    }
+    Ok(Some(out))
 }
 
 fn device(spec: Option<&str>) -> Result<Device> {
@@ -143,7 +190,8 @@ pub fn load_engine(m: &ModelArgs, s: &SamplingArgs) -> Result<Loaded> {
             bail!("infer_backend {b:?}: ferrotune has one engine of its own; remove the key");
         }
     }
-    let adapters = adapter_dirs(m.adapter_name_or_path.as_deref())?;
+    let named = named_adapters(m.adapter_name_or_path.as_deref())?.unwrap_or_default();
+    let adapters = if named.is_empty() { adapter_dirs(m.adapter_name_or_path.as_deref())? } else { vec![] };
     let dev = device(m.device.as_deref())?;
     super::threads_for_checkpoint(model_dir);
     let asked = ferrotune_core::export::parse_dtype(m.infer_dtype.as_deref().unwrap_or("auto"))?;
@@ -179,6 +227,18 @@ pub fn load_engine(m: &ModelArgs, s: &SamplingArgs) -> Result<Loaded> {
             engine.template = ChatTemplate::new(source, PathBuf::from(origin))?;
         }
         (None, _) => {}
+    }
+    for (name, dir) in &named {
+        let a = engine.load_adapter(name, dir)?;
+        eprintln!(
+            "adapter `{name}`: {} modules, rank {}, {:.1} MB ({}{})",
+            a.weights.modules.len(),
+            a.rank,
+            a.bytes as f64 / 1e6,
+            dir.display(),
+            if a.template.is_some() { "; with its chat template" } else { "" }
+        );
+        engine.add_adapter(a)?;
     }
     eprintln!(
         "loaded {}{} ({:?}, {:?}) in {:.1}s; chat template: {}",

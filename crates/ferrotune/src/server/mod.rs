@@ -30,7 +30,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferrotune_core::chat_template::RenderOptions;
 use ferrotune_core::infer::{
-    BatchOptions, Batcher, Engine, FinishReason, GenerateRequest, Generation, Job, Prompt, SamplingParams, Sink,
+    BatchOptions, Batcher, Engine, FinishReason, GenerateRequest, Generation, Job, NamedAdapter, Prompt,
+    SamplingParams, Sink,
 };
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -76,6 +77,8 @@ pub struct ServerOptions {
     pub header_timeout: Duration,
     /// Sequences decoding together and prompt tokens fed between two decoding steps.
     pub batch: BatchOptions,
+    /// The folder adapters loaded at run time must lie in (canonical); None: run-time loading is off.
+    pub lora_dir: Option<std::path::PathBuf>,
 }
 
 /// Completion length when neither the request nor the server's `--max_new_tokens` says: a request without
@@ -112,6 +115,7 @@ impl ServerOptions {
             max_connections: 512,
             header_timeout: Duration::from_secs(10),
             batch: BatchOptions::default(),
+            lora_dir: None,
         }
     }
 }
@@ -227,6 +231,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/load_lora_adapter", post(load_lora_adapter))
+        .route("/v1/unload_lora_adapter", post(unload_lora_adapter))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(v1)
@@ -475,21 +481,157 @@ fn model_card(st: &AppState) -> Value {
     })
 }
 
+/// An adapter served by name, as vLLM lists its LoRA models (`root`: the folder, `parent`: the base).
+fn adapter_card(st: &AppState, a: &NamedAdapter) -> Value {
+    json!({
+        "id": a.name,
+        "object": "model",
+        "created": st.started,
+        "owned_by": "ferrotune",
+        "root": a.dir.display().to_string(),
+        "parent": st.opts.served_name,
+        "max_model_len": st.opts.max_model_len,
+    })
+}
+
 async fn list_models(State(st): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_card(&st)]}))
+    let mut data = vec![model_card(&st)];
+    data.extend(st.engine.adapters().iter().map(|a| adapter_card(&st, a)));
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// The ids a request's `model` may name.
+fn served_ids(st: &AppState) -> String {
+    std::iter::once(st.opts.served_name.clone())
+        .chain(st.engine.adapters().iter().map(|a| a.name.clone()))
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn no_such_model(st: &AppState, id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("the model `{id}` does not exist; this server serves {}", served_ids(st)),
+    )
+    .param("model")
+    .code("model_not_found")
 }
 
 async fn get_model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
     if id == st.opts.served_name {
-        Json(model_card(&st)).into_response()
-    } else {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("the model `{id}` does not exist; this server serves `{}`", st.opts.served_name),
+        return Json(model_card(&st)).into_response();
+    }
+    match st.engine.adapter(&id) {
+        Some(a) => Json(adapter_card(&st, &a)).into_response(),
+        None => no_such_model(&st, &id).into_response(),
+    }
+}
+
+/// The adapter a request's `model` picks: None for the base's name (or no name). Another name is refused once
+/// adapters are served by name; a server of one model answers whatever name is sent, as LLaMA-Factory's does.
+fn pick_model(st: &AppState, model: Option<&str>) -> Result<Option<Arc<NamedAdapter>>, ApiError> {
+    let Some(id) = model.filter(|m| *m != st.opts.served_name) else { return Ok(None) };
+    if let Some(a) = st.engine.adapter(id) {
+        return Ok(Some(a));
+    }
+    if st.engine.adapters().is_empty() && st.opts.lora_dir.is_none() {
+        return Ok(None);
+    }
+    Err(no_such_model(st, id))
+}
+
+/// The JSON object of a load / unload body, with its string fields.
+fn lora_body(bytes: &[u8], keys: &[&str]) -> Result<Vec<String>, ApiError> {
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad(format!("the request body is not valid JSON: {e}")).code("invalid_json"))?;
+    keys.iter()
+        .map(|k| match v.get(*k) {
+            Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+            _ => Err(ApiError::bad(format!("'{k}' must be a non-empty string")).param(*k)),
+        })
+        .collect()
+}
+
+/// `POST /v1/load_lora_adapter {"lora_name", "lora_path"}` (vLLM's names): serves one more adapter on the base,
+/// read from a folder inside `--lora-dir`.
+async fn load_lora_adapter(State(st): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    let Some(root) = st.opts.lora_dir.clone() else {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "loading adapters at run time is off; start the server with --lora-dir DIR (the folder adapters may be \
+             loaded from)",
         )
-        .param("model")
-        .code("model_not_found")
-        .into_response()
+        .into_response();
+    };
+    let (name, path) = match lora_body(&body, &["lora_name", "lora_path"]) {
+        Ok(v) => (v[0].clone(), v[1].clone()),
+        Err(e) => return e.into_response(),
+    };
+    if !crate::cmd::serving::valid_adapter_name(&name) || name == st.opts.served_name {
+        return ApiError::bad(format!(
+            "'lora_name' {name:?} must be letters, digits and -_.:/, and differ from the base's name"
+        ))
+        .param("lora_name")
+        .into_response();
+    }
+    if st.engine.adapter(&name).is_some() {
+        return ApiError::bad(format!("an adapter named `{name}` is already loaded; unload it first"))
+            .param("lora_name")
+            .into_response();
+    }
+    // Relative paths are inside --lora-dir; whatever the spelling, the real path must stay inside it.
+    let dir = match root.join(&path).canonicalize() {
+        Ok(d) if d.starts_with(&root) => d,
+        Ok(_) => {
+            return ApiError::new(StatusCode::FORBIDDEN, format!("'lora_path' {path:?} is outside --lora-dir"))
+                .param("lora_path")
+                .into_response()
+        }
+        Err(_) => {
+            return ApiError::new(StatusCode::NOT_FOUND, format!("'lora_path' {path:?}: no such folder in --lora-dir"))
+                .param("lora_path")
+                .into_response()
+        }
+    };
+    let engine = st.engine.clone();
+    let n = name.clone();
+    let loaded = tokio::task::spawn_blocking(move || {
+        std::panic::catch_unwind(AssertUnwindSafe(|| engine.load_adapter(&n, &dir)))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error while reading the adapter")))
+    })
+    .await
+    .unwrap_or_else(|e| Err(anyhow::anyhow!("internal error: {e}")));
+    let added = loaded.and_then(|a| st.engine.add_adapter(a));
+    match added {
+        Ok(a) => {
+            eprintln!(
+                "adapter `{}` loaded: rank {}, {:.1} MB ({})",
+                a.name,
+                a.rank,
+                a.bytes as f64 / 1e6,
+                a.dir.display()
+            );
+            let mut card = adapter_card(&st, &a);
+            card["bytes"] = a.bytes.into();
+            Json(card).into_response()
+        }
+        Err(e) => ApiError::bad(format!("{e:#}")).param("lora_path").into_response(),
+    }
+}
+
+/// `POST /v1/unload_lora_adapter {"lora_name"}`: stops serving an adapter (running requests finish with it).
+async fn unload_lora_adapter(State(st): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    let name = match lora_body(&body, &["lora_name"]) {
+        Ok(v) => v[0].clone(),
+        Err(e) => return e.into_response(),
+    };
+    match st.engine.remove_adapter(&name) {
+        Some(a) => {
+            eprintln!("adapter `{}` unloaded", a.name);
+            Json(json!({"id": a.name, "object": "model", "deleted": true})).into_response()
+        }
+        None => no_such_model(&st, &name).param("lora_name").into_response(),
     }
 }
 
@@ -522,6 +664,7 @@ async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Respon
 struct Prepared {
     prompt: Prompt,
     req: GenerateRequest,
+    adapter: Option<Arc<NamedAdapter>>,
     opens_think: bool,
 }
 
@@ -579,13 +722,18 @@ async fn handle_chat(st: Arc<AppState>, body: Body) -> Response {
     if let Err(e) = check_limits(&r, &st.opts) {
         return log_error(&st, &id, t0, e).into_response();
     }
+    let adapter = match pick_model(&st, r.model.as_deref()) {
+        Ok(a) => a,
+        Err(e) => return log_error(&st, &id, t0, e).into_response(),
+    };
+    let model = adapter.as_ref().map_or_else(|| st.opts.served_name.clone(), |a| a.name.clone());
     let engine = st.engine.clone();
     let opts = st.opts.clone();
     let stream = r.stream;
     let include_usage = r.include_usage;
     let prepared = match st.preparing.acquire().await {
         Ok(_permit) => tokio::task::spawn_blocking(move || {
-            std::panic::catch_unwind(AssertUnwindSafe(|| prepare(&engine, &opts, r))).unwrap_or_else(|_| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| prepare(&engine, &opts, r, adapter))).unwrap_or_else(|_| {
                 Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error while building the prompt"))
             })
         })
@@ -597,7 +745,7 @@ async fn handle_chat(st: Arc<AppState>, body: Body) -> Response {
         Ok(p) => p,
         Err(e) => return log_error(&st, &id, t0, e).into_response(),
     };
-    let chunk = ChunkMaker { id: id.clone(), created: unix_now(), model: st.opts.served_name.clone() };
+    let chunk = ChunkMaker { id: id.clone(), created: unix_now(), model };
     if stream {
         stream_response(st, slot, p, chunk, include_usage, t0)
     } else {
@@ -660,7 +808,12 @@ fn log_done(st: &AppState, id: &str, t0: Instant, wait: Duration, g: &Generation
 }
 
 /// Decodes the images, renders and tokenizes the prompt, checks the context length and settles the sampling.
-fn prepare(engine: &Engine, opts: &ServerOptions, mut r: ChatRequest) -> Result<Prepared, ApiError> {
+fn prepare(
+    engine: &Engine,
+    opts: &ServerOptions,
+    mut r: ChatRequest,
+    adapter: Option<Arc<NamedAdapter>>,
+) -> Result<Prepared, ApiError> {
     let images = r.images.iter().map(|i| media::load(&i.url, &opts.media, &i.param)).collect::<Result<Vec<_>, _>>()?;
     // An empty assistant message at the end asks for a plain answer, not a continuation.
     let final_text = if r.continue_final { text_of(r.messages.last()) } else { String::new() };
@@ -674,7 +827,7 @@ fn prepare(engine: &Engine, opts: &ServerOptions, mut r: ChatRequest) -> Result<
         extra: r.template_kwargs.clone(),
     };
     let mut text = engine
-        .template
+        .template_for(adapter.as_deref())
         .render(&Value::Array(r.messages), &ro)
         .map_err(|e| ApiError::bad(format!("{e:#}")).param("messages").code("invalid_conversation"))?;
     if r.continue_final {
@@ -739,7 +892,7 @@ fn prepare(engine: &Engine, opts: &ServerOptions, mut r: ChatRequest) -> Result<
     if r.seed.is_some() {
         s.seed = r.seed;
     }
-    Ok(Prepared { prompt, req: GenerateRequest { sampling: s, max_tokens, stop: r.stop }, opens_think })
+    Ok(Prepared { prompt, req: GenerateRequest { sampling: s, max_tokens, stop: r.stop }, adapter, opens_think })
 }
 
 fn text_of(msg: Option<&Value>) -> String {
@@ -875,7 +1028,7 @@ async fn complete_response(st: Arc<AppState>, slot: Slot, p: Prepared, chunk: Ch
     let opens_think = p.opens_think;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let sink = WholeAnswer { tr: Tracker::new(&st, slot, &chunk.id, t0), gone: flag, tx };
-    st.batcher.submit(Job { prompt: p.prompt, req: p.req, sink: Box::new(sink) });
+    st.batcher.submit(Job { prompt: p.prompt, req: p.req, adapter: p.adapter, sink: Box::new(sink) });
     let g = match rx.await {
         Ok(Ok(g)) => g,
         Ok(Err(e)) => return e.into_response(),
@@ -1021,7 +1174,7 @@ fn stream_response(
     let _ = tx.send(chunk.event(json!({"role": "assistant", "content": ""}), None, include_usage));
     let splitter = st.opts.split_reasoning.then(|| ThinkSplitter::new(p.opens_think));
     let sink = Streamed { tr: Tracker::new(&st, slot, &chunk.id, t0), tx, chunk, splitter, include_usage };
-    st.batcher.submit(Job { prompt: p.prompt, req: p.req, sink: Box::new(sink) });
+    st.batcher.submit(Job { prompt: p.prompt, req: p.req, adapter: p.adapter, sink: Box::new(sink) });
     let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<Event, Infallible>);
     // Comments every few seconds keep proxies from timing out while queued, and reveal a closed connection.
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(5))).into_response()

@@ -15,6 +15,8 @@ pub struct ImageRef {
 
 #[derive(Clone, Debug, Default)]
 pub struct ChatRequest {
+    /// The model asked for: the base's served name or an adapter's.
+    pub model: Option<String>,
     /// Messages in transformers' chat format (content a string or `text` / `image` parts), consecutive
     /// same-role messages merged.
     pub messages: Vec<Value>,
@@ -105,9 +107,8 @@ impl ChatRequest {
         };
         let mut r = ChatRequest::default();
         if let Some(m) = field(&o, "model") {
-            if !m.is_string() {
-                return Err(wrong_type("model", "a string", m));
-            }
+            let Some(m) = m.as_str() else { return Err(wrong_type("model", "a string", m)) };
+            r.model = Some(m.to_string());
         }
         r.stream = boolean(&o, "stream")?.unwrap_or(false);
         if let Some(so) = field(&o, "stream_options") {

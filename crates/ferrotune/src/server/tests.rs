@@ -71,9 +71,13 @@ impl Drop for Server {
 }
 
 async fn start(edit: impl FnOnce(&mut ServerOptions)) -> Server {
+    start_with(engine(), edit).await
+}
+
+async fn start_with(engine: Engine, edit: impl FnOnce(&mut ServerOptions)) -> Server {
     let mut opts = ServerOptions::new("tiny-qwen3_5", 4096);
     edit(&mut opts);
-    let state = AppState::new(engine(), opts);
+    let state = AppState::new(engine, opts);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -841,4 +845,130 @@ async fn connections_over_the_cap_get_429_and_silent_ones_are_closed() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let m = String::from_utf8(get(s.addr, "/metrics", None).await.body).unwrap();
     assert!(m.contains("ferrotune_refused_connections_total 100"), "{m}");
+}
+
+/// The tiny checkpoint with `adapters` (name, folder under golden/) served by name.
+fn named_engine(adapters: &[(&str, &str)]) -> Engine {
+    let e = Engine::load(&fixtures().join("tiny-qwen3_5"), &[], AdapterMode::Merge, DType::F32, &Device::Cpu).unwrap();
+    for (name, dir) in adapters {
+        e.add_adapter(e.load_adapter(name, &fixtures().join("golden").join(dir)).unwrap()).unwrap();
+    }
+    e
+}
+
+async fn post_to(addr: std::net::SocketAddr, path: &str, body: &Value) -> Reply {
+    raw(addr, &format!("POST {path} HTTP/1.1\r\nContent-Type: application/json"), body.to_string().as_bytes()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_model_name_answers_with_its_adapter_alone_or_batched() {
+    let s = start_with(named_engine(&[("peft", "peft/adapter"), ("ours", "ferrotune_adapter")]), |o| {
+        o.batch.prefill_chunk = 4096;
+        o.split_reasoning = false;
+    })
+    .await;
+    let j = get(s.addr, "/v1/models", None).await.json();
+    let ids: Vec<&str> = j["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["tiny-qwen3_5", "ours", "peft"]);
+    assert_eq!(j["data"][2]["parent"], "tiny-qwen3_5");
+    assert_eq!(get(s.addr, "/v1/models/ours", None).await.json()["id"], "ours");
+    // References: the checkpoint with each adapter as its only branch (as `chat --adapter-mode separate` loads it),
+    // and without any.
+    let (question, _, _) = golden_one_image();
+    let reference = |dir: Option<&str>| {
+        let adapters: Vec<PathBuf> = dir.map(|d| fixtures().join("golden").join(d)).into_iter().collect();
+        let refs: Vec<&std::path::Path> = adapters.iter().map(PathBuf::as_path).collect();
+        let e = Engine::load(&fixtures().join("tiny-qwen3_5"), &refs, AdapterMode::Separate, DType::F32, &Device::Cpu)
+            .unwrap();
+        let messages = json!([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]);
+        let img = ferrotune_core::image::load_image(&fixtures().join("golden/model/img_a.png")).unwrap();
+        let opts = RenderOptions { add_generation_prompt: true, ..Default::default() };
+        let prompt = e.prompt(&messages, &[img], &opts).unwrap();
+        let req = GenerateRequest { sampling: SamplingParams::default(), max_tokens: 32, stop: vec![] };
+        e.generate(&prompt, &req, |_| true).unwrap().text
+    };
+    let cases = [
+        ("tiny-qwen3_5", reference(None)),
+        ("peft", reference(Some("peft/adapter"))),
+        ("ours", reference(Some("ferrotune_adapter"))),
+    ];
+    assert!(cases[0].1 != cases[1].1 && cases[1].1 != cases[2].1, "the adapters change the answer: {cases:?}");
+    let text = |r: &Reply| -> String {
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+    };
+    for (model, want) in &cases {
+        let r = chat(s.addr, &image_request(&question, json!({"model": model}))).await;
+        assert_eq!(r.json()["model"], *model);
+        assert_eq!(&text(&r), want, "model {model} alone");
+    }
+    // All three at once, twice each: one batch of rows with different adapters.
+    let long = json!({"messages": [{"role": "user", "content": "robot ".repeat(3000)}], "max_tokens": 1});
+    let blocker = tokio::spawn({
+        let addr = s.addr;
+        async move { chat(addr, &long).await }
+    });
+    while s.state.stats.running.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let (addr, model) = (s.addr, cases[i % 3].0);
+            let req = image_request(&question, json!({"model": model}));
+            tokio::spawn(async move { chat(addr, &req).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        assert_eq!(text(&r), cases[i % 3].1, "model {} batched", cases[i % 3].0);
+    }
+    assert_eq!(blocker.await.unwrap().status, 200);
+    assert!(s.state.batcher.stats.max_rows.load(Ordering::Relaxed) >= 3, "the requests decoded together");
+    assert_error(&chat(s.addr, &image_request(&question, json!({"model": "nobody"}))).await, 404, Some("model"));
+    // Run-time loading is off without --lora-dir.
+    let load = json!({"lora_name": "again", "lora_path": "peft/adapter"});
+    assert_error(&post_to(s.addr, "/v1/load_lora_adapter", &load).await, 403, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_load_and_unload_at_run_time_only_from_the_lora_dir() {
+    let root = fixtures().join("golden").canonicalize().unwrap();
+    let s = start_with(named_engine(&[]), |o| o.lora_dir = Some(root)).await;
+    let (question, _, _) = golden_one_image();
+    // Before: the name is unknown (adapters may be loaded, so names are checked).
+    assert_error(&chat(s.addr, &image_request(&question, json!({"model": "again"}))).await, 404, Some("model"));
+    let r = post_to(s.addr, "/v1/load_lora_adapter", &json!({"lora_name": "again", "lora_path": "peft/adapter"})).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.json()["bytes"].as_u64().unwrap() > 0);
+    let base = chat(s.addr, &image_request(&question, json!({"model": "tiny-qwen3_5"}))).await;
+    let with = chat(s.addr, &image_request(&question, json!({"model": "again"}))).await;
+    assert!(base.status == 200 && with.status == 200, "{}", String::from_utf8_lossy(&with.body));
+    let (base, with) = (base.json(), with.json());
+    assert_eq!(with["model"], "again");
+    assert_ne!(with["choices"][0]["message"], base["choices"][0]["message"], "the loaded adapter changes the answer");
+    for (body, status, param) in [
+        (json!({"lora_name": "again", "lora_path": "peft/adapter"}), 400, "lora_name"),
+        (json!({"lora_name": "x", "lora_path": "../tiny-qwen3_5"}), 403, "lora_path"),
+        (json!({"lora_name": "x", "lora_path": "/etc"}), 403, "lora_path"),
+        (json!({"lora_name": "x", "lora_path": "no/such/folder"}), 404, "lora_path"),
+        (json!({"lora_name": "x", "lora_path": "model"}), 400, "lora_path"),
+        (json!({"lora_name": "tiny-qwen3_5", "lora_path": "peft/adapter"}), 400, "lora_name"),
+        (json!({"lora_name": "bad name", "lora_path": "peft/adapter"}), 400, "lora_name"),
+        (json!({"lora_path": "peft/adapter"}), 400, "lora_name"),
+    ] {
+        assert_error(&post_to(s.addr, "/v1/load_lora_adapter", &body).await, status, Some(param));
+    }
+    let ids = |j: Value| {
+        j["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(get(s.addr, "/v1/models", None).await.json()), ["tiny-qwen3_5", "again"]);
+    let r = post_to(s.addr, "/v1/unload_lora_adapter", &json!({"lora_name": "again"})).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(ids(get(s.addr, "/v1/models", None).await.json()), ["tiny-qwen3_5"]);
+    assert_error(
+        &post_to(s.addr, "/v1/unload_lora_adapter", &json!({"lora_name": "again"})).await,
+        404,
+        Some("lora_name"),
+    );
+    assert_error(&chat(s.addr, &image_request(&question, json!({"model": "again"}))).await, 404, Some("model"));
 }
