@@ -322,6 +322,17 @@ fn yaml_flag_value(key: &str, v: &serde_yaml_ng::Value, file: &str) -> Result<Op
                 .collect::<Result<_>>()?;
             Some(parts.join(","))
         }
+        // `adapter_name_or_path: {robots: DIR, docs: DIR}`: adapters served by name.
+        Y::Mapping(m) if key == "adapter_name_or_path" => {
+            let parts: Vec<String> = m
+                .iter()
+                .map(|(k, v)| match (k, v) {
+                    (Y::String(k), Y::String(v)) => Ok(format!("{k}={v}")),
+                    _ => bail!("{file}: `{key}`: each entry is `NAME: DIR`"),
+                })
+                .collect::<Result<_>>()?;
+            Some(parts.join(","))
+        }
         _ => bail!("{file}: `{key}` must be a string, number, boolean or list"),
     })
 }

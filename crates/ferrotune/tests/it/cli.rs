@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use ferrotune_core::chat_template::RenderOptions;
 use ferrotune_core::infer::{AdapterMode, Engine, GenerateRequest, SamplingParams};
 
-fn fixtures() -> PathBuf {
+pub(crate) fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 

@@ -39,14 +39,21 @@ impl Server {
 }
 
 fn start() -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-        .args(["api", "--model_name_or_path"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+    cmd.args(["api", "--model_name_or_path"])
         .arg(tiny())
         .arg("--adapter_name_or_path")
         .arg(adapter())
-        .args(["--port", &port.to_string(), "--max_new_tokens", "48", "--body-timeout-secs", "1"])
-        .args(["--max-connections", "200", "--header-timeout-secs", "3"])
+        .args(["--max_new_tokens", "48", "--body-timeout-secs", "1"])
+        .args(["--max-connections", "200", "--header-timeout-secs", "3"]);
+    spawn(cmd)
+}
+
+/// Starts `cmd` (an `api` command line without --port) on a free port and waits until it listens.
+fn spawn(mut cmd: Command) -> Server {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = cmd
+        .args(["--port", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -202,5 +209,56 @@ fn hostile_clients_get_their_4xx_normal_ones_are_served_and_memory_stays_bounded
             assert!(peak < PEAK_RSS_BOUND, "server peak RSS {peak} B over the bound {PEAK_RSS_BOUND} B");
         }
         None => eprintln!("SKIPPED the peak-RSS check: /proc/<pid>/status is not readable on this system"),
+    }
+}
+
+#[test]
+fn adapters_named_in_the_yaml_file_are_served_by_name() {
+    let dir = std::env::temp_dir().join(format!("ferrotune-serve-named-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let other = crate::cli::fixtures().join("golden/ferrotune_adapter");
+    let yaml = dir.join("api.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "model_name_or_path: {}\nadapter_name_or_path:\n  robots: {}\n  docs: {}\nmax_new_tokens: 4\n",
+            tiny().display(),
+            adapter().display(),
+            other.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+    cmd.arg("api").arg(&yaml);
+    let s = spawn(cmd);
+    let head = "GET /v1/models HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    let (status, body) = request(s.addr, head, b"");
+    assert_eq!(status, 200, "{body}");
+    let j: Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = j["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["tiny-qwen3_5", "docs", "robots"]);
+    for model in ["robots", "docs", "tiny-qwen3_5"] {
+        let (status, body) = chat(s.addr, &json!({"model": model, "messages": [{"role": "user", "content": "Hi"}]}));
+        assert_eq!(status, 200, "{model}: {body}");
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["model"], model);
+    }
+    let (status, body) = chat(s.addr, &json!({"model": "nobody", "messages": [{"role": "user", "content": "Hi"}]}));
+    error_of(status, &body, 404, "robots");
+    // Names on some entries only, and names for `chat`, are refused before anything loads.
+    for args in [vec!["api".to_string()], vec!["chat".to_string(), "--prompt".to_string(), "hi".to_string()]] {
+        let list = if args[0] == "api" {
+            format!("robots={},{}", adapter().display(), other.display())
+        } else {
+            format!("robots={}", adapter().display())
+        };
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+            .args(&args)
+            .arg("--model_name_or_path")
+            .arg(tiny())
+            .args(["--adapter_name_or_path", &list])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("NAME=DIR"), "{args:?}: {err}");
     }
 }
