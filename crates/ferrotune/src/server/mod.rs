@@ -38,9 +38,10 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 
 use error::ApiError;
+use ferrotune_core::tool_calls::{self, CallIds, StreamParser, ToolCall};
 use media::MediaPolicy;
 use reasoning::{Part, ThinkSplitter};
-use request::ChatRequest;
+use request::{ChatRequest, ToolChoice};
 
 /// LLaMA-Factory's defaults of `image_min_pixels` / `image_max_pixels`, which training applies too.
 pub const DEFAULT_MIN_PIXELS: u64 = 32 * 32;
@@ -666,6 +667,64 @@ struct Prepared {
     req: GenerateRequest,
     adapter: Option<Arc<NamedAdapter>>,
     opens_think: bool,
+    /// How the answer's tool-call blocks become `tool_calls` (None: no tools, or `tool_choice: "none"`).
+    tools: Option<Tools>,
+}
+
+/// The request's tools, for reading the answer.
+#[derive(Clone)]
+struct Tools {
+    list: Vec<Value>,
+    /// The start of a call written into the prompt by `tool_choice` "required" or a named function: the
+    /// answer continues it.
+    forced: String,
+    /// false: only the first call block is a call.
+    parallel: bool,
+}
+
+/// How the chat template writes a call: Qwen3.5's XML blocks, or Qwen2.5 / Qwen3's JSON ones (None: the template
+/// knows no tool calls).
+fn tool_format(template: &str) -> Option<bool> {
+    if template.contains("<function=") {
+        Some(true)
+    } else if template.contains("<tool_call>") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// The prompt text that makes the answer a call: for `tool_choice` "required" the opening of a call, for a named
+/// function the call's opening with its name (the model writes the arguments).
+fn forced_call(choice: &ToolChoice, xml: bool) -> Option<String> {
+    Some(match (choice, xml) {
+        (ToolChoice::Function(n), true) => format!("<tool_call>\n<function={n}>\n"),
+        (ToolChoice::Function(n), false) => {
+            format!("<tool_call>\n{{\"name\": {}, \"arguments\": ", Value::from(n.as_str()))
+        }
+        (ToolChoice::Required, true) => "<tool_call>\n<function=".to_string(),
+        (ToolChoice::Required, false) => "<tool_call>\n{\"name\": \"".to_string(),
+        _ => return None,
+    })
+}
+
+impl Tools {
+    /// A whole answer's content and calls (`text`: what follows the prompt, reasoning removed).
+    fn read(&self, text: &str) -> (String, Vec<ToolCall>) {
+        let text = format!("{}{text}", self.forced);
+        let mut ids = CallIds::random();
+        if self.parallel {
+            let p = tool_calls::parse(&text, &self.list, &mut ids);
+            return (p.content, p.calls);
+        }
+        // One call at most: what follows the first block stays text.
+        let cut =
+            text.find("<tool_call>").and_then(|o| text[o..].find("</tool_call>").map(|c| o + c + "</tool_call>".len()));
+        let (head, tail) = text.split_at(cut.unwrap_or(text.len()));
+        let p = tool_calls::parse(head, &self.list, &mut ids);
+        let content = format!("{}{}", p.content, tail).trim().to_string();
+        (content, p.calls)
+    }
 }
 
 fn random_id() -> String {
@@ -821,15 +880,41 @@ fn prepare(
         r.messages.pop();
         r.continue_final = false;
     }
-    let ro = RenderOptions {
+    let mut ro = RenderOptions {
         add_generation_prompt: !r.continue_final,
         enable_thinking: r.enable_thinking.or(opts.enable_thinking),
         extra: r.template_kwargs.clone(),
     };
-    let mut text = engine
-        .template_for(adapter.as_deref())
+    let template = engine.template_for(adapter.as_deref());
+    let xml = tool_format(&template.source);
+    if !r.tools.is_empty() {
+        if xml.is_none() {
+            return Err(ApiError::bad(format!(
+                "'tools' given, but the chat template ({}) writes no tool calls: this model was not trained to call \
+                 functions",
+                template.path.display()
+            ))
+            .param("tools")
+            .code("unsupported_parameter"));
+        }
+        ro.extra.insert("tools".into(), Value::Array(r.tools.clone()));
+    }
+    let mut text = template
         .render(&Value::Array(r.messages), &ro)
         .map_err(|e| ApiError::bad(format!("{e:#}")).param("messages").code("invalid_conversation"))?;
+    let mut tools = None;
+    if !r.tools.is_empty() && r.tool_choice != ToolChoice::None {
+        let mut forced = String::new();
+        if let Some(f) = xml.and_then(|xml| forced_call(&r.tool_choice, xml)).filter(|_| !r.continue_final) {
+            // A call is the answer: a think block the prompt opened closes empty first.
+            if ThinkSplitter::prompt_opens_think(&text) {
+                text.push_str("\n</think>\n\n");
+            }
+            text.push_str(&f);
+            forced = f;
+        }
+        tools = Some(Tools { list: r.tools.clone(), forced, parallel: r.parallel_tool_calls });
+    }
     if r.continue_final {
         // As transformers' continue_final_message: the prompt ends where the final message's text ends.
         let tail = final_text.trim_end();
@@ -892,7 +977,7 @@ fn prepare(
     if r.seed.is_some() {
         s.seed = r.seed;
     }
-    Ok(Prepared { prompt, req: GenerateRequest { sampling: s, max_tokens, stop: r.stop }, adapter, opens_think })
+    Ok(Prepared { prompt, req: GenerateRequest { sampling: s, max_tokens, stop: r.stop }, adapter, opens_think, tools })
 }
 
 fn text_of(msg: Option<&Value>) -> String {
@@ -1026,6 +1111,7 @@ async fn complete_response(st: Arc<AppState>, slot: Slot, p: Prepared, chunk: Ch
     let flag = Arc::new(AtomicBool::new(false));
     let _drop = DropFlag(flag.clone());
     let opens_think = p.opens_think;
+    let tools = p.tools.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let sink = WholeAnswer { tr: Tracker::new(&st, slot, &chunk.id, t0), gone: flag, tx };
     st.batcher.submit(Job { prompt: p.prompt, req: p.req, adapter: p.adapter, sink: Box::new(sink) });
@@ -1045,12 +1131,26 @@ async fn complete_response(st: Arc<AppState>, slot: Slot, p: Prepared, chunk: Ch
             message["reasoning_content"] = reasoning.into();
         }
     }
+    let mut finish = g.finish_reason.as_openai();
+    if let Some(tools) = &tools {
+        let (content, calls) = tools.read(message["content"].as_str().unwrap_or(""));
+        if !calls.is_empty() {
+            message["content"] = if content.is_empty() { Value::Null } else { content.into() };
+            message["tool_calls"] = calls.iter().map(ToolCall::to_openai).collect();
+            if g.finish_reason == FinishReason::Stop {
+                finish = "tool_calls";
+            }
+        } else if !tools.forced.is_empty() {
+            // A forced call that did not come out whole is text, its opening from the prompt included.
+            message["content"] = content.into();
+        }
+    }
     Json(json!({
         "id": chunk.id,
         "object": "chat.completion",
         "created": chunk.created,
         "model": chunk.model,
-        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": g.finish_reason.as_openai()}],
+        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
         "usage": usage(&g),
     }))
     .into_response()
@@ -1109,14 +1209,83 @@ struct Streamed {
     chunk: ChunkMaker,
     splitter: Option<ThinkSplitter>,
     include_usage: bool,
+    /// Content goes through it when the request has tools: call blocks become `tool_calls` deltas.
+    calls: Option<StreamedCalls>,
+}
+
+struct StreamedCalls {
+    parser: StreamParser,
+    /// Calls sent so far.
+    sent: usize,
+    /// false: after the first call, the rest is text.
+    parallel: bool,
+    /// The one call allowed without `parallel` is out.
+    one_done: bool,
 }
 
 impl Streamed {
-    fn send(&self, parts: Vec<(Part, String)>) -> bool {
-        parts.into_iter().all(|(part, text)| {
-            let key = if part == Part::Reasoning { "reasoning_content" } else { "content" };
-            self.tx.send(self.chunk.event(json!({ key: text }), None, self.include_usage)).is_ok()
+    fn send(&mut self, parts: Vec<(Part, String)>) -> bool {
+        parts.into_iter().all(|(part, text)| match part {
+            Part::Reasoning => self.delta(json!({ "reasoning_content": text })),
+            Part::Content => self.content(&text, false),
         })
+    }
+
+    fn delta(&self, delta: Value) -> bool {
+        self.tx.send(self.chunk.event(delta, None, self.include_usage)).is_ok()
+    }
+
+    /// Content text, through the tool-call parser when there is one (`last`: flush what it holds).
+    fn content(&mut self, text: &str, last: bool) -> bool {
+        let deltas = match self.calls.as_mut() {
+            Some(c) => c.feed(text, last),
+            None if text.is_empty() => vec![],
+            None => vec![json!({ "content": text })],
+        };
+        deltas.into_iter().all(|d| self.delta(d))
+    }
+}
+
+impl StreamedCalls {
+    /// The deltas of the next content text: text and whole calls (`last`: flush what the parser holds).
+    fn feed(&mut self, text: &str, last: bool) -> Vec<Value> {
+        let is_call = |e: &tool_calls::Event| matches!(e, tool_calls::Event::Call { .. });
+        let mut events = Vec::new();
+        if self.parallel {
+            events = self.parser.push(text);
+        } else {
+            // One call at most: the text goes in up to each `>` (where a block can close); once the call is out,
+            // what the parser holds and all that follows is text.
+            for seg in text.split_inclusive('>') {
+                if self.one_done {
+                    events.push(tool_calls::Event::Text(seg.to_string()));
+                    continue;
+                }
+                let got = self.parser.push(seg);
+                self.one_done = got.iter().any(is_call);
+                events.extend(got);
+                if self.one_done {
+                    events.extend(self.parser.finish());
+                }
+            }
+        }
+        if last && !self.one_done {
+            events.extend(self.parser.finish());
+        }
+        let mut deltas = Vec::new();
+        for e in events {
+            match e {
+                tool_calls::Event::Text(t) if t.is_empty() => {}
+                tool_calls::Event::Text(t) => deltas.push(json!({ "content": t })),
+                tool_calls::Event::Call { index, call } => {
+                    self.sent += 1;
+                    let mut d = call.to_openai();
+                    d["index"] = index.into();
+                    deltas.push(json!({ "tool_calls": [d] }));
+                }
+            }
+        }
+        deltas
     }
 }
 
@@ -1146,8 +1315,14 @@ impl Sink for Streamed {
                 if let Some(rest) = self.splitter.as_mut().map(|s| s.finish()) {
                     self.send(rest);
                 }
-                let _ =
-                    self.tx.send(self.chunk.event(json!({}), Some(g.finish_reason.as_openai()), self.include_usage));
+                self.content("", true);
+                let called = self.calls.as_ref().is_some_and(|c| c.sent > 0);
+                let finish = if called && g.finish_reason == FinishReason::Stop {
+                    "tool_calls"
+                } else {
+                    g.finish_reason.as_openai()
+                };
+                let _ = self.tx.send(self.chunk.event(json!({}), Some(finish), self.include_usage));
                 if self.include_usage {
                     let _ = self.tx.send(self.chunk.usage_event(&g));
                 }
@@ -1173,7 +1348,14 @@ fn stream_response(
     // The role comes first, as OpenAI sends it, before the request may wait for the engine.
     let _ = tx.send(chunk.event(json!({"role": "assistant", "content": ""}), None, include_usage));
     let splitter = st.opts.split_reasoning.then(|| ThinkSplitter::new(p.opens_think));
-    let sink = Streamed { tr: Tracker::new(&st, slot, &chunk.id, t0), tx, chunk, splitter, include_usage };
+    let calls = p.tools.as_ref().map(|t| {
+        let mut parser = StreamParser::new(t.list.clone(), CallIds::random());
+        // The forced opening of a call is held by the parser until the block closes.
+        let held = parser.push(&t.forced);
+        debug_assert!(held.is_empty());
+        StreamedCalls { parser, sent: 0, parallel: t.parallel, one_done: false }
+    });
+    let sink = Streamed { tr: Tracker::new(&st, slot, &chunk.id, t0), tx, chunk, splitter, include_usage, calls };
     st.batcher.submit(Job { prompt: p.prompt, req: p.req, adapter: p.adapter, sink: Box::new(sink) });
     let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<Event, Infallible>);
     // Comments every few seconds keep proxies from timing out while queued, and reveal a closed connection.

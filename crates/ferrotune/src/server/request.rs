@@ -1,6 +1,6 @@
 //! `POST /v1/chat/completions` request bodies, read field by field so every wrong type is a 400 that names the
 //! field (`param`), unknown fields are ignored as OpenAI ignores them, and fields the server cannot honour
-//! (tools, logprobs, n > 1, ...) are refused instead of silently dropped.
+//! (logprobs, n > 1, ...) are refused instead of silently dropped.
 
 use serde_json::{Map, Value};
 
@@ -38,6 +38,25 @@ pub struct ChatRequest {
     pub enable_thinking: Option<bool>,
     /// Other chat-template variables from `chat_template_kwargs`.
     pub template_kwargs: Map<String, Value>,
+    /// Function tools as OpenAI sends them (`{"type": "function", "function": {name, description, parameters}}`).
+    pub tools: Vec<Value>,
+    pub tool_choice: ToolChoice,
+    /// false: at most one tool call per answer (later call blocks stay text).
+    pub parallel_tool_calls: bool,
+}
+
+/// OpenAI's `tool_choice`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model answers in text; tool-call blocks it writes anyway stay text.
+    None,
+    /// The model decides (the default with tools).
+    #[default]
+    Auto,
+    /// The answer is a tool call.
+    Required,
+    /// The answer is a call of this function.
+    Function(String),
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -187,8 +206,85 @@ impl ChatRequest {
             }
         }
         refuse_unsupported(&o)?;
+        r.parse_tools(&o)?;
         r.parse_messages(&o)?;
         Ok(r)
+    }
+
+    fn parse_tools(&mut self, o: &Map<String, Value>) -> Result<(), ApiError> {
+        self.tools = match field(o, "tools") {
+            None => vec![],
+            Some(Value::Array(a)) => a.clone(),
+            Some(v) => return Err(wrong_type("tools", "an array", v)),
+        };
+        for (i, t) in self.tools.iter().enumerate() {
+            let p = format!("tools[{i}]");
+            let t = t.as_object().ok_or_else(|| wrong_type(&p, "an object", t))?;
+            match field(t, "type") {
+                Some(Value::String(ty)) if ty == "function" => {}
+                Some(v) => {
+                    return Err(ApiError::bad(format!("'{p}.type' must be \"function\", got {v}"))
+                        .param(format!("{p}.type"))
+                        .code("unsupported_value"))
+                }
+                None => return Err(ApiError::bad(format!("'{p}.type' is required")).param(format!("{p}.type"))),
+            }
+            let f = match field(t, "function") {
+                Some(Value::Object(f)) => f,
+                Some(v) => return Err(wrong_type(&format!("{p}.function"), "an object", v)),
+                None => return Err(ApiError::bad(format!("'{p}.function' is required")).param(format!("{p}.function"))),
+            };
+            match field(f, "name") {
+                Some(Value::String(n)) if !n.is_empty() => {}
+                _ => {
+                    return Err(ApiError::bad(format!("'{p}.function.name' must be a non-empty string"))
+                        .param(format!("{p}.function.name")))
+                }
+            }
+            if let Some(v) = field(f, "parameters").filter(|v| !v.is_object()) {
+                return Err(wrong_type(&format!("{p}.function.parameters"), "an object (a JSON Schema)", v));
+            }
+        }
+        let names: Vec<&str> = self.tools.iter().filter_map(|t| t["function"]["name"].as_str()).collect();
+        self.tool_choice = match field(o, "tool_choice") {
+            None => ToolChoice::Auto,
+            Some(Value::String(c)) => match c.as_str() {
+                "none" => ToolChoice::None,
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                other => {
+                    return Err(ApiError::bad(format!(
+                        "'tool_choice' = {other:?}; expected \"none\", \"auto\", \"required\" or \
+                         {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
+                    ))
+                    .param("tool_choice"))
+                }
+            },
+            Some(Value::Object(c)) => match c.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+                Some(n) => ToolChoice::Function(n.to_string()),
+                None => {
+                    return Err(
+                        ApiError::bad("'tool_choice.function.name' is required").param("tool_choice.function.name")
+                    )
+                }
+            },
+            Some(v) => return Err(wrong_type("tool_choice", "a string or an object", v)),
+        };
+        match &self.tool_choice {
+            ToolChoice::Required if self.tools.is_empty() => {
+                return Err(ApiError::bad("'tool_choice' is \"required\" but no 'tools' are given").param("tool_choice"))
+            }
+            ToolChoice::Function(n) if !names.contains(&n.as_str()) => {
+                return Err(ApiError::bad(format!(
+                    "'tool_choice' names the function `{n}`, which is not among 'tools' ({})",
+                    names.join(", ")
+                ))
+                .param("tool_choice.function.name"))
+            }
+            _ => {}
+        }
+        self.parallel_tool_calls = boolean(o, "parallel_tool_calls")?.unwrap_or(true);
+        Ok(())
     }
 
     fn parse_messages(&mut self, o: &Map<String, Value>) -> Result<(), ApiError> {
@@ -326,9 +422,6 @@ impl ChatRequest {
 fn refuse_unsupported(o: &Map<String, Value>) -> Result<(), ApiError> {
     let refuse =
         |k: &str, why: &str| Err(ApiError::bad(format!("'{k}': {why}")).param(k).code("unsupported_parameter"));
-    if field(o, "tools").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
-        return refuse("tools", "function calling is not supported by this server yet");
-    }
     if boolean(o, "logprobs")? == Some(true) || field(o, "top_logprobs").is_some() {
         return refuse("logprobs", "log probabilities are not supported yet");
     }

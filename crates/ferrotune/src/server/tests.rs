@@ -364,7 +364,35 @@ async fn bad_input_is_a_4xx_openai_error() {
         (json!({"messages": []}), "messages"),
         (json!({"model": "x"}), "messages"),
         (json!({"messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
-        (json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}), "tools"),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}),
+            "tools[0].function",
+        ),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "tools": {"type": "function"}}), "tools"),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "retrieval", "function": {"name": "f"}}]}),
+            "tools[0].type",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": ""}}]}),
+            "tools[0].function.name",
+        ),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}), "tool_choice"),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "tools": [weather_tool()],
+                   "tool_choice": {"type": "function", "function": {"name": "get_time"}}}),
+            "tool_choice.function.name",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "tools": [weather_tool()], "tool_choice": "sometimes"}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "",
+                   "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]},
+                   {"role": "tool", "tool_call_id": "c1", "content": "x"}]}),
+            "messages[1].tool_calls[0].function.arguments",
+        ),
         // Too long for --max-model-len 20: the image alone takes more tokens; then the completion.
         (one_image(&data_url("img_a.png")), "messages"),
         (json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}), "max_tokens"),
@@ -971,4 +999,123 @@ async fn adapters_load_and_unload_at_run_time_only_from_the_lora_dir() {
         Some("lora_name"),
     );
     assert_error(&chat(s.addr, &image_request(&question, json!({"model": "again"}))).await, 404, Some("model"));
+}
+
+fn weather_tool() -> Value {
+    json!({"type": "function", "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"}},
+            "required": ["city"]}}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_reach_the_prompt_and_a_forced_call_is_its_start() {
+    let s = start(|o| o.split_reasoning = false).await;
+    let ask = |extra: Value| {
+        let mut r =
+            json!({"messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 3, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        r
+    };
+    let tokens = |r: &Reply| {
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let engine = engine();
+    let count = |text: &str| engine.tokenizer.encode(text).unwrap().len() as u64;
+    // The prompt the template writes with the tools (checked against transformers in the core tests).
+    let messages = json!([{"role": "user", "content": "Weather in Paris?"}]);
+    let mut opts = RenderOptions { add_generation_prompt: true, ..Default::default() };
+    let plain = tokens(&chat(s.addr, &ask(json!({}))).await);
+    assert_eq!(plain, count(&engine.template.render(&messages, &opts).unwrap()));
+    opts.extra.insert("tools".into(), json!([weather_tool()]));
+    let with_tools = engine.template.render(&messages, &opts).unwrap();
+    assert!(with_tools.contains("<tools>") && with_tools.contains("get_weather"));
+    assert_eq!(tokens(&chat(s.addr, &ask(json!({"tools": [weather_tool()]}))).await), count(&with_tools));
+    // "none" keeps the tools in the prompt (the conversation may refer to them); calls are not read.
+    let none = chat(s.addr, &ask(json!({"tools": [weather_tool()], "tool_choice": "none"}))).await;
+    assert_eq!(tokens(&none), count(&with_tools));
+    // A named function: the prompt ends with the call's opening (the think block the prompt opened closed
+    // empty), so the model writes the arguments.
+    let named =
+        json!({"tools": [weather_tool()], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
+    let forced = format!("{}\n</think>\n\n<tool_call>\n<function=get_weather>\n", with_tools);
+    assert!(with_tools.ends_with("<think>\n"), "the tiny template opens a think block");
+    assert_eq!(tokens(&chat(s.addr, &ask(named)).await), count(&forced));
+    let required = format!("{}\n</think>\n\n<tool_call>\n<function=", with_tools);
+    let r = chat(s.addr, &ask(json!({"tools": [weather_tool()], "tool_choice": "required"}))).await;
+    assert_eq!(tokens(&r), count(&required));
+    // The random model does not finish the call in 3 tokens: the unclosed block is text, not an error.
+    let j = r.json();
+    assert_eq!(j["choices"][0]["finish_reason"], "length");
+    assert!(j["choices"][0]["message"]["content"].as_str().unwrap().starts_with("<tool_call>\n<function="), "{j}");
+    assert!(j["choices"][0]["message"].get("tool_calls").is_none());
+}
+
+/// A made-up completion read as the non-streaming response reads it, and streamed in `pieces` pieces: (content,
+/// calls without their ids) each.
+fn read_both(tools: &Tools, text: &str, pieces: usize) -> [(String, Vec<Value>); 2] {
+    let plain = |mut c: Value| {
+        c.as_object_mut().unwrap().remove("id");
+        c.as_object_mut().unwrap().remove("index");
+        c
+    };
+    let (content, calls) = tools.read(text);
+    let whole = (content, calls.iter().map(|c| plain(c.to_openai())).collect());
+    let mut parser = StreamParser::new(tools.list.clone(), CallIds::seeded(1));
+    assert!(parser.push(&tools.forced).is_empty());
+    let mut sc = StreamedCalls { parser, sent: 0, parallel: tools.parallel, one_done: false };
+    let chars: Vec<char> = text.chars().collect();
+    let mut deltas = Vec::new();
+    for piece in chars.chunks(chars.len().div_ceil(pieces).max(1)) {
+        deltas.extend(sc.feed(&piece.iter().collect::<String>(), false));
+    }
+    deltas.extend(sc.feed("", true));
+    let (mut content, mut calls) = (String::new(), Vec::new());
+    for (i, d) in deltas.iter().enumerate() {
+        content.push_str(d["content"].as_str().unwrap_or(""));
+        for c in d["tool_calls"].as_array().into_iter().flatten() {
+            assert_eq!(c["index"], calls.len(), "delta {i}: calls are numbered from 0");
+            assert!(c["id"].as_str().unwrap().starts_with("call_"));
+            calls.push(plain(c.clone()));
+        }
+    }
+    [whole, (content.trim().to_string(), calls)]
+}
+
+#[test]
+fn answers_with_call_blocks_become_tool_calls_whole_and_streamed() {
+    let tools = |forced: &str, parallel: bool| Tools { list: vec![weather_tool()], forced: forced.into(), parallel };
+    let call = |city: &str, days: i64| {
+        format!("<tool_call>\n<function=get_weather>\n<parameter=city>\n{city}\n</parameter>\n<parameter=days>\n{days}\n</parameter>\n</function>\n</tool_call>")
+    };
+    let want = |city: &str, days: i64| {
+        json!({"type": "function", "function": {"name": "get_weather",
+               "arguments": json!({"city": city, "days": days}).to_string()}})
+    };
+    let two = format!("Let me check.\n\n{}\n{}", call("Paris", 2), call("Oslo", 1));
+    for pieces in [1, 3, 17, two.len()] {
+        // Two calls after some text.
+        for got in read_both(&tools("", true), &two, pieces) {
+            assert_eq!(got, ("Let me check.".to_string(), vec![want("Paris", 2), want("Oslo", 1)]), "{pieces} pieces");
+        }
+        // parallel_tool_calls: false — the second block stays text.
+        for got in read_both(&tools("", false), &two, pieces) {
+            assert_eq!(got, (format!("Let me check.\n{}", call("Oslo", 1)), vec![want("Paris", 2)]), "{pieces} pieces");
+        }
+        // A forced call's opening is in the prompt: the answer continues it.
+        let rest = "<parameter=city>\nLima\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>";
+        for got in read_both(&tools("<tool_call>\n<function=get_weather>\n", true), rest, pieces) {
+            assert_eq!(got, (String::new(), vec![want("Lima", 3)]), "{pieces} pieces");
+        }
+        // A broken block is text.
+        let broken = "Sure <tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</tool_call> done";
+        for got in read_both(&tools("", true), broken, pieces) {
+            assert_eq!(got, (broken.to_string(), vec![]), "{pieces} pieces");
+        }
+    }
 }
