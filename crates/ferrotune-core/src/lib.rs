@@ -27,6 +27,7 @@ pub mod suggest;
 pub mod sys;
 pub mod template;
 pub mod tokenizer;
+pub mod tool_calls;
 pub mod train;
 pub mod weights;
 
