@@ -127,12 +127,13 @@ FLOATS_CALL = [
 
 TWO_RESULTS = [
     {"role": "user", "content": "Weather in Paris and in Tokyo?"},
-    {"role": "assistant", "content": "", "tool_calls": [
+    # OpenAI clients send null content beside tool calls, and tool results as text parts.
+    {"role": "assistant", "content": None, "tool_calls": [
         call("call_p", "get_weather", {"city": "Paris"}),
         call("call_t", "get_weather", {"city": "Tokyo", "unit": "celsius"}),
     ]},
     {"role": "tool", "tool_call_id": "call_p", "content": "{\"temp\": 18, \"sky\": \"cloudy\"}"},
-    {"role": "tool", "tool_call_id": "call_t", "content": "{\"temp\": 24, \"sky\": \"sunny\"}"},
+    {"role": "tool", "tool_call_id": "call_t", "content": [{"type": "text", "text": "{\"temp\": 24, \"sky\": \"sunny\"}"}]},
 ]
 
 MULTI_TURN = [
