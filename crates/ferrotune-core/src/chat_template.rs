@@ -75,6 +75,19 @@ impl ChatTemplate {
                 .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
             Ok(python_json(&json, indent, 0))
         });
+        // Jinja's `string` is Python's str(): True / None / 1e-05, where minijinja writes true / none / 0.00001
+        // (Qwen3.5's template writes non-mapping tool-call arguments this way).
+        env.add_filter("string", |v: Value| -> Result<Value, minijinja::Error> {
+            if v.is_undefined() {
+                return Ok(Value::from(""));
+            }
+            if v.as_str().is_some() {
+                return Ok(v);
+            }
+            let json: serde_json::Value = serde_json::to_value(&v)
+                .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+            Ok(Value::from(python_str(&json)))
+        });
         // Whitespace control as transformers configures Jinja.
         let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build();
         env.set_syntax(syntax.map_err(|e| anyhow::anyhow!("jinja syntax config: {e}"))?);
@@ -157,15 +170,112 @@ pub fn python_json(v: &serde_json::Value, indent: Option<usize>, level: usize) -
                 .collect();
             format!("{{{nl}{}{nl}{pad}}}", items.join(&format!("{sep}{nl}")))
         }
-        J::Number(n) if n.is_f64() => {
-            let f = n.as_f64().unwrap_or(0.0);
-            // Python prints integral floats with a trailing ".0".
-            if f.fract() == 0.0 && f.abs() < 1e16 {
-                format!("{f:.1}")
-            } else {
-                format!("{f}")
-            }
-        }
+        J::Number(n) if n.is_f64() => python_float(n.as_f64().unwrap_or(0.0)),
         other => other.to_string(),
+    }
+}
+
+/// Python's `repr(float)`: the shortest digits that read back, in positional notation for decimal exponents
+/// -4..16 (with ".0" when integral), else as `1e-05` / `1.5e+16`.
+pub fn python_float(f: f64) -> String {
+    if !f.is_finite() {
+        return if f.is_nan() {
+            "nan".into()
+        } else if f > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        };
+    }
+    let sci = format!("{f:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if (-4..16).contains(&exp) {
+        let fixed = format!("{f}");
+        if fixed.contains('.') {
+            fixed
+        } else {
+            format!("{fixed}.0")
+        }
+    } else {
+        format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+    }
+}
+
+/// Python's `str(value)` of a JSON value: a string as itself, anything else as Python's repr.
+pub fn python_str(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => python_repr(other),
+    }
+}
+
+fn python_repr(v: &serde_json::Value) -> String {
+    use serde_json::Value as J;
+    match v {
+        J::Null => "None".into(),
+        J::Bool(b) => if *b { "True" } else { "False" }.into(),
+        J::Number(n) if n.is_f64() => python_float(n.as_f64().unwrap_or(0.0)),
+        J::Number(n) => n.to_string(),
+        J::String(s) => {
+            // Single quotes unless the text has one and no double quote.
+            let q = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+            let mut out = String::from(q);
+            for c in s.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c if c == q => {
+                        out.push('\\');
+                        out.push(c);
+                    }
+                    c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            out.push(q);
+            out
+        }
+        J::Array(a) => format!("[{}]", a.iter().map(python_repr).collect::<Vec<_>>().join(", ")),
+        J::Object(o) => format!(
+            "{{{}}}",
+            o.iter()
+                .map(|(k, x)| format!("{}: {}", python_repr(&J::String(k.clone())), python_repr(x)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floats_and_values_print_as_python_prints_them() {
+        // Python 3's repr() of each value.
+        let cases = [
+            (1e22, "1e+22"),
+            (1e15, "1000000000000000.0"),
+            (9999999999999998.0, "9999999999999998.0"),
+            (1e16, "1e+16"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (123.456, "123.456"),
+            (-1.5e-10, "-1.5e-10"),
+            (5e-324, "5e-324"),
+            (f64::MAX, "1.7976931348623157e+308"),
+            (-0.0, "-0.0"),
+            (0.1 + 0.2, "0.30000000000000004"),
+            (100.0, "100.0"),
+        ];
+        for (f, want) in cases {
+            assert_eq!(python_float(f), want, "{f:e}");
+        }
+        let v = serde_json::json!([1, "a", "it's", null, true, {"k": 1.0}]);
+        assert_eq!(python_str(&v), r#"[1, 'a', "it's", None, True, {'k': 1.0}]"#);
+        assert_eq!(python_str(&serde_json::json!("plain")), "plain");
     }
 }

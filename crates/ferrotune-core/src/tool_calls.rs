@@ -24,7 +24,9 @@
 //!
 //! `content` is the text outside the calls, trimmed: the template separates the answer from the first call by a
 //! blank line and calls from each other by a newline, which are layout, not content. [`parse`] reads a whole
-//! completion; [`StreamParser`] reads it piece by piece and yields the same text and calls.
+//! completion; [`StreamParser`] reads it piece by piece and yields the same text and calls. The text is the
+//! answer after any `<think>` block (split off before), decoded with `<tool_call>` and `</tool_call>` kept
+//! (Qwen's tokenizers mark them as not special, so skipping special tokens keeps them).
 
 use rand::distr::Alphanumeric;
 use rand::rngs::StdRng;
@@ -61,6 +63,23 @@ impl ToolCall {
             "type": "function",
             "function": {"name": self.name, "arguments": self.arguments_json()},
         })
+    }
+
+    /// The call as one entry of a streamed chunk's `delta.tool_calls`: [`Self::to_openai`] with its `index`.
+    pub fn to_openai_delta(&self, index: usize) -> Value {
+        let mut v = self.to_openai();
+        v["index"] = index.into();
+        v
+    }
+}
+
+/// Text that, appended to the generation prompt, makes the model's answer a call: of `name`, or of a function
+/// it picks (OpenAI's `tool_choice` naming a function, or `"required"`). The same text goes first into the
+/// parser, so that the block it opens is read whole.
+pub fn forced_call_prefix(name: Option<&str>) -> String {
+    match name {
+        Some(n) => format!("{OPEN}\n{FUNCTION}{n}>\n"),
+        None => format!("{OPEN}\n{FUNCTION}"),
     }
 }
 
@@ -743,6 +762,7 @@ mod tests {
 
     #[test]
     fn values_follow_the_schema_types() {
+        // vLLM's qwen3_coder conversions, but for a boolean that is neither true nor false (vLLM: false).
         assert_eq!(typed("s", "42"), json!("42"));
         assert_eq!(typed("s", "null"), json!("null"));
         assert_eq!(typed("s", "True"), json!("True"));
@@ -922,6 +942,24 @@ mod tests {
         let mut s = StreamParser::new(tools(), CallIds::seeded(7));
         assert_eq!(s.push("<tool_call>\n<function=f>"), vec![]);
         assert_eq!(s.finish(), vec![Event::Text("<tool_call>\n<function=f>".into())]);
+    }
+
+    #[test]
+    fn a_forced_call_prefix_then_the_models_text_is_one_call() {
+        let generated = "<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>";
+        let text = format!("{}{generated}", forced_call_prefix(Some("get_weather")));
+        assert_eq!(text, PARIS);
+        let text = format!("{}get_weather>\n{generated}", forced_call_prefix(None));
+        assert_eq!(text, PARIS);
+        let mut s = StreamParser::new(tools(), CallIds::seeded(7));
+        assert_eq!(s.push(&forced_call_prefix(Some("get_weather"))), vec![]);
+        let events = s.push(generated);
+        let Some(Event::Call { index: 0, call }) = events.first() else { panic!("{events:?}") };
+        assert_eq!(
+            call.to_openai_delta(0),
+            json!({"index": 0, "id": call.id, "type": "function",
+                   "function": {"name": "get_weather", "arguments": r#"{"city":"Paris"}"#}})
+        );
     }
 
     /// Splits at random char boundaries and checks that the events add up to the whole-text parse.

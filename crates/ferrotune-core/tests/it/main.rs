@@ -18,5 +18,6 @@ mod model;
 mod packing;
 mod parity;
 mod template;
+mod tools;
 mod train;
 mod train_run;
