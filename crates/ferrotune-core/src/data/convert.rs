@@ -12,6 +12,8 @@
 //!   trailing newline.
 //! - `tools` given as an already-parsed list is accepted in every formatting (LLaMA-Factory's template expects
 //!   JSON text there and fails on a list, except in the `openai` formatting, which writes it back as text).
+//! - `tool_calls` in a sharegpt-formatted dataset is an error naming the openai formatting (LLaMA-Factory
+//!   ignores them there and trains the message's text, or fails when there is none).
 //! - Rows are used as written. LLaMA-Factory loads them through Arrow, which gives every object of a column
 //!   the keys of all objects in that column across the dataset (missing ones as null): tool-call `arguments`
 //!   or a parsed `tools` list that differ between rows are rendered with extra `null` keys there.
@@ -154,8 +156,14 @@ fn sharegpt(obj: &serde_json::Map<String, Value>, attr: &DatasetAttr, tags: &Tag
             }
         };
         let answers = |role: &str| tags.assistant.as_deref() == Some(role) || tags.function.as_deref() == Some(role);
-        if attr.formatting == Formatting::Openai && answers(role) {
+        if answers(role) {
             if let Some(calls) = tool_calls(m.get("tool_calls"), &format!("{col_name}[{i}].tool_calls"))? {
+                if attr.formatting != Formatting::Openai {
+                    return Err(format!(
+                        "`{col_name}[{i}]` has `tool_calls`, which only the openai formatting reads; set \
+                         \"formatting\": \"openai\" for this dataset in dataset_info.json"
+                    ));
+                }
                 items.push((i, role.to_string(), calls, true));
                 continue;
             }
@@ -257,9 +265,8 @@ fn sharegpt(obj: &serde_json::Map<String, Value>, attr: &DatasetAttr, tags: &Tag
 
 /// The `tools` column: `None` for no tools (absent, or empty text), else the tool definitions.
 fn tool_list(v: &Value, name: &str, formatting: Formatting) -> Result<Option<Vec<Value>>, String> {
-    const FIX: &str =
-        "write a list of tool definitions, [{\"name\": ..., \"description\": ..., \"parameters\": {...}}] \
-                       (each may also be wrapped as {\"type\": \"function\", \"function\": {...}})";
+    const FIX: &str = "write a list of tool definitions, [{\"name\": ..., \"description\": ..., \"parameters\": \
+                       {...}}] (each may also be wrapped as {\"type\": \"function\", \"function\": {...}})";
     let list = match v {
         Value::String(s) if s.is_empty() => return Ok(None),
         Value::String(s) => match serde_json::from_str::<Value>(s) {
@@ -443,6 +450,74 @@ mod tests {
         assert!(convert(&row, &attr(Formatting::Sharegpt), &t).unwrap_err().contains("alternate"));
         let row = json!({"messages": [{"from": "human", "value": "q"}]});
         assert!(convert(&row, &attr(Formatting::Sharegpt), &t).unwrap_err().contains("end with an assistant"));
+    }
+
+    #[test]
+    fn tools_column() {
+        let mut a = attr(Formatting::Sharegpt);
+        a.columns.tools = Some("tools".into());
+        let t = Tags::openai();
+        let row = |tools: Value| {
+            json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                   "tools": tools})
+        };
+        let tools = |v: Value, a: &DatasetAttr| convert(&row(v), a, &t).map(|c| c.tools);
+        // LLaMA-Factory: empty text is no tools; "[]" is tools (a system turn, with no tool text).
+        assert_eq!(tools(json!(""), &a).unwrap(), None);
+        assert_eq!(tools(json!("[]"), &a).unwrap(), Some(vec![]));
+        assert_eq!(tools(json!([]), &a).unwrap(), None);
+        assert_eq!(tools(json!("[{\"name\": \"f\"}]"), &a).unwrap(), Some(vec![json!({"name": "f"})]));
+        assert_eq!(tools(json!([{"name": "f"}]), &a).unwrap(), Some(vec![json!({"name": "f"})]));
+        for (bad, want) in [
+            (json!("{\"name\": \"f\"}"), "`tools` holds an object where a list belongs"),
+            (json!("f(x)"), "`tools` is not valid JSON"),
+            (json!(["f"]), "`tools[0]` must be an object"),
+            (json!(3), "`tools` must be a list"),
+        ] {
+            let err = tools(bad, &a).unwrap_err();
+            assert!(err.contains(want) && err.contains("[{\"name\": ..."), "{err}");
+        }
+        // The openai converter writes a parsed list back as text (so even an empty one counts) and adds a
+        // newline to a system prompt when there are tools.
+        a.formatting = Formatting::Openai;
+        assert_eq!(tools(json!([]), &a).unwrap(), Some(vec![]));
+        let mut r = row(json!([{"name": "f"}]));
+        r["messages"].as_array_mut().unwrap().insert(0, json!({"role": "system", "content": "S"}));
+        assert_eq!(convert(&r, &a, &t).unwrap().system.as_deref(), Some("S\n"));
+        r["tools"] = json!("");
+        assert_eq!(convert(&r, &a, &t).unwrap().system.as_deref(), Some("S"));
+    }
+
+    #[test]
+    fn openai_tool_calls() {
+        let a = attr(Formatting::Openai);
+        let t = Tags::openai();
+        let call = json!({"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1.5}}});
+        let row = |assistant: Value| {
+            json!({"messages": [{"role": "user", "content": "q"}, assistant, {"role": "tool", "content": "r"},
+                                {"role": "assistant", "content": "done"}]})
+        };
+        // The calls' `function` objects as JSON text; the message's own text is dropped.
+        let c =
+            convert(&row(json!({"role": "assistant", "content": "Let me see.", "tool_calls": [call, call]})), &a, &t)
+                .unwrap();
+        assert_eq!(c.messages[1].role, Role::Function);
+        assert_eq!(
+            c.messages[1].content,
+            r#"[{"name": "f", "arguments": {"x": 1.5}}, {"name": "f", "arguments": {"x": 1.5}}]"#
+        );
+        assert_eq!(c.messages[2], Message::new(Role::Observation, "r"));
+        // No calls: an ordinary answer.
+        let c = convert(&row(json!({"role": "assistant", "content": "Hm.", "tool_calls": []})), &a, &t).unwrap();
+        assert_eq!(c.messages[1], Message::new(Role::Assistant, "Hm."));
+        let err = convert(&row(json!({"role": "assistant", "tool_calls": [{"id": "c1"}]})), &a, &t).unwrap_err();
+        assert!(err.contains("`messages[1].tool_calls[0]` has no `function`"), "{err}");
+        let err = convert(&row(json!({"role": "assistant", "tool_calls": "f()"})), &a, &t).unwrap_err();
+        assert!(err.contains("must be a list of tool calls"), "{err}");
+        let sharegpt = attr(Formatting::Sharegpt);
+        let err = convert(&row(json!({"role": "assistant", "content": "", "tool_calls": [call]})), &sharegpt, &t)
+            .unwrap_err();
+        assert!(err.contains("only the openai formatting reads"), "{err}");
     }
 
     #[test]

@@ -137,12 +137,14 @@ fn first_pair<'a>(s: &'a str, (open, close): (&str, &str)) -> Option<(&'a str, &
     Some((&s[start..inner_start + len + close.len()], &s[inner_start..inner_start + len]))
 }
 
+/// The start of `s` on one line, for messages.
 fn excerpt(s: &str) -> String {
     const MAX: usize = 80;
-    match s.char_indices().nth(MAX) {
-        Some((cut, _)) => format!("{:?}...", &s[..cut]),
-        None => format!("{s:?}"),
-    }
+    let (text, more) = match s.char_indices().nth(MAX) {
+        Some((cut, _)) => (&s[..cut], "..."),
+        None => (s, ""),
+    };
+    format!("`{}{more}`", text.replace('\n', "\\n"))
 }
 
 /// `json.dumps(v, ensure_ascii=False)`.
