@@ -2,11 +2,12 @@
 //!
 //! Every Qwen template is ChatML; they differ in the default system prompt, whether they are reasoning
 //! templates (`ReasoningTemplate`: the empty think block `<think>\n\n</think>\n\n` is added to answers that have
-//! none), and whether LLaMA-Factory attaches a vision plugin. Encoding follows `Template._encode`: each message's
-//! slots are tokenized separately (no special tokens added) and concatenated, turn 0 starting with the system
-//! slot when there is a system prompt or a tool list (the tools' text is appended to the system prompt, see
-//! [`tools`]). The answer slot includes `<|im_end|>\n`, so both are trained; a tool-call turn is an answer
-//! whose text the template's tool format writes.
+//! none), whether LLaMA-Factory attaches a vision plugin, and their tool format (`qwen3_5`, `qwen3_5_nothink`:
+//! Qwen3.5's; the others: Qwen2.5's). Encoding follows `Template._encode`: each message's slots are tokenized
+//! separately (no special tokens added) and concatenated, turn 0 starting with the system slot when there is a
+//! system prompt or a tool list (the tools' text is appended to the system prompt, see [`tools`]). The answer
+//! slot includes `<|im_end|>\n`, so both are trained; a tool-call turn is an answer whose text the template's
+//! tool format writes.
 //!
 //! Deviation: LLaMA-Factory refuses images with a template that has no vision plugin (`qwen`, `qwen3`). Here the
 //! image expansion comes from the checkpoint's image processor, so any template works with a VLM; a poor match

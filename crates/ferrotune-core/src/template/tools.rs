@@ -93,6 +93,7 @@ pub fn function_text(format: ToolFormat, content: &str) -> Result<String, String
                 excerpt(&py_json(call))
             ));
         };
+        // LLaMA-Factory would write any JSON value as the name; only a string can be one.
         let Value::String(name) = name else {
             return Err(format!("tool call {k}: `name` must be a string, got {}", py_json(name)));
         };
