@@ -1,7 +1,8 @@
 """Writes the data-stage reference fixtures with LLaMA-Factory 0.9.5's own code (pinned in requirements.txt).
 
 1. tests/fixtures/data/: small datasets in every format the data stage reads (alpaca, sharegpt with from/value and
-   role/content tags, thinking data, images of several sizes) with their dataset_info.json and PNG images, and
+   role/content tags, thinking data, images of several sizes, tool calls in sharegpt and openai rows) with their
+   dataset_info.json and PNG images, and
    tests/fixtures/data/reference_run/: the reference run's config, dataset_info.json and row shape (role/content
    messages without a `tags` block, images without `<image>` placeholders).
 2. tests/fixtures/golden/lf/samples_<case>.json: `input_ids` and `labels` that LLaMA-Factory's loader, converter,
@@ -163,6 +164,102 @@ MLLM_ROBOT = [
         "images": ["robot_002.png"],
     },
 ]
+# Tool definitions in both shapes LLaMA-Factory reads: bare, and wrapped as OpenAI function tools.
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city"],
+    },
+}
+BATTERY = {
+    "type": "function",
+    "function": {
+        "name": "read_battery",
+        "description": "Battery level of a robot, in percent.",
+        "parameters": {"type": "object", "properties": {"robot": {"type": "string"}}, "required": ["robot"]},
+    },
+}
+
+
+def call(name, **arguments):
+    return {"name": name, "arguments": arguments}
+
+
+# The `tools` column as JSON text; `function_call` values: one call, a list of calls, a call behind a think block
+# and inside <tool_call> tags with text around it. Row 2's empty tool list still opens a system turn.
+TOOLS_SHAREGPT = [
+    {
+        "conversations": [
+            {"from": "human", "value": "What is R2's battery level?"},
+            {"from": "function_call", "value": json.dumps(call("read_battery", robot="R2"))},
+            {"from": "observation", "value": "{\"level\": 87}"},
+            {"from": "gpt", "value": "R2 is at 87 percent."},
+        ],
+        "system": "You control service robots.",
+        "tools": json.dumps([WEATHER, BATTERY]),
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "Weather in Zürich and 北京?"},
+            {
+                "from": "function_call",
+                "value": json.dumps([call("get_weather", city="Zürich", unit="celsius"), call("get_weather", city="北京")],
+                                    ensure_ascii=False),
+            },
+            {"from": "observation", "value": "Zürich: 12 °C\n北京: 20 °C"},
+            {"from": "gpt", "value": "Zürich has 12 °C, 北京 20 °C."},
+        ],
+        "tools": json.dumps([WEATHER], ensure_ascii=False),
+    },
+    {"conversations": [{"from": "human", "value": "Hi!"}, {"from": "gpt", "value": "Hello."}], "tools": "[]"},
+    {
+        "conversations": [
+            {"from": "human", "value": "Is R2 busy?"},
+            {"from": "gpt", "value": "No, it is idle."},
+            {"from": "human", "value": "Send it to dock 3 at 1.5 m/s."},
+            {
+                "from": "function_call",
+                "value": "<think>\nDock 3, slowly.\n</think>\n\n"
+                + json.dumps(call("move", robot="R2", target={"dock": 3, "lane": None}, speed=1.5, avoid=["stairs"])),
+            },
+            {"from": "observation", "value": "arrived"},
+            {"from": "function_call", "value": "Now charging.<tool_call>" + json.dumps(call("charge", robot="R2")) + "</tool_call>"},
+            {"from": "observation", "value": "charging"},
+            {"from": "gpt", "value": "R2 is at dock 3 and charging."},
+        ]
+    },
+]
+# The openai formatting: a parsed `tools` list (the same in every row: Arrow would add the other rows' keys to a
+# differing one), `tool_calls` with object arguments (same keys in every call, for the same reason), `role: tool`
+# results merged into one observation, and an assistant text next to tool calls that LLaMA-Factory drops.
+TOOLS_OPENAI = [
+    {
+        "messages": [
+            {"role": "system", "content": "You report the weather."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": call("get_weather", city="Paris", unit="celsius")}]},
+            {"role": "tool", "content": "18 °C, cloudy"},
+            {"role": "assistant", "content": "Paris: 18 °C and cloudy."},
+        ],
+        "tools": [{"type": "function", "function": WEATHER}],
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Compare Oslo and Lima."},
+            {"role": "assistant", "content": "Checking both.", "tool_calls": [
+                {"id": "c2", "type": "function", "function": call("get_weather", city="Oslo", unit="celsius")},
+                {"id": "c3", "type": "function", "function": call("get_weather", city="Lima", unit="fahrenheit")}]},
+            {"role": "tool", "content": "-2 °C"},
+            {"role": "tool", "content": "68 °F"},
+            {"role": "assistant", "content": "Oslo is far colder."},
+        ],
+        "tools": [{"type": "function", "function": WEATHER}],
+    },
+]
 RC_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
 DATASET_INFO = {
     "alpaca_text": {
@@ -185,6 +282,17 @@ DATASET_INFO = {
     "alpaca_img": {
         "file_name": "alpaca_img.jsonl",
         "columns": {"prompt": "instruction", "response": "output", "images": "images"},
+    },
+    "tools_sharegpt": {
+        "file_name": "tools_sharegpt.json",
+        "formatting": "sharegpt",
+        "columns": {"messages": "conversations", "system": "system", "tools": "tools"},
+    },
+    "tools_openai": {
+        "file_name": "tools_openai.json",
+        "formatting": "openai",
+        "columns": {"messages": "messages", "tools": "tools"},
+        "tags": {**RC_TAGS, "observation_tag": "tool", "system_tag": "system"},
     },
 }
 # The reference run's dataset_info.json, verbatim from the issue.
@@ -244,6 +352,8 @@ def write_data_fixtures():
     dump(os.path.join(DATA, "cot.json"), COT)
     dump(os.path.join(DATA, "mllm_rc.json"), MLLM_RC)
     dump(os.path.join(DATA, "alpaca_img.jsonl"), ALPACA_IMG, lines=True)
+    dump(os.path.join(DATA, "tools_sharegpt.json"), TOOLS_SHAREGPT)
+    dump(os.path.join(DATA, "tools_openai.json"), TOOLS_OPENAI)
     dump(os.path.join(DATA, "dataset_info.json"), DATASET_INFO)
     dump(os.path.join(REF, "data", "dataset_info.json"), REF_INFO)
     dump(os.path.join(REF, "data", "mllm_robot.json"), MLLM_ROBOT)
@@ -282,6 +392,7 @@ from llamafactory.model import load_tokenizer  # noqa: E402
 PRISTINE = copy.deepcopy(TEMPLATES)
 TEXT = ["alpaca_text", "sharegpt_fv", "cot"]
 IMAGE = ["mllm_rc", "alpaca_img"]
+TOOLS = ["tools_sharegpt", "tools_openai"]
 
 # (case name, template, datasets, extra args). Text templates only get text data: LLaMA-Factory refuses images
 # without a vision plugin.
@@ -303,6 +414,12 @@ CASES = [
     ("qwen3_5_cutoff_images", "qwen3_5", ["mllm_rc"], {"cutoff_len": 60}),
     ("qwen2_vl_default_system", "qwen2_vl", ["sharegpt_fv", "mllm_rc"], {"default_system": "Be brief."}),
     ("qwen3_5_small_images", "qwen3_5_nothink", ["mllm_rc"], {"image_max_pixels": 16384, "image_min_pixels": 4096}),
+    # Tool calling: the qwen3_5 and qwen tool formats, reasoning or not, a default system prompt.
+    ("tools_qwen3_5_nothink", "qwen3_5_nothink", TOOLS, {}),
+    ("tools_qwen3_5", "qwen3_5", TOOLS, {}),
+    ("tools_qwen3_vl_nothink", "qwen3_vl_nothink", TOOLS, {}),
+    ("tools_qwen", "qwen", ["tools_sharegpt"], {}),
+    ("tools_qwen3_thinking_off", "qwen3", ["tools_sharegpt"], {"enable_thinking": False}),
 ]
 REFERENCE_CASES = [
     ("reference_qwen3_5", "qwen3_5", {}),
@@ -355,7 +472,7 @@ def pad_runs(ids, pad):
 
 def gen_samples():
     rows_of = {"alpaca_text": ALPACA_TEXT, "sharegpt_fv": SHAREGPT_FV, "cot": COT, "mllm_rc": MLLM_RC,
-               "alpaca_img": ALPACA_IMG}
+               "alpaca_img": ALPACA_IMG, "tools_sharegpt": TOOLS_SHAREGPT, "tools_openai": TOOLS_OPENAI}
     tokens_of = {}  # image file -> pads, from the first (untruncated, default-size) case
     for name, template, datasets, extra in CASES:
         samples = []

@@ -8,11 +8,25 @@
 //!   LLaMA-Factory's own chat API does for requests; any other count mismatch is an error naming the row.
 //! - `images` given as a string is an error (a list is required), not wrapped silently.
 //! - The `openai` formatting does not inject the system prompt "detailed thinking off" (a Nemotron quirk of
-//!   LLaMA-Factory's converter).
+//!   LLaMA-Factory's converter). Its other system-prompt change is kept: with tools, a system prompt gets a
+//!   trailing newline.
+//! - `tools` given as an already-parsed list is accepted in every formatting (LLaMA-Factory's template expects
+//!   JSON text there and fails on a list, except in the `openai` formatting, which writes it back as text).
+//! - `tool_calls` in a sharegpt-formatted dataset is an error naming the openai formatting (LLaMA-Factory
+//!   ignores them there and trains the message's text, or fails when there is none).
+//! - Rows are used as written. LLaMA-Factory loads them through Arrow, which gives every object of a column
+//!   the keys of all objects in that column across the dataset (missing ones as null): tool-call `arguments`
+//!   or a parsed `tools` list that differ between rows are rendered with extra `null` keys there.
+//!
+//! Tool calls: a sharegpt `function_call` turn holds a call `{"name", "arguments"}` or a list of them as JSON
+//! text, checked and written by the template ([`crate::template::tools`]). In the `openai` formatting an
+//! assistant message with `tool_calls` becomes such a turn holding its calls' `function` objects; its text is
+//! dropped, as LLaMA-Factory drops it.
 
 use serde_json::Value;
 
 use super::info::{Columns, DatasetAttr, Formatting, Tags};
+use crate::template::tools::py_json;
 use crate::template::{Message, Role};
 
 /// The image placeholder in message text (LLaMA-Factory's `IMAGE_PLACEHOLDER` default).
@@ -27,6 +41,9 @@ pub struct Conversation {
     pub system: Option<String>,
     /// Alternating user/observation and assistant/function messages, ending with an answer.
     pub messages: Vec<Message>,
+    /// Tool definitions (JSON objects) for the system prompt; `Some` even when empty, as an empty list still
+    /// gives a system turn in LLaMA-Factory.
+    pub tools: Option<Vec<Value>>,
     /// Image paths as written in the row (resolved against media_dir later).
     pub images: Vec<String>,
     /// `<image>` placeholders were added because the row had none.
@@ -44,8 +61,11 @@ pub fn convert(row: &Value, attr: &DatasetAttr, tags: &Tags) -> Result<Conversat
         Formatting::Sharegpt | Formatting::Openai => sharegpt(obj, attr, tags)?,
     };
     if let Some(tools) = col(&attr.columns.tools) {
-        if !matches!(tools, Value::String(s) if s.is_empty()) && !matches!(tools, Value::Array(a) if a.is_empty()) {
-            return Err("tool definitions (`tools`) are not supported yet".into());
+        conv.tools = tool_list(tools, attr.columns.tools.as_deref().unwrap_or("tools"), attr.formatting)?;
+    }
+    if attr.formatting == Formatting::Openai && conv.tools.is_some() {
+        if let Some(system) = conv.system.as_mut().filter(|s| !s.is_empty()) {
+            system.push('\n');
         }
     }
     for (what, c) in [("videos", &attr.columns.videos), ("audios", &attr.columns.audios)] {
@@ -104,7 +124,7 @@ fn alpaca(obj: &serde_json::Map<String, Value>, c: &Columns) -> Result<Conversat
         Some((name, v)) => Some(text(name, v)?),
         None => None,
     };
-    Ok(Conversation { system, messages, images: Vec::new(), placeholders_added: false })
+    Ok(Conversation { system, messages, tools: None, images: Vec::new(), placeholders_added: false })
 }
 
 fn sharegpt(obj: &serde_json::Map<String, Value>, attr: &DatasetAttr, tags: &Tags) -> Result<Conversation, String> {
@@ -116,7 +136,7 @@ fn sharegpt(obj: &serde_json::Map<String, Value>, attr: &DatasetAttr, tags: &Tag
     };
     let role_tag = tags.role.as_deref().unwrap_or("from");
     let content_tag = tags.content.as_deref().unwrap_or("value");
-    // (role, content) of each message, validated.
+    // (index, role, content, is a tool call) of each message, validated.
     let mut items = Vec::with_capacity(raw.len());
     for (i, m) in raw.iter().enumerate() {
         let Value::Object(m) = m else {
@@ -135,6 +155,19 @@ fn sharegpt(obj: &serde_json::Map<String, Value>, attr: &DatasetAttr, tags: &Tag
                 ))
             }
         };
+        let answers = |role: &str| tags.assistant.as_deref() == Some(role) || tags.function.as_deref() == Some(role);
+        if answers(role) {
+            if let Some(calls) = tool_calls(m.get("tool_calls"), &format!("{col_name}[{i}].tool_calls"))? {
+                if attr.formatting != Formatting::Openai {
+                    return Err(format!(
+                        "`{col_name}[{i}]` has `tool_calls`, which only the openai formatting reads; set \
+                         \"formatting\": \"openai\" for this dataset in dataset_info.json"
+                    ));
+                }
+                items.push((i, role.to_string(), calls, true));
+                continue;
+            }
+        }
         let content = match m.get(content_tag) {
             Some(Value::String(c)) => c.clone(),
             Some(Value::Null) | None if attr.formatting == Formatting::Openai && m.contains_key("tool_calls") => {
@@ -149,15 +182,12 @@ fn sharegpt(obj: &serde_json::Map<String, Value>, attr: &DatasetAttr, tags: &Tag
             }
             None => return Err(format!("`{col_name}[{i}]` has no `{content_tag}`")),
         };
-        if attr.formatting == Formatting::Openai && m.get("tool_calls").is_some_and(|t| !t.is_null()) {
-            return Err(format!("`{col_name}[{i}]`: tool calls are not supported yet"));
-        }
-        items.push((i, role.to_string(), content));
+        items.push((i, role.to_string(), content, false));
     }
     let is = |tag: &Option<String>, role: &str| tag.as_deref() == Some(role);
     let mut system = None;
     let mut start = 0;
-    if let Some((_, role, content)) = items.first() {
+    if let Some((_, role, content, _)) = items.first() {
         if is(&tags.system, role) {
             system = Some(content.clone());
             start = 1;
@@ -174,7 +204,7 @@ fn sharegpt(obj: &serde_json::Map<String, Value>, attr: &DatasetAttr, tags: &Tag
     }
     let mut messages = Vec::new();
     let mut pending_tool: Vec<String> = Vec::new();
-    for (i, role, content) in items.into_iter().skip(start) {
+    for (i, role, content, is_call) in items.into_iter().skip(start) {
         // The openai formatting merges consecutive tool results into one observation turn.
         if attr.formatting == Formatting::Openai && (role == "tool" || is(&tags.observation, &role)) {
             pending_tool.push(content);
@@ -185,7 +215,9 @@ fn sharegpt(obj: &serde_json::Map<String, Value>, attr: &DatasetAttr, tags: &Tag
             messages.push(Message::new(Role::Observation, merged));
             pending_tool.clear();
         }
-        let role = if is(&tags.user, &role) {
+        let role = if is_call {
+            Role::Function
+        } else if is(&tags.user, &role) {
             Role::User
         } else if is(&tags.assistant, &role) {
             Role::Assistant
@@ -228,10 +260,59 @@ fn sharegpt(obj: &serde_json::Map<String, Value>, attr: &DatasetAttr, tags: &Tag
     if messages.len() % 2 != 0 {
         return Err(format!("{} messages: the conversation must end with an assistant answer", messages.len()));
     }
-    if messages.iter().any(|m| m.role == Role::Function) {
-        return Err("tool-call (function_call) turns are not supported yet".into());
+    Ok(Conversation { system, messages, tools: None, images: Vec::new(), placeholders_added: false })
+}
+
+/// The `tools` column: `None` for no tools (absent, or empty text), else the tool definitions.
+fn tool_list(v: &Value, name: &str, formatting: Formatting) -> Result<Option<Vec<Value>>, String> {
+    const FIX: &str = "write a list of tool definitions, [{\"name\": ..., \"description\": ..., \"parameters\": \
+                       {...}}] (each may also be wrapped as {\"type\": \"function\", \"function\": {...}})";
+    let list = match v {
+        Value::String(s) if s.is_empty() => return Ok(None),
+        Value::String(s) => match serde_json::from_str::<Value>(s) {
+            Ok(Value::Array(list)) => list,
+            Ok(other) => return Err(format!("`{name}` holds {} where a list belongs; {FIX}", kind(&other))),
+            Err(e) => return Err(format!("`{name}` is not valid JSON ({e}); {FIX}")),
+        },
+        // The openai converter writes a list back as text, so there even an empty list opens a system turn.
+        Value::Array(list) if list.is_empty() && formatting != Formatting::Openai => return Ok(None),
+        Value::Array(list) => list.clone(),
+        other => return Err(format!("`{name}` must be a list (or its JSON text), got {}; {FIX}", kind(other))),
+    };
+    for (i, t) in list.iter().enumerate() {
+        if !t.is_object() {
+            return Err(format!("`{name}[{i}]` must be an object, got {}; {FIX}", kind(t)));
+        }
     }
-    Ok(Conversation { system, messages, images: Vec::new(), placeholders_added: false })
+    let text = py_json(&Value::Array(list.clone()));
+    if let Some(tok) = RESERVED.iter().find(|t| text.contains(*t)) {
+        return Err(format!("`{name}` contains the reserved token {tok}"));
+    }
+    Ok(Some(list))
+}
+
+/// An openai message's `tool_calls` as the content of a function_call turn: the JSON list of their `function`
+/// objects. `None` when there are none (absent, null or empty, which LLaMA-Factory treats alike).
+fn tool_calls(v: Option<&Value>, name: &str) -> Result<Option<String>, String> {
+    let calls = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(calls)) if calls.is_empty() => return Ok(None),
+        Some(Value::Array(calls)) => calls,
+        Some(other) => return Err(format!("`{name}` must be a list of tool calls, got {}", kind(other))),
+    };
+    let functions = calls
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            c.get("function").cloned().ok_or_else(|| {
+                format!(
+                    "`{name}[{k}]` has no `function`; write each call as {{\"type\": \"function\", \"function\": \
+                     {{\"name\": ..., \"arguments\": {{...}}}}}}"
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(py_json(&Value::Array(functions))))
 }
 
 /// The `images` column: a list of paths (or `{"path": ...}` objects).
@@ -369,6 +450,74 @@ mod tests {
         assert!(convert(&row, &attr(Formatting::Sharegpt), &t).unwrap_err().contains("alternate"));
         let row = json!({"messages": [{"from": "human", "value": "q"}]});
         assert!(convert(&row, &attr(Formatting::Sharegpt), &t).unwrap_err().contains("end with an assistant"));
+    }
+
+    #[test]
+    fn tools_column() {
+        let mut a = attr(Formatting::Sharegpt);
+        a.columns.tools = Some("tools".into());
+        let t = Tags::openai();
+        let row = |tools: Value| {
+            json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                   "tools": tools})
+        };
+        let tools = |v: Value, a: &DatasetAttr| convert(&row(v), a, &t).map(|c| c.tools);
+        // LLaMA-Factory: empty text is no tools; "[]" is tools (a system turn, with no tool text).
+        assert_eq!(tools(json!(""), &a).unwrap(), None);
+        assert_eq!(tools(json!("[]"), &a).unwrap(), Some(vec![]));
+        assert_eq!(tools(json!([]), &a).unwrap(), None);
+        assert_eq!(tools(json!("[{\"name\": \"f\"}]"), &a).unwrap(), Some(vec![json!({"name": "f"})]));
+        assert_eq!(tools(json!([{"name": "f"}]), &a).unwrap(), Some(vec![json!({"name": "f"})]));
+        for (bad, want) in [
+            (json!("{\"name\": \"f\"}"), "`tools` holds an object where a list belongs"),
+            (json!("f(x)"), "`tools` is not valid JSON"),
+            (json!(["f"]), "`tools[0]` must be an object"),
+            (json!(3), "`tools` must be a list"),
+        ] {
+            let err = tools(bad, &a).unwrap_err();
+            assert!(err.contains(want) && err.contains("[{\"name\": ..."), "{err}");
+        }
+        // The openai converter writes a parsed list back as text (so even an empty one counts) and adds a
+        // newline to a system prompt when there are tools.
+        a.formatting = Formatting::Openai;
+        assert_eq!(tools(json!([]), &a).unwrap(), Some(vec![]));
+        let mut r = row(json!([{"name": "f"}]));
+        r["messages"].as_array_mut().unwrap().insert(0, json!({"role": "system", "content": "S"}));
+        assert_eq!(convert(&r, &a, &t).unwrap().system.as_deref(), Some("S\n"));
+        r["tools"] = json!("");
+        assert_eq!(convert(&r, &a, &t).unwrap().system.as_deref(), Some("S"));
+    }
+
+    #[test]
+    fn openai_tool_calls() {
+        let a = attr(Formatting::Openai);
+        let t = Tags::openai();
+        let call = json!({"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1.5}}});
+        let row = |assistant: Value| {
+            json!({"messages": [{"role": "user", "content": "q"}, assistant, {"role": "tool", "content": "r"},
+                                {"role": "assistant", "content": "done"}]})
+        };
+        // The calls' `function` objects as JSON text; the message's own text is dropped.
+        let c =
+            convert(&row(json!({"role": "assistant", "content": "Let me see.", "tool_calls": [call, call]})), &a, &t)
+                .unwrap();
+        assert_eq!(c.messages[1].role, Role::Function);
+        assert_eq!(
+            c.messages[1].content,
+            r#"[{"name": "f", "arguments": {"x": 1.5}}, {"name": "f", "arguments": {"x": 1.5}}]"#
+        );
+        assert_eq!(c.messages[2], Message::new(Role::Observation, "r"));
+        // No calls: an ordinary answer.
+        let c = convert(&row(json!({"role": "assistant", "content": "Hm.", "tool_calls": []})), &a, &t).unwrap();
+        assert_eq!(c.messages[1], Message::new(Role::Assistant, "Hm."));
+        let err = convert(&row(json!({"role": "assistant", "tool_calls": [{"id": "c1"}]})), &a, &t).unwrap_err();
+        assert!(err.contains("`messages[1].tool_calls[0]` has no `function`"), "{err}");
+        let err = convert(&row(json!({"role": "assistant", "tool_calls": "f()"})), &a, &t).unwrap_err();
+        assert!(err.contains("must be a list of tool calls"), "{err}");
+        let sharegpt = attr(Formatting::Sharegpt);
+        let err = convert(&row(json!({"role": "assistant", "content": "", "tool_calls": [call]})), &sharegpt, &t)
+            .unwrap_err();
+        assert!(err.contains("only the openai formatting reads"), "{err}");
     }
 
     #[test]

@@ -124,7 +124,7 @@ pub fn encode(
             _ => m.clone(),
         })
         .collect();
-    let mut pairs = enc.encode_turns(&messages, conv.system.as_deref(), opts.mask_history)?;
+    let mut pairs = enc.encode_turns(&messages, conv.system.as_deref(), conv.tools.as_deref(), opts.mask_history)?;
 
     // Repeat each image's single pad to its token count, in order across the conversation.
     let mut image_total = 0;

@@ -2,22 +2,30 @@
 //!
 //! Every Qwen template is ChatML; they differ in the default system prompt, whether they are reasoning
 //! templates (`ReasoningTemplate`: the empty think block `<think>\n\n</think>\n\n` is added to answers that have
-//! none), and whether LLaMA-Factory attaches a vision plugin. Encoding follows `Template._encode`: each message's
-//! slots are tokenized separately (no special tokens added) and concatenated, turn 0 starting with the system
-//! slot when there is a system prompt. The answer slot includes `<|im_end|>\n`, so both are trained.
+//! none), whether LLaMA-Factory attaches a vision plugin, and their tool format (`qwen3_5`, `qwen3_5_nothink`:
+//! Qwen3.5's; the others: Qwen2.5's). Encoding follows `Template._encode`: each message's slots are tokenized
+//! separately (no special tokens added) and concatenated, turn 0 starting with the system slot when there is a
+//! system prompt or a tool list (the tools' text is appended to the system prompt, see [`tools`]). The answer
+//! slot includes `<|im_end|>\n`, so both are trained; a tool-call turn is an answer whose text the template's
+//! tool format writes.
 //!
 //! Deviation: LLaMA-Factory refuses images with a template that has no vision plugin (`qwen`, `qwen3`). Here the
 //! image expansion comes from the checkpoint's image processor, so any template works with a VLM; a poor match
 //! is reported by [`detect::choose`].
 
 pub mod detect;
+pub mod tools;
 
-use anyhow::{bail, Result};
+use std::borrow::Cow;
+
+use anyhow::{anyhow, bail, Result};
+use serde_json::Value;
 
 use crate::suggest;
 use crate::tokenizer::Tokenizer;
 
 pub use detect::{choose, CheckpointInfo, Choice};
+pub use tools::ToolFormat;
 
 /// Who speaks a message, after dataset conversion (LLaMA-Factory's `Role`, without `system`, which is separate).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +62,8 @@ pub struct Template {
     pub reasoning: bool,
     /// LLaMA-Factory attaches a Qwen vision plugin (`qwen2_vl` or `qwen3_vl`).
     pub vision: bool,
+    /// The `tool_format` of its `format_tools` and `format_function`.
+    pub tool_format: ToolFormat,
     /// What the template is meant for, for messages.
     pub for_models: &'static str,
 }
@@ -69,20 +79,36 @@ pub const THINK_CLOSE: &str = "\n</think>\n\n";
 
 /// The templates ferrotune implements.
 pub static TEMPLATES: &[Template] = &[
-    Template { name: "qwen3_5", default_system: "", reasoning: true, vision: true, for_models: "Qwen3.5 (thinking)" },
+    Template {
+        name: "qwen3_5",
+        default_system: "",
+        reasoning: true,
+        vision: true,
+        tool_format: ToolFormat::Qwen35,
+        for_models: "Qwen3.5 (thinking)",
+    },
     Template {
         name: "qwen3_5_nothink",
         default_system: "",
         reasoning: false,
         vision: true,
+        tool_format: ToolFormat::Qwen35,
         for_models: "Qwen3.5 trained without the think block",
     },
-    Template { name: "qwen3_vl", default_system: "", reasoning: true, vision: true, for_models: "Qwen3-VL-*-Thinking" },
+    Template {
+        name: "qwen3_vl",
+        default_system: "",
+        reasoning: true,
+        vision: true,
+        tool_format: ToolFormat::Qwen,
+        for_models: "Qwen3-VL-*-Thinking",
+    },
     Template {
         name: "qwen3_vl_nothink",
         default_system: "",
         reasoning: false,
         vision: true,
+        tool_format: ToolFormat::Qwen,
         for_models: "Qwen3-VL-*-Instruct",
     },
     Template {
@@ -90,6 +116,7 @@ pub static TEMPLATES: &[Template] = &[
         default_system: "You are a helpful assistant.",
         reasoning: false,
         vision: true,
+        tool_format: ToolFormat::Qwen,
         for_models: "Qwen2-VL, Qwen2.5-VL",
     },
     Template {
@@ -97,14 +124,23 @@ pub static TEMPLATES: &[Template] = &[
         default_system: "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
         reasoning: false,
         vision: false,
+        tool_format: ToolFormat::Qwen,
         for_models: "Qwen1.5/2/2.5 text models",
     },
-    Template { name: "qwen3", default_system: "", reasoning: true, vision: false, for_models: "Qwen3 (thinking)" },
+    Template {
+        name: "qwen3",
+        default_system: "",
+        reasoning: true,
+        vision: false,
+        tool_format: ToolFormat::Qwen,
+        for_models: "Qwen3 (thinking)",
+    },
     Template {
         name: "qwen3_nothink",
         default_system: "",
         reasoning: false,
         vision: false,
+        tool_format: ToolFormat::Qwen,
         for_models: "Qwen3-*-Instruct-2507 and non-thinking Qwen3",
     },
 ];
@@ -170,12 +206,15 @@ impl<'a> ChatEncoder<'a> {
     }
 
     /// `(prompt ids, answer ids)` per turn, as `encode_multiturn` builds them for training. `messages` alternate
-    /// user/observation and assistant and end with an assistant message. With `mask_history` (and without
-    /// `preserve_thinking`) thinking is stripped from all answers but the last, as LLaMA-Factory does.
+    /// user/observation and assistant/function and end with an answer. `tools` (JSON objects) are the sample's
+    /// tool definitions: `Some` even when empty, since an empty list still opens a system turn in LLaMA-Factory.
+    /// With `mask_history` (and without `preserve_thinking`) thinking is stripped from all answers but the last,
+    /// as LLaMA-Factory does.
     pub fn encode_turns(
         &self,
         messages: &[Message],
         system: Option<&str>,
+        tools: Option<&[Value]>,
         mask_history: bool,
     ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
         if messages.is_empty() || !messages.len().is_multiple_of(2) {
@@ -196,7 +235,7 @@ impl<'a> ChatEncoder<'a> {
                 }
             }
         }
-        let mut encoded = self.encode_messages(&messages, system)?;
+        let mut encoded = self.encode_messages(&messages, system, tools)?;
         if self.template.reasoning {
             let turns: Vec<usize> = if discard_history_thinking {
                 vec![messages.len() - 2]
@@ -236,7 +275,7 @@ impl<'a> ChatEncoder<'a> {
                 m.content = remove_thought(&m.content);
             }
         }
-        let encoded = self.encode_messages(&messages, system)?;
+        let encoded = self.encode_messages(&messages, system, None)?;
         let mut prompt: Vec<u32> = encoded[..encoded.len() - 1].concat();
         if self.template.reasoning && self.enable_thinking != Some(true) {
             prompt.extend_from_slice(&self.thought_ids);
@@ -245,7 +284,12 @@ impl<'a> ChatEncoder<'a> {
     }
 
     /// `Template._encode`: one id list per message.
-    fn encode_messages(&self, messages: &[Message], system: Option<&str>) -> Result<Vec<Vec<u32>>> {
+    fn encode_messages(
+        &self,
+        messages: &[Message],
+        system: Option<&str>,
+        tools: Option<&[Value]>,
+    ) -> Result<Vec<Vec<u32>>> {
         let system = match system {
             Some(s) if !s.is_empty() => s,
             _ => self.default_system.as_str(),
@@ -253,16 +297,21 @@ impl<'a> ChatEncoder<'a> {
         let mut out = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
             let mut ids = Vec::new();
-            if i == 0 && !system.is_empty() {
-                ids.extend(self.slot(SYSTEM_SLOT, system)?);
+            if i == 0 && (!system.is_empty() || tools.is_some()) {
+                let tool_text = tools.map(|t| tools::tool_text(self.template.tool_format, t)).unwrap_or_default();
+                ids.extend(self.slot(SYSTEM_SLOT, &format!("{system}{tool_text}"))?);
             }
-            let slot = match m.role {
-                Role::User => USER_SLOT,
-                Role::Assistant => ASSISTANT_SLOT,
-                Role::Observation => OBSERVATION_SLOT,
-                Role::Function => bail!("tool-call (function_call) turns are not supported yet"),
+            let (slot, content) = match m.role {
+                Role::User => (USER_SLOT, Cow::from(&m.content)),
+                Role::Assistant => (ASSISTANT_SLOT, Cow::from(&m.content)),
+                Role::Observation => (OBSERVATION_SLOT, Cow::from(&m.content)),
+                Role::Function => {
+                    let text = tools::function_text(self.template.tool_format, &m.content)
+                        .map_err(|e| anyhow!("answer {} (a function_call turn): {e}", i / 2 + 1))?;
+                    (ASSISTANT_SLOT, Cow::from(text))
+                }
             };
-            ids.extend(self.slot(slot, &m.content)?);
+            ids.extend(self.slot(slot, &content)?);
             out.push(ids);
         }
         Ok(out)

@@ -241,3 +241,52 @@ fn held_out_rows_follow_numpys_permutation() {
         assert_eq!(ferrotune_core::data::numpy_rng::permutation(seed, n), want, "seed {seed}, n {n}");
     }
 }
+
+/// Tool calls LLaMA-Factory stops on (invalid JSON, a call without `arguments`, text arguments for the qwen3_5
+/// tool format, a `tools` column that is not JSON) are row errors that name the row and say how to write it.
+#[test]
+fn malformed_tool_calls_name_the_row_and_the_fix() {
+    let dir = scratch("bad-tool-calls");
+    let row = |call: &str, tools: &str| {
+        json!({"conversations": [
+            {"from": "human", "value": "Battery of R2?"},
+            {"from": "function_call", "value": call},
+            {"from": "observation", "value": "87"},
+            {"from": "gpt", "value": "87 percent."}], "tools": tools})
+    };
+    let tools = r#"[{"name": "read_battery", "parameters": {"type": "object"}}]"#;
+    let good = r#"{"name": "read_battery", "arguments": {"robot": "R2"}}"#;
+    let text_args = r#"{"name": "read_battery", "arguments": "{\"robot\": \"R2\"}"}"#;
+    let rows = json!([
+        row(good, tools),
+        row("read_battery(robot='R2')", tools),
+        row(r#"{"name": "read_battery"}"#, tools),
+        row(text_args, tools),
+        row(good, "read_battery"),
+    ]);
+    std::fs::write(dir.join("d.json"), serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+    let info = json!({"d": {"file_name": "d.json", "formatting": "sharegpt",
+        "columns": {"messages": "conversations", "tools": "tools"}}});
+    std::fs::write(dir.join("dataset_info.json"), info.to_string()).unwrap();
+
+    let p = run(&dir, &[("template", json!("qwen3_5_nothink"))]).unwrap();
+    let issues: Vec<(usize, &str)> = p.report.issues.iter().map(|i| (i.at.row, i.reason.as_str())).collect();
+    assert_eq!(issues.iter().map(|i| i.0).collect::<Vec<_>>(), [1, 2, 3, 4], "{}", p.report);
+    assert!(p.report.issues.iter().all(|i| i.kind == IssueKind::BadRow));
+    let fix = r#"{"name": "tool_name", "arguments": {...}}"#;
+    assert!(issues[0].1.contains("is not valid JSON") && issues[0].1.contains(fix), "{}", issues[0].1);
+    assert!(issues[1].1.contains("not an object with `name` and `arguments`") && issues[1].1.contains(fix));
+    assert!(
+        issues[2].1.contains("`arguments` must be a JSON object") && issues[2].1.contains("not its JSON text"),
+        "{}",
+        issues[2].1
+    );
+    assert!(issues[3].1.contains("`tools` is not valid JSON") && issues[3].1.contains("list of tool definitions"));
+    let text = p.report.to_string();
+    assert!(text.contains("d.json row 1 (line") && text.contains("answer 1 (a function_call turn)"), "{text}");
+
+    // The qwen tool format writes text arguments as a JSON string, as LLaMA-Factory does.
+    let p = run(&dir, &[("template", json!("qwen3_vl_nothink"))]).unwrap();
+    let rows: Vec<usize> = p.report.issues.iter().map(|i| i.at.row).collect();
+    assert_eq!(rows, [1, 2, 4], "{}", p.report);
+}

@@ -102,6 +102,11 @@ golden_cases!(
     qwen3_5_small_images,
     reference_qwen3_5,
     reference_qwen3_5_nothink,
+    tools_qwen3_5_nothink,
+    tools_qwen3_5,
+    tools_qwen3_vl_nothink,
+    tools_qwen,
+    tools_qwen3_thinking_off,
 );
 
 #[test]
