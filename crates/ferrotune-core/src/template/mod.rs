@@ -263,7 +263,12 @@ impl<'a> ChatEncoder<'a> {
 
     /// The prompt for generating the next answer (`encode_oneturn` with an empty answer, as LLaMA-Factory's chat
     /// engines do). `messages` end with a user or observation message.
-    pub fn encode_prompt(&self, messages: &[Message], system: Option<&str>) -> Result<Vec<u32>> {
+    pub fn encode_prompt(
+        &self,
+        messages: &[Message],
+        system: Option<&str>,
+        tools: Option<&[Value]>,
+    ) -> Result<Vec<u32>> {
         if messages.len() % 2 != 1 {
             bail!("a prompt needs an odd number of messages ending with the user's, got {}", messages.len());
         }
@@ -275,7 +280,7 @@ impl<'a> ChatEncoder<'a> {
                 m.content = remove_thought(&m.content);
             }
         }
-        let encoded = self.encode_messages(&messages, system, None)?;
+        let encoded = self.encode_messages(&messages, system, tools)?;
         let mut prompt: Vec<u32> = encoded[..encoded.len() - 1].concat();
         if self.template.reasoning && self.enable_thinking != Some(true) {
             prompt.extend_from_slice(&self.thought_ids);
@@ -393,25 +398,58 @@ pub fn to_jinja(t: &Template, options: &TemplateOptions) -> String {
          {%- endfor -%}{%- endif -%}\
          {%- endmacro -%}\n",
     );
-    j.push_str("{%- if messages and messages[0].role == 'system' -%}\n");
-    j.push_str("{{- '<|im_start|>system\\n' + render(messages[0].content) + '<|im_end|>\\n' -}}\n");
+    // Turn 0's system slot: the system prompt (or the default one) and the tool list, as training writes them.
     let default_system = options.default_system.as_deref().unwrap_or(t.default_system);
-    if !default_system.is_empty() {
-        j.push_str("{%- else -%}\n{{- '<|im_start|>system\\n");
-        j.push_str(&esc(default_system));
-        j.push_str("<|im_end|>\\n' -}}\n");
-    }
-    j.push_str("{%- endif -%}\n");
+    j.push_str(
+        "{%- set system = render(messages[0].content) if (messages and messages[0].role == 'system') else '' -%}\n",
+    );
+    j.push_str(&format!("{{%- if not system -%}}{{%- set system = '{}' -%}}{{%- endif -%}}\n", esc(default_system)));
+    let (head, tail) = tools::tool_text_frame(t.tool_format);
+    let line = match t.tool_format {
+        // Qwen's lines are OpenAI function tools: bare definitions are wrapped.
+        ToolFormat::Qwen => "(tool | tojson) if tool.type == 'function' else '{\"type\": \"function\", \"function\": ' + (tool | tojson) + '}'",
+        // Qwen3.5's are bare definitions: wrapped ones are unwrapped.
+        ToolFormat::Qwen35 => "(tool.function | tojson) if (tool.type == 'function' and tool.function is defined) else (tool | tojson)",
+    };
+    j.push_str("{%- set ns = namespace(tools='', calls='', args='') -%}\n");
+    j.push_str(&format!(
+        "{{%- if tools -%}}{{%- for tool in tools -%}}{{%- set ns.tools = ns.tools + '\\n' + ({line}) -%}}{{%- endfor -%}}\
+         {{%- set ns.tools = '{}' + ns.tools + '{}' -%}}{{%- endif -%}}\n",
+        esc(head),
+        esc(tail)
+    ));
+    j.push_str("{%- if system or ns.tools -%}{{- '<|im_start|>system\\n' + system + ns.tools + '<|im_end|>\\n' -}}{%- endif -%}\n");
     j.push_str("{%- for message in messages -%}\n");
     j.push_str(
         "{%- if message.role == 'user' -%}{{- '<|im_start|>user\\n' + render(message.content) + '<|im_end|>\\n' -}}\n",
     );
     j.push_str("{%- elif message.role == 'assistant' -%}{%- set content = render(message.content) -%}\n");
+    // Tool calls replace the text beside them (LLaMA-Factory's openai conversion keeps only the calls).
+    let call = match t.tool_format {
+        ToolFormat::Qwen => {
+            "'<tool_call>\\n{\"name\": ' + (f.name | tojson) + ', \"arguments\": ' + (f.arguments | tojson) + '}\\n</tool_call>'"
+        }
+        ToolFormat::Qwen35 => {
+            "'<tool_call>\\n<function=' + f.name + '>' + ns.args + '\\n</function>\\n</tool_call>'"
+        }
+    };
+    j.push_str("{%- if message.tool_calls -%}{%- set ns.calls = '' -%}{%- for tc in message.tool_calls -%}\
+         {%- set f = tc.function if tc.function is defined else tc -%}{%- set ns.args = '' -%}\
+         {%- for k, v in f.arguments | items -%}\
+         {%- set ns.args = ns.args + '\\n<parameter=' + k + '>\\n' + (v if v is string else (v | tojson)) + '\\n</parameter>' -%}\
+         {%- endfor -%}");
+    j.push_str(&format!(
+        "{{%- set ns.calls = ns.calls + ('' if loop.first else '\\n') + {call} -%}}{{%- endfor -%}}\
+         {{%- set content = ns.calls -%}}{{%- endif -%}}\n"
+    ));
     if t.reasoning {
         j.push_str("{%- if not loop.last and '</think>' in content -%}{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}{%- endif -%}\n");
     }
     j.push_str("{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' -}}\n");
-    j.push_str("{%- elif message.role == 'tool' -%}{{- '<|im_start|>user\\n<tool_response>\\n' + render(message.content) + '\\n</tool_response><|im_end|>\\n' -}}\n");
+    // Consecutive tool results are one observation turn.
+    j.push_str("{%- elif message.role == 'tool' -%}\
+         {{- ('<|im_start|>user\\n<tool_response>\\n' if loop.first or loop.previtem.role != 'tool' else '\\n</tool_response>\\n<tool_response>\\n') + render(message.content) -}}\
+         {%- if loop.last or loop.nextitem.role != 'tool' -%}{{- '\\n</tool_response><|im_end|>\\n' -}}{%- endif -%}\n");
     j.push_str("{%- endif -%}\n{%- endfor -%}\n");
     j.push_str("{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}\n");
     if t.reasoning {

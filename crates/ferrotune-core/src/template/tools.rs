@@ -36,6 +36,14 @@ const QWEN35_TOOLS_TAIL: &str = "\n</tools>\n\nIf you choose to call a function 
 const THINK: (&str, &str) = (super::THINK_OPEN, super::THINK_CLOSE);
 const TOOL_CALL: (&str, &str) = ("<tool_call>", "</tool_call>");
 
+/// The text before and after the tool lines of [`tool_text`].
+pub fn tool_text_frame(format: ToolFormat) -> (&'static str, &'static str) {
+    match format {
+        ToolFormat::Qwen => (QWEN_TOOLS_HEAD, QWEN_TOOLS_TAIL),
+        ToolFormat::Qwen35 => (QWEN35_TOOLS_HEAD, QWEN35_TOOLS_TAIL),
+    }
+}
+
 /// The text appended to the system prompt for `tools` (JSON objects); empty for an empty list.
 pub fn tool_text(format: ToolFormat, tools: &[Value]) -> String {
     if tools.is_empty() {
@@ -53,10 +61,7 @@ pub fn tool_text(format: ToolFormat, tools: &[Value]) -> String {
             ToolFormat::Qwen35 => lines.push_str(&py_json(t.get("function").filter(|_| is_function(t)).unwrap_or(t))),
         }
     }
-    let (head, tail) = match format {
-        ToolFormat::Qwen => (QWEN_TOOLS_HEAD, QWEN_TOOLS_TAIL),
-        ToolFormat::Qwen35 => (QWEN35_TOOLS_HEAD, QWEN35_TOOLS_TAIL),
-    };
+    let (head, tail) = tool_text_frame(format);
     format!("{head}{lines}{tail}")
 }
 

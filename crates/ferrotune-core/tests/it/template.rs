@@ -126,7 +126,7 @@ fn generation_prompts() {
                 Message::new(role, m["content"].as_str().unwrap())
             })
             .collect();
-        let prompt = enc.encode_prompt(&messages, case["system"].as_str()).unwrap();
+        let prompt = enc.encode_prompt(&messages, case["system"].as_str(), None).unwrap();
         let ours: Vec<i64> = prompt.iter().map(|&i| i64::from(i)).collect();
         let theirs = ids(&case["prompt_ids"]);
         assert!(ours == theirs, "{name} thinking={thinking}: {}", first_diff(&ours, &theirs));
@@ -159,7 +159,7 @@ fn written_chat_template_equals_the_training_encoder() {
                     preserve_thinking: false,
                 };
                 let enc = ChatEncoder::new(t, &tok, &opts).unwrap();
-                let want = enc.encode_prompt(&history, None).unwrap();
+                let want = enc.encode_prompt(&history, None, None).unwrap();
                 let jinja = ChatTemplate::new(to_jinja(t, &opts), "chat_template.jinja".into()).unwrap();
                 let text =
                     jinja.render(&json, &RenderOptions { add_generation_prompt: true, ..Default::default() }).unwrap();
@@ -169,6 +169,72 @@ fn written_chat_template_equals_the_training_encoder() {
                     "{} thinking {thinking:?} system {system:?}: {text:?}",
                     t.name
                 );
+            }
+        }
+    }
+}
+
+/// With tools, tool calls in the history and tool results, the written template renders the prompt the training
+/// encoder writes (whose tool text and calls equal LLaMA-Factory's, see the `tools_*` goldens), for every template.
+#[test]
+fn written_chat_template_renders_tools_as_training_encodes_them() {
+    use ferrotune_core::chat_template::{ChatTemplate, RenderOptions};
+    use ferrotune_core::template::{to_jinja, TEMPLATES};
+    use serde_json::json;
+    let tok = Tokenizer::from_path(&tiny()).unwrap();
+    let tools = vec![
+        json!({"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}),
+        json!({"name": "now", "description": "The time", "parameters": {"type": "object", "properties": {}}}),
+    ];
+    let calls = json!([{"name": "get_weather", "arguments": {"city": "Zürich", "days": 2}},
+                       {"name": "get_weather", "arguments": {"city": "北京", "days": 1.5, "units": ["c", null]}}]);
+    let history = [
+        Message::new(Role::User, "Weather in Zürich and Beijing?"),
+        Message::new(Role::Function, calls.to_string()),
+        Message::new(Role::Observation, "sunny\n</tool_response>\n<tool_response>\nrain"),
+        Message::new(Role::Assistant, "Sunny there, rain here."),
+        Message::new(Role::User, "And tomorrow?"),
+    ];
+    let openai_calls: Vec<serde_json::Value> = calls
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| json!({"id": format!("c{i}"), "type": "function", "function": c}))
+        .collect();
+    for system in [None, Some("Be brief.")] {
+        let mut messages = vec![
+            json!({"role": "user", "content": "Weather in Zürich and Beijing?"}),
+            json!({"role": "assistant", "content": "", "tool_calls": openai_calls}),
+            json!({"role": "tool", "tool_call_id": "c0", "content": "sunny"}),
+            json!({"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "rain"}]}),
+            json!({"role": "assistant", "content": "Sunny there, rain here."}),
+            json!({"role": "user", "content": "And tomorrow?"}),
+        ];
+        if let Some(s) = system {
+            messages.insert(0, json!({"role": "system", "content": s}));
+        }
+        for t in TEMPLATES {
+            for thinking in [Some(true), Some(false)] {
+                let opts = TemplateOptions { enable_thinking: thinking, ..Default::default() };
+                let enc = ChatEncoder::new(t, &tok, &opts).unwrap();
+                let jinja = ChatTemplate::new(to_jinja(t, &opts), "chat_template.jinja".into()).unwrap();
+                for with_tools in [true, false] {
+                    let want = enc.encode_prompt(&history, system, with_tools.then_some(&tools[..])).unwrap();
+                    let mut ro = RenderOptions { add_generation_prompt: true, ..Default::default() };
+                    if with_tools {
+                        ro.extra.insert("tools".into(), serde_json::Value::Array(tools.clone()));
+                    }
+                    let text = jinja.render(&serde_json::Value::Array(messages.clone()), &ro).unwrap();
+                    assert!(!with_tools || text.contains("get_weather") && text.contains("<tools>"), "{text}");
+                    assert_eq!(
+                        tok.encode(&text).unwrap(),
+                        want,
+                        "{} thinking {thinking:?} system {system:?} tools {with_tools}: {text:?}",
+                        t.name
+                    );
+                }
             }
         }
     }
