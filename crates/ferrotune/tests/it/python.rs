@@ -162,3 +162,25 @@ fn llama_cpp_reruns_on_the_current_gguf_export() {
         }
     }
 }
+
+/// With the venv: the official `openai` client runs a two-turn tool conversation (tools/openai_tools_check.py)
+/// against `ferrotune api` serving the tiny checkpoint trained on tool-calling rows: calls as `tool_calls`, whole
+/// and streamed, then the answer from the tool's result.
+#[test]
+fn openai_client_runs_a_two_turn_tool_conversation() {
+    let Some(py) = python("openai_client_runs_a_two_turn_tool_conversation") else { return };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+    cmd.args(["api", "--model_name_or_path"])
+        .arg(root().join("tests/fixtures/tiny-qwen3_5"))
+        .arg("--adapter_name_or_path")
+        .arg(crate::serve::tool_adapter());
+    let server = crate::serve::spawn(cmd);
+    let out = Command::new(py)
+        .arg(root().join("tools/openai_tools_check.py"))
+        .args(["--base-url", &format!("http://{}/v1", server.addr)])
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(out.status.success(), "openai_tools_check.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -17,9 +17,9 @@ use crate::cli::{adapter, tiny};
 /// alone peaks near 100 MB; decoding the claimed image would take 30 GB).
 const PEAK_RSS_BOUND: u64 = 512 << 20;
 
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
 }
 
 impl Drop for Server {
@@ -50,7 +50,7 @@ fn start() -> Server {
 }
 
 /// Starts `cmd` (an `api` command line without --port) on a free port and waits until it listens.
-fn spawn(mut cmd: Command) -> Server {
+pub(crate) fn spawn(mut cmd: Command) -> Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = cmd
         .args(["--port", &port.to_string()])
@@ -261,4 +261,111 @@ fn adapters_named_in_the_yaml_file_are_served_by_name() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("NAME=DIR"), "{args:?}: {err}");
     }
+}
+
+/// The weather tool of tests/fixtures/tool_calls, as a client sends it.
+fn weather_tool() -> Value {
+    json!({"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
+                       "required": ["city"]}}})
+}
+
+/// The tiny checkpoint trained on tests/fixtures/tool_calls (LLaMA-Factory's sharegpt rows with a `tools` column,
+/// `function_call` and `observation` turns), once for all the tests that serve it.
+pub(crate) fn tool_adapter() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        // In cargo's scratch folder for this package's tests (inside target/), trained anew each run.
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("tool-calls-adapter");
+        train_tool_adapter(&dir);
+        dir
+    })
+}
+
+fn train_tool_adapter(out: &std::path::Path) {
+    let yaml = out.with_extension("yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "model_name_or_path: {}\ntemplate: qwen3_5_nothink\nstage: sft\ndo_train: true\nfinetuning_type: lora\n\
+             lora_target: all\nlora_rank: 16\ndataset: weather_tools\ndataset_dir: {}\ncutoff_len: 1024\n\
+             learning_rate: 1.0e-2\nnum_train_epochs: 40\nper_device_train_batch_size: 3\nlogging_steps: 10\n\
+             save_steps: 1000\noutput_dir: {}\nplot_loss: false\noverwrite_output_dir: true\n",
+            tiny().display(),
+            crate::cli::fixtures().join("tool_calls").display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_ferrotune")).arg("train").arg(&yaml).output().unwrap();
+    assert!(run.status.success(), "ferrotune train: {}", String::from_utf8_lossy(&run.stderr));
+}
+
+/// A model trained on tool-calling rows answers through the API with OpenAI `tool_calls` (whole and streamed),
+/// then answers from the tool's result: the LLaMA-Factory data format, the template written by training and the
+/// server's tool rendering and parsing, end to end.
+#[test]
+fn a_model_trained_on_tool_calls_calls_its_tool_through_the_api() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+    cmd.args(["api", "--model_name_or_path"]).arg(tiny()).arg("--adapter_name_or_path").arg(tool_adapter());
+    let s = spawn(cmd);
+    let ask = |city: &str| json!({"role": "user", "content": format!("What is the weather in {city}?")});
+    for (city, answer) in
+        [("Paris", "It is sunny in Paris, 21 degrees."), ("Oslo", "It is snowing in Oslo, 4 degrees.")]
+    {
+        let (status, body) =
+            chat(s.addr, &json!({"messages": [ask(city)], "tools": [weather_tool()], "temperature": 0}));
+        assert_eq!(status, 200, "{body}");
+        let j: Value = serde_json::from_str(&body).unwrap();
+        let choice = &j["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "{j}");
+        assert!(choice["message"]["content"].is_null(), "{j}");
+        let call = &choice["message"]["tool_calls"][0];
+        assert_eq!(choice["message"]["tool_calls"].as_array().unwrap().len(), 1, "{j}");
+        assert!(call["id"].as_str().unwrap().starts_with("call_") && call["type"] == "function", "{j}");
+        assert_eq!(call["function"]["name"], "get_weather");
+        let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(args, json!({"city": city}));
+        // Streamed: the same call, as one tool_calls delta.
+        let (status, body) = chat(
+            s.addr,
+            &json!({"messages": [ask(city)], "tools": [weather_tool()], "temperature": 0, "stream": true}),
+        );
+        assert_eq!(status, 200, "{body}");
+        let (mut deltas, mut finish) = (Vec::new(), Value::Null);
+        for line in body.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|l| *l != "[DONE]") {
+            let e: Value = serde_json::from_str(line).unwrap();
+            deltas.extend(e["choices"][0]["delta"]["tool_calls"].as_array().cloned().unwrap_or_default());
+            assert!(e["choices"][0]["delta"]["content"].as_str().unwrap_or("").is_empty(), "{line}");
+            if !e["choices"][0]["finish_reason"].is_null() {
+                finish = e["choices"][0]["finish_reason"].clone();
+            }
+        }
+        assert_eq!(finish, "tool_calls");
+        assert_eq!(deltas.len(), 1, "{body}");
+        assert_eq!((&deltas[0]["index"], &deltas[0]["function"]), (&json!(0), &call["function"]));
+        // Turn two: the call and its result in the history (arguments as the JSON string clients send).
+        let result = if city == "Paris" {
+            r#"{"temperature": 21, "sky": "sunny"}"#
+        } else {
+            r#"{"temperature": 4, "sky": "snowing"}"#
+        };
+        let history = json!([ask(city), {"role": "assistant", "content": null, "tool_calls": [call]},
+                             {"role": "tool", "tool_call_id": call["id"], "content": result}]);
+        let (status, body) = chat(s.addr, &json!({"messages": history, "tools": [weather_tool()], "temperature": 0}));
+        assert_eq!(status, 200, "{body}");
+        let j: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(j["choices"][0]["message"]["content"], answer, "{j}");
+        assert_eq!(j["choices"][0]["finish_reason"], "stop");
+        assert!(j["choices"][0]["message"].get("tool_calls").is_none(), "{j}");
+    }
+    // tool_choice "none": the call block the model writes stays text.
+    let (status, body) = chat(
+        s.addr,
+        &json!({"messages": [ask("Lima")], "tools": [weather_tool()], "tool_choice": "none", "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let j: Value = serde_json::from_str(&body).unwrap();
+    assert!(j["choices"][0]["message"]["content"].as_str().unwrap().contains("<function=get_weather>"), "{j}");
+    assert_eq!(j["choices"][0]["finish_reason"], "stop");
 }
