@@ -4,6 +4,10 @@ RSS as one JSON line.
 
 Usage: python anchor.py {train,forward,decode} MODEL_DIR [--seq 264] [--steps 3] [--threads 1] [--batch 1]
                         [--rank 8] [--checkpointing] [--new-tokens 64] [--image 0] [--device cpu] [--bf16]
+                        [--adapters 0]
+
+`decode --adapters N` serves N random PEFT adapters side by side: row i of the batch takes adapter i mod N
+(PEFT's mixed-adapter batches, `generate(adapter_names=...)`).
 
 On a GPU (`--device cuda`) times include a synchronisation and `peak_gpu` is torch's max_memory_allocated;
 with `--bf16` the base weights are bf16 while PEFT keeps the adapters in f32 (as LLaMA-Factory trains).
@@ -31,6 +35,7 @@ def main():
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (decode)")
+    ap.add_argument("--adapters", type=int, default=0, help="random adapters served side by side (decode)")
     ap.add_argument("--image", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true")
@@ -121,12 +126,24 @@ def main():
 
         # --batch sequences of the same prompt decode together (one generate() call on a batch).
         batch_ids = ids.repeat(args.batch, 1)
+        extra = {}
+        if args.adapters:
+            from peft import LoraConfig, get_peft_model
+
+            cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS,
+                             exclude_modules=r".*visual.*", init_lora_weights=False)
+            model = get_peft_model(model, cfg, adapter_name="a0")
+            for k in range(1, args.adapters):
+                model.add_adapter(f"a{k}", cfg)
+            model.eval()
+            extra = {"adapter_names": [f"a{i % args.adapters}" for i in range(args.batch)]}
 
         def gen(n):
             # The tokens generate() returned are counted, not the ones asked for: a stop rule it applies on
             # its own (an EOS, max_length from generation_config.json) must not inflate the rate.
             with torch.no_grad():
-                out = model.generate(input_ids=batch_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                out = model.generate(input_ids=batch_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                     **extra)
             return out.shape[1] - batch_ids.shape[1]
 
         gen(2)

@@ -272,17 +272,44 @@ pub fn forward(
 /// per-layer cache (KV for attention layers, recurrent state for Gated-DeltaNet layers). `batch` sequences (of the
 /// same prompt) decode together, one row each, as the server's batches do; the per-token figures then count every
 /// sequence's tokens.
+/// With `adapters` = (n, rank): n random adapters of that rank on every decoder linear, served side by side (row i
+/// of the batch takes adapter i mod n), as a server's requests for several adapters decode together.
 pub fn decode(
     model_dir: &Path,
     prompt_len: usize,
     new_tokens: usize,
     batch: usize,
+    adapters: Option<(usize, usize)>,
     base: Base,
     device: &Device,
 ) -> Result<BenchReport> {
     use crate::models::qwen3_5::Cache;
+    use crate::nn::{with_row_adapters, AdapterWeights, RowAdapter};
     let (mut model, load_s) = load(model_dir, base, device)?;
     let params = count_params(&mut model);
+    let lora: Vec<std::sync::Arc<AdapterWeights>> = match adapters {
+        Some((n, r)) => (0..n)
+            .map(|_| {
+                let modules = model
+                    .lora_candidates(false, false)
+                    .into_iter()
+                    .map(|(path, l)| {
+                        let a = Tensor::randn(0f32, 0.02, (r, l.in_dim()), device)?;
+                        let b = Tensor::randn(0f32, 0.02, (l.out_dim(), r), device)?;
+                        Ok((path, crate::nn::LoraMatrices::new(a, b)?))
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(std::sync::Arc::new(AdapterWeights { modules, scale: 2.0 }))
+            })
+            .collect::<Result<_>>()?,
+        None => vec![],
+    };
+    let groups = || -> Vec<RowAdapter> {
+        (0..lora.len())
+            .map(|k| RowAdapter { rows: Some((k..batch).step_by(lora.len()).collect()), adapter: lora[k].clone() })
+            .filter(|g| g.rows.as_ref().is_some_and(|r| !r.is_empty()))
+            .collect()
+    };
     let mb = synthetic(&model, prompt_len, 0, 3)?;
     // (time to first token, decoding seconds, decoding CPU seconds): prefill's CPU time stays out of the per-token
     // figure.
@@ -302,7 +329,7 @@ pub fn decode(
             let rope = model.rope_rows(&caches.iter().map(|c| c.seen as i64).collect::<Vec<_>>())?;
             let emb = model.embed(&Tensor::from_vec(tokens.clone(), (batch, 1), device)?, None)?;
             let mut rows: Vec<&mut Cache> = caches.iter_mut().collect();
-            let h = model.decode_rows(&emb, &rope, &mut rows)?;
+            let h = with_row_adapters(groups(), || model.decode_rows(&emb, &rope, &mut rows))?;
             let logits = model.logits(&h)?.reshape((batch, ()))?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             tokens = logits.iter().map(|l| crate::infer::sample::argmax(l)).collect();
         }

@@ -150,6 +150,7 @@ pub fn attach(
             b: Var::from_tensor(&b)?,
             scale: spec.scale(),
             dropout: spec.dropout,
+            bt: None,
         });
         done.push(path);
     }
@@ -357,7 +358,9 @@ impl Adapter {
                 lin.weight.tensor = w;
                 lin.weight.scales = None;
             } else {
-                lin.lora = Some(Lora { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale, dropout: 0.0 });
+                // Served, not trained: decoding rows multiply with Bᵀ.
+                let bt = Some(b.t()?.contiguous()?);
+                lin.lora = Some(Lora { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale, dropout: 0.0, bt });
             }
         }
         Ok(self.weights.len())

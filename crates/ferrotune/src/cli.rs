@@ -101,6 +101,10 @@ pub struct BenchArgs {
     /// every sequence's tokens)
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Random LoRA adapters of rank --rank on every decoder linear, served side by side: the batch's rows take
+    /// them in turn, as a server's requests for several adapters do (decode; 0: the base alone)
+    #[arg(long, default_value_t = 0)]
+    pub adapters: usize,
     /// Same as --dtype bf16
     #[arg(long)]
     pub bf16: bool,

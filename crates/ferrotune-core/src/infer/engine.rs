@@ -242,7 +242,12 @@ impl Engine {
         }
         let template =
             if dir.join("chat_template.jinja").is_file() { Some(ChatTemplate::from_dir(dir)?) } else { None };
-        let weights = Arc::new(AdapterWeights { modules: adapter.weights, scale: adapter.spec.scale() });
+        let modules = adapter
+            .weights
+            .into_iter()
+            .map(|(m, (a, b))| Ok((m, crate::nn::LoraMatrices::new(a, b)?)))
+            .collect::<Result<_>>()?;
+        let weights = Arc::new(AdapterWeights { modules, scale: adapter.spec.scale() });
         Ok(NamedAdapter { name: name.to_string(), dir: dir.to_path_buf(), weights, template, rank, bytes })
     }
 

@@ -234,7 +234,7 @@ impl CustomOp3 for FrozenLora {
         if m <= STREAM_ROWS {
             // A decoding batch: per-row sums in a fixed order, as the base product's.
             let u = mixed::stream_rows(x, m, k, mixed::Packed::F32(a), r);
-            let v = mixed::stream_rows(&u, m, r, mixed::Packed::F32(b), n);
+            let v = super::stream::lora_up(&u, m, r, &super::stream::transpose(b, n, r), n);
             for (y, v) in y.iter_mut().zip(&v) {
                 *y += self.scale * v;
             }

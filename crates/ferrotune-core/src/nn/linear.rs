@@ -16,6 +16,8 @@ pub struct Lora {
     pub scale: f64,
     /// Dropout probability on the adapter input (training only).
     pub dropout: f32,
+    /// Bᵀ [r, out] of a fixed adapter (served, not trained): decoding rows multiply with it.
+    pub bt: Option<Tensor>,
 }
 
 #[derive(Clone)]
@@ -56,7 +58,20 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
         let y = match &self.lora {
-            Some(l) => self.forward_lora(&x2, train, Some((l.a.as_tensor(), l.b.as_tensor(), l.scale, l.dropout)))?,
+            Some(l) => {
+                let rows_lora = l.bt.as_ref().filter(|_| !train).map(|bt| RowLora {
+                    rows: None,
+                    a: l.a.as_tensor(),
+                    bt,
+                    scale: l.scale,
+                });
+                match rows_lora.map(|g| self.decoding_rows(&x2, &[g])).transpose()?.flatten() {
+                    Some(y) => y,
+                    None => {
+                        self.forward_lora(&x2, train, Some((l.a.as_tensor(), l.b.as_tensor(), l.scale, l.dropout)))?
+                    }
+                }
+            }
             None => match ROW_ADAPTERS.with(|g| self.forward_row_adapters(&x2, &g.borrow()))? {
                 Some(y) => y,
                 None => self.forward_lora(&x2, train, None)?,
@@ -101,51 +116,94 @@ impl Linear {
     /// The products of rows that several adapters share out: None when none of them adapts this module. Every
     /// row gets the numbers it would get with its adapter as this module's own branch (inference only).
     fn forward_row_adapters(&self, x2: &Tensor, groups: &[RowAdapter]) -> Result<Option<Tensor>> {
-        let mut used = groups.iter().filter_map(|g| g.adapter.modules.get(&*self.path).map(|ab| (g, ab))).peekable();
-        let Some(&(first, (a, b))) = used.peek() else { return Ok(None) };
-        if first.rows.is_none() {
-            // One sequence (a prompt): exactly the single-branch path.
-            return self.forward_lora(x2, false, Some((a, b, first.adapter.scale, 0.0))).map(Some);
+        let used: Vec<RowLora> = groups
+            .iter()
+            .filter_map(|g| {
+                g.adapter.modules.get(&*self.path).map(|m| RowLora {
+                    rows: g.rows.as_deref(),
+                    a: &m.a,
+                    bt: &m.bt,
+                    scale: g.adapter.scale,
+                })
+            })
+            .collect();
+        let Some(first) = used.first() else { return Ok(None) };
+        if let Some(y) = self.decoding_rows(x2, &used)? {
+            return Ok(Some(y));
         }
-        let m = x2.dim(0)?;
-        let k = x2.dim(1)?;
-        let n = self.out_dim();
-        // A decoding batch on the CPU: the base product of every row, then each group's adapter product added
-        // row by row, as the single-branch op does for a few rows (the same sums in the same order).
-        let cpu = x2.device().is_cpu() && x2.dtype() == DType::F32 && self.bias.is_none();
-        let base = if cpu && m <= super::stream::STREAM_ROWS {
-            let xv = x2.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            super::frozen::cpu_xwt(&xv, m, k, &self.weight)?.map(|y| (xv, y))
-        } else {
-            None
-        };
-        if let Some((xv, mut y)) = base {
-            for (g, (a, b)) in used {
-                let rows = g.rows.as_deref().unwrap_or(&[]);
-                let (av, bv) = (a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
-                let r = a.dim(0)?;
-                let xg: Vec<f32> = rows.iter().flat_map(|&i| xv[i * k..(i + 1) * k].iter().copied()).collect();
-                let u = super::stream::stream_rows(&xg, rows.len(), k, super::mixed::Packed::F32(&av), r);
-                let v = super::stream::stream_rows(&u, rows.len(), r, super::mixed::Packed::F32(&bv), n);
-                let scale = g.adapter.scale as f32;
-                for (gi, &i) in rows.iter().enumerate() {
-                    for (y, v) in y[i * n..(i + 1) * n].iter_mut().zip(&v[gi * n..(gi + 1) * n]) {
-                        *y += scale * v;
-                    }
-                }
-            }
-            return Ok(Some(Tensor::from_vec(y, (m, n), x2.device())?));
+        if first.rows.is_none() {
+            // A whole prompt: the single-branch op.
+            let m = &groups.iter().find_map(|g| g.adapter.modules.get(&*self.path)).expect("used");
+            return self.forward_lora(x2, false, Some((&m.a, &m.b, first.scale, 0.0))).map(Some);
         }
         // Elsewhere (a GPU): the base product, plus each group's adapter product on its rows.
         let mut y = self.forward_lora(x2, false, None)?.to_dtype(DType::F32)?;
-        for (g, (a, b)) in used {
-            let rows = g.rows.as_deref().unwrap_or(&[]);
+        for g in &used {
+            let rows = g.rows.unwrap_or(&[]);
             let idx = Tensor::from_vec(rows.iter().map(|&i| i as u32).collect::<Vec<_>>(), rows.len(), x2.device())?;
             let xg = x2.index_select(&idx, 0)?.to_dtype(DType::F32)?;
-            let delta = (xg.matmul(&a.t()?)?.matmul(&b.t()?)? * g.adapter.scale)?;
+            let delta = (xg.matmul(&g.a.t()?)?.matmul(g.bt)? * g.scale)?;
             y = y.index_add(&idx, &delta, 0)?;
         }
         y.to_dtype(x2.dtype()).map(Some)
+    }
+
+    /// A decoding batch on the CPU (f32, at most [`super::stream::STREAM_ROWS`] rows, no bias): the base product of
+    /// every row, then each group's adapter product added to its rows, each output summed in one order whatever
+    /// the other rows; None elsewhere.
+    fn decoding_rows(&self, x2: &Tensor, groups: &[RowLora]) -> Result<Option<Tensor>> {
+        let (m, k) = x2.dims2()?;
+        let n = self.out_dim();
+        if !(x2.device().is_cpu() && x2.dtype() == DType::F32 && self.bias.is_none() && m <= super::stream::STREAM_ROWS)
+        {
+            return Ok(None);
+        }
+        let xv = x2.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let Some(mut y) = super::frozen::cpu_xwt(&xv, m, k, &self.weight)? else { return Ok(None) };
+        // Each group's down-projection u = x Aᵀ (small), and which group and row of it each batch row is.
+        let mut ups: Vec<(Vec<f32>, usize, f32)> = Vec::with_capacity(groups.len());
+        let mut of_row: Vec<Option<(usize, usize)>> = vec![None; m];
+        let mut bts = Vec::with_capacity(groups.len());
+        for (gn, g) in groups.iter().enumerate() {
+            let rows: Vec<usize> = g.rows.map_or_else(|| (0..m).collect(), <[usize]>::to_vec);
+            let r = g.a.dim(0)?;
+            let xg: Vec<f32> = rows.iter().flat_map(|&i| xv[i * k..(i + 1) * k].iter().copied()).collect();
+            let (sa, la) = g.a.storage_and_layout();
+            let candle_core::Storage::Cpu(ca) = &*sa else { return Ok(None) };
+            let av = super::fused::f32_slice(ca, la, "LoRA A")?;
+            ups.push((
+                super::stream::stream_rows(&xg, rows.len(), k, super::mixed::Packed::F32(av), r),
+                r,
+                g.scale as f32,
+            ));
+            for (gi, &i) in rows.iter().enumerate() {
+                of_row[i] = Some((gn, gi));
+            }
+            bts.push(g.bt.storage_and_layout());
+        }
+        let mut btv = Vec::with_capacity(groups.len());
+        for (sb, lb) in &bts {
+            let candle_core::Storage::Cpu(cb) = &**sb else { return Ok(None) };
+            btv.push(super::fused::f32_slice(cb, lb, "LoRA Bᵀ")?);
+        }
+        // The up-projections row by row, on the pool: the adapter's part of each output in one order, as
+        // [`super::stream::lora_up`] sums it, then scaled into the base product.
+        let add = |(i, yi): (usize, &mut [f32])| {
+            if let Some((gn, gi)) = of_row[i] {
+                let (u, r, scale) = &ups[gn];
+                let v = super::stream::lora_up(&u[gi * r..(gi + 1) * r], 1, *r, btv[gn], n);
+                for (y, v) in yi.iter_mut().zip(&v) {
+                    *y += scale * v;
+                }
+            }
+        };
+        if m * n * ups.first().map_or(0, |u| u.1) >= 1 << 16 {
+            use rayon::prelude::*;
+            y.par_chunks_mut(n).enumerate().for_each(add);
+        } else {
+            y.chunks_mut(n).enumerate().for_each(add);
+        }
+        Ok(Some(Tensor::from_vec(y, (m, n), x2.device())?))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -153,11 +211,38 @@ impl Linear {
     }
 }
 
+/// One adapter's rows of a decoding batch: (A [r, in], Bᵀ [r, out], scale).
+struct RowLora<'a> {
+    /// None: every row.
+    rows: Option<&'a [usize]>,
+    a: &'a Tensor,
+    bt: &'a Tensor,
+    scale: f64,
+}
+
+/// One module's adapter matrices, f32.
+#[derive(Debug)]
+pub struct LoraMatrices {
+    /// [r, in]
+    pub a: Tensor,
+    /// [out, r]
+    pub b: Tensor,
+    /// Bᵀ [r, out], for decoding rows.
+    pub bt: Tensor,
+}
+
+impl LoraMatrices {
+    pub fn new(a: Tensor, b: Tensor) -> Result<Self> {
+        let bt = b.t()?.contiguous()?;
+        Ok(Self { a: a.contiguous()?, b, bt })
+    }
+}
+
 /// An adapter's matrices by module, served beside others on one base (its modules keep no branch of their own).
 #[derive(Debug)]
 pub struct AdapterWeights {
-    /// Module path -> (A [r, in], B [out, r]), f32.
-    pub modules: std::collections::HashMap<String, (Tensor, Tensor)>,
+    /// Module path -> its matrices.
+    pub modules: std::collections::HashMap<String, LoraMatrices>,
     /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub scale: f64,
 }

@@ -16,5 +16,5 @@ pub mod ops;
 pub mod param;
 pub mod stream;
 
-pub use linear::{with_row_adapters, AdapterWeights, Linear, Lora, RowAdapter};
+pub use linear::{with_row_adapters, AdapterWeights, Linear, Lora, LoraMatrices, RowAdapter};
 pub use param::{linears, make_trainable, params, state_dict, Module, Node, Param, Stored};

@@ -49,6 +49,55 @@ fn by_blocks(m: usize, n: usize, k: usize, block: impl Fn(&mut [f32], usize) + S
     y
 }
 
+/// `u (m, r) @ B^T` for a LoRA up-projection B (n, r), given as its transpose `bt` (r, n): each output summed over
+/// t = 0..r in order, a multiply then an add (so that a row's numbers do not depend on the other rows), as
+/// vectors over the outputs (r is small: summing it in lanes would leave them mostly empty).
+pub fn lora_up(u: &[f32], m: usize, r: usize, bt: &[f32], n: usize) -> Vec<f32> {
+    debug_assert_eq!(u.len(), m * r);
+    debug_assert_eq!(bt.len(), r * n);
+    let mut v = vec![0f32; m * n];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F; the slices have the sizes checked above.
+            unsafe { lora_up_avx512(&mut v, u, r, bt, n) };
+            return v;
+        }
+    }
+    lora_up_into(&mut v, u, r, bt, n);
+    v
+}
+
+/// Compiled for AVX-512: the same operations in the same order (Rust never fuses a multiply and an add), in
+/// 16-lane vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn lora_up_avx512(v: &mut [f32], u: &[f32], r: usize, bt: &[f32], n: usize) {
+    lora_up_into(v, u, r, bt, n)
+}
+
+#[inline(always)]
+fn lora_up_into(v: &mut [f32], u: &[f32], r: usize, bt: &[f32], n: usize) {
+    for (vi, ui) in v.chunks_exact_mut(n).zip(u.chunks_exact(r)) {
+        for (&c, row) in ui.iter().zip(bt.chunks_exact(n)) {
+            for (o, &w) in vi.iter_mut().zip(row) {
+                *o += c * w;
+            }
+        }
+    }
+}
+
+/// The transpose of a row-major (rows, cols) matrix.
+pub fn transpose(b: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for (i, row) in b.chunks_exact(cols).enumerate() {
+        for (j, &x) in row.iter().enumerate() {
+            t[j * rows + i] = x;
+        }
+    }
+    t
+}
+
 /// `x (m, k) @ wᵀ` for a bf16 `w` (n, k) with x rounded to bf16: the products of the bf16-products mode
 /// ([`super::Param::bf16_products`]). With AVX512-BF16 the pairs of products are summed by `vdpbf16ps` into 16
 /// lanes chunk by chunk (32 elements a chunk, a zero-padded last chunk), the lanes then reduced as the f32 kernel
@@ -526,6 +575,30 @@ mod tests {
                     let got: Vec<u32> = y[i * n..(i + 1) * n].iter().map(|v| v.to_bits()).collect();
                     let want: Vec<u32> = alone[i].iter().map(|v| v.to_bits()).collect();
                     assert_eq!(got, want, "k={k} n={n}: row {i} of {m} differs from the row alone");
+                }
+            }
+        }
+    }
+
+    /// The LoRA up-projection: each output the in-order f32 sum of its r products (a plain scalar loop, the
+    /// reference), whichever kernel runs, close to the f64 product, and the transpose helper exact.
+    #[test]
+    fn lora_up_sums_in_order_and_matches_f64() {
+        for (m, r, n) in [(1, 8, 2304), (8, 16, 70), (3, 64, 33)] {
+            let u = data(m * r, 7);
+            let b = data(n * r, 8);
+            let bt = transpose(&b, n, r);
+            assert_eq!(transpose(&bt, r, n), b);
+            let v = lora_up(&u, m, r, &bt, n);
+            for i in 0..m {
+                for j in 0..n {
+                    let mut s = 0f32;
+                    for t in 0..r {
+                        s += u[i * r + t] * b[j * r + t];
+                    }
+                    assert_eq!(v[i * n + j].to_bits(), s.to_bits(), "({m}, {r}, {n}) at ({i}, {j})");
+                    let want: f64 = (0..r).map(|t| u[i * r + t] as f64 * b[j * r + t] as f64).sum();
+                    assert!((s as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()));
                 }
             }
         }

@@ -56,7 +56,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             bench::train(&model, &opts, base, &dev)?
         }
         "forward" => bench::forward(&model, args.seq, args.image, args.steps, base, &dev)?,
-        "decode" => bench::decode(&model, args.seq, args.new_tokens, args.batch.max(1), base, &dev)?,
+        "decode" => {
+            let lora = (args.adapters > 0).then_some((args.adapters, args.rank));
+            bench::decode(&model, args.seq, args.new_tokens, args.batch.max(1), lora, base, &dev)?
+        }
         other => bail!("unknown benchmark {other}"),
     };
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
@@ -320,7 +323,8 @@ fn python_anchor(py: &Path, model: &Path, args: &BenchArgs, dev: &Device, dtype:
         .arg(model)
         .args(["--seq", &args.seq.to_string(), "--steps", &args.steps.to_string()])
         .args(["--rank", &args.rank.to_string(), "--new-tokens", &args.new_tokens.to_string()])
-        .args(["--batch", &args.batch.max(1).to_string()]);
+        .args(["--batch", &args.batch.max(1).to_string()])
+        .args(["--adapters", &args.adapters.to_string()]);
     if let Some(t) = args.threads {
         cmd.args(["--threads", &t.to_string()]).env("OMP_NUM_THREADS", t.to_string());
     }
