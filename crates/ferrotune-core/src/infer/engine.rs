@@ -130,7 +130,7 @@ pub struct NamedAdapter {
     /// The chat template the adapter was trained with, when its folder carries one (prompts for it use that).
     pub template: Option<ChatTemplate>,
     pub rank: usize,
-    /// Bytes its matrices take (f32).
+    /// Bytes its matrices take (f32 A, B and Bᵀ).
     pub bytes: usize,
 }
 
@@ -238,7 +238,8 @@ impl Engine {
                 );
             }
             rank = rank.max(r);
-            bytes += (a.elem_count() + b.elem_count()) * 4;
+            // A, B and the Bᵀ kept for decoding, f32.
+            bytes += (a.elem_count() + 2 * b.elem_count()) * 4;
         }
         let template =
             if dir.join("chat_template.jinja").is_file() { Some(ChatTemplate::from_dir(dir)?) } else { None };
