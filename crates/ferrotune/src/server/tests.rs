@@ -70,6 +70,17 @@ impl Drop for Server {
     }
 }
 
+/// Starts a long prompt and returns once the model runs it: requests sent next queue up and start together.
+async fn keep_busy(s: &Server) -> tokio::task::JoinHandle<Reply> {
+    let long = json!({"messages": [{"role": "user", "content": "robot ".repeat(3000)}], "max_tokens": 1});
+    let addr = s.addr;
+    let blocker = tokio::spawn(async move { chat(addr, &long).await });
+    while s.state.stats.running.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    blocker
+}
+
 async fn start(edit: impl FnOnce(&mut ServerOptions)) -> Server {
     start_with(engine(), edit).await
 }
@@ -531,14 +542,7 @@ async fn requests_decoded_together_answer_as_they_do_alone() {
     }
     assert_eq!(s.state.batcher.stats.max_rows.load(Ordering::Relaxed), 1, "one at a time so far");
     // A long prompt keeps the model busy while the eight are prepared and queue up, so that they start together.
-    let long = json!({"messages": [{"role": "user", "content": "robot ".repeat(3000)}], "max_tokens": 1});
-    let blocker = tokio::spawn({
-        let addr = s.addr;
-        async move { chat(addr, &long).await }
-    });
-    while s.state.stats.running.load(Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let blocker = keep_busy(&s).await;
     let tasks: Vec<_> = requests
         .iter()
         .map(|r| {
@@ -931,14 +935,7 @@ async fn each_model_name_answers_with_its_adapter_alone_or_batched() {
         assert_eq!(&text(&r), want, "model {model} alone");
     }
     // All three at once, twice each: one batch of rows with different adapters.
-    let long = json!({"messages": [{"role": "user", "content": "robot ".repeat(3000)}], "max_tokens": 1});
-    let blocker = tokio::spawn({
-        let addr = s.addr;
-        async move { chat(addr, &long).await }
-    });
-    while s.state.stats.running.load(Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let blocker = keep_busy(&s).await;
     let tasks: Vec<_> = (0..6)
         .map(|i| {
             let (addr, model) = (s.addr, cases[i % 3].0);

@@ -282,22 +282,18 @@ pub(crate) fn tool_adapter() -> &'static std::path::Path {
     })
 }
 
+/// `ferrotune train tools/tool_calls_train.yaml`, the documented recipe, with its paths made absolute.
 fn train_tool_adapter(out: &std::path::Path) {
-    let yaml = out.with_extension("yaml");
-    std::fs::write(
-        &yaml,
-        format!(
-            "model_name_or_path: {}\ntemplate: qwen3_5_nothink\nstage: sft\ndo_train: true\nfinetuning_type: lora\n\
-             lora_target: all\nlora_rank: 16\ndataset: weather_tools\ndataset_dir: {}\ncutoff_len: 1024\n\
-             learning_rate: 1.0e-2\nnum_train_epochs: 40\nper_device_train_batch_size: 3\nlogging_steps: 10\n\
-             save_steps: 1000\noutput_dir: {}\nplot_loss: false\noverwrite_output_dir: true\n",
-            tiny().display(),
-            crate::cli::fixtures().join("tool_calls").display(),
-            out.display()
-        ),
-    )
-    .unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_ferrotune")).arg("train").arg(&yaml).output().unwrap();
+    let fixtures = crate::cli::fixtures();
+    let yaml = fixtures.join("../../tools/tool_calls_train.yaml");
+    let run = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .arg("train")
+        .arg(&yaml)
+        .arg(format!("model_name_or_path={}", tiny().display()))
+        .arg(format!("dataset_dir={}", fixtures.join("tool_calls").display()))
+        .arg(format!("output_dir={}", out.display()))
+        .output()
+        .unwrap();
     assert!(run.status.success(), "ferrotune train: {}", String::from_utf8_lossy(&run.stderr));
 }
 
