@@ -1,5 +1,6 @@
-//! The OpenAI-compatible HTTP API: `GET /v1/models`, `POST /v1/chat/completions` (JSON or SSE stream),
-//! `GET /health`, `GET /metrics` (Prometheus).
+//! The OpenAI-compatible HTTP API: `GET /v1/models`, `POST /v1/chat/completions` (JSON or SSE stream, tool
+//! calls), `POST /v1/load_lora_adapter` / `unload_lora_adapter` (with `--lora-dir`), `GET /health`, `GET /metrics`
+//! (Prometheus).
 //!
 //! Requests are prepared (images decoded, prompt rendered and tokenized) a few at a time, then queue for the
 //! batching thread ([`ferrotune_core::infer::batch`]), first come, first served: up to `--max-num-seqs` sequences
