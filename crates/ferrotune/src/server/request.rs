@@ -422,6 +422,15 @@ impl ChatRequest {
 fn refuse_unsupported(o: &Map<String, Value>) -> Result<(), ApiError> {
     let refuse =
         |k: &str, why: &str| Err(ApiError::bad(format!("'{k}': {why}")).param(k).code("unsupported_parameter"));
+    // The deprecated function-calling fields: silently ignored they would make calls vanish.
+    for k in ["functions", "function_call"] {
+        if field(o, k).is_some() {
+            return refuse(
+                k,
+                "the deprecated function-calling fields are not supported; send 'tools' and 'tool_choice'",
+            );
+        }
+    }
     if boolean(o, "logprobs")? == Some(true) || field(o, "top_logprobs").is_some() {
         return refuse("logprobs", "log probabilities are not supported yet");
     }

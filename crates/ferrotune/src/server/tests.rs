@@ -389,6 +389,7 @@ async fn bad_input_is_a_4xx_openai_error() {
             "tools[0].function.name",
         ),
         (json!({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}), "tool_choice"),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]}), "functions"),
         (
             json!({"messages": [{"role": "user", "content": "hi"}], "tools": [weather_tool()],
                    "tool_choice": {"type": "function", "function": {"name": "get_time"}}}),
