@@ -327,25 +327,32 @@ impl Adapter {
         Ok(Self { spec, weights, base_model })
     }
 
+    /// Every module the adapter adapts exists (`dims`: a module's (in, out) features, None when the model has
+    /// no such module) with the adapter's shapes.
+    pub fn check_fits(&self, dims: impl Fn(&str) -> Option<(usize, usize)>) -> Result<()> {
+        for (module, (a, b)) in &self.weights {
+            let Some((inp, out)) = dims(module) else {
+                bail!("the adapter targets {module}, which this model does not have (was it trained on another model?)")
+            };
+            if a.dim(1)? != inp || b.dim(0)? != out || a.dim(0)? != b.dim(1)? {
+                bail!(
+                    "adapter for {module}: A {:?} / B {:?} do not fit the module's weight [{out}, {inp}]",
+                    a.dims(),
+                    b.dims()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Applies the adapter to `linears`: either merged into the base weight (`W += scale·B·A`, in f32, cast back
     /// to W's dtype) or kept as a separate (non-trainable) LoRA branch. Every adapter module must exist.
     pub fn apply(&self, linears: Vec<(String, &mut Linear)>, merge: bool) -> Result<usize> {
         let mut by_path: HashMap<String, &mut Linear> = linears.into_iter().collect();
         let scale = self.spec.scale();
+        self.check_fits(|m| by_path.get(m).map(|l| (l.in_dim(), l.out_dim())))?;
         for (module, (a, b)) in &self.weights {
-            let lin = by_path.get_mut(module).with_context(|| {
-                format!(
-                    "the adapter targets {module}, which this model does not have (was it trained on another model?)"
-                )
-            })?;
-            if a.dim(1)? != lin.in_dim() || b.dim(0)? != lin.out_dim() || a.dim(0)? != b.dim(1)? {
-                bail!(
-                    "adapter for {module}: A {:?} / B {:?} do not fit the module's weight {:?}",
-                    a.dims(),
-                    b.dims(),
-                    lin.weight.dims()
-                );
-            }
+            let lin = by_path.get_mut(module).expect("checked above");
             let dev = lin.weight.device().clone();
             let (a, b) = (a.to_device(&dev)?, b.to_device(&dev)?);
             if merge {

@@ -73,14 +73,44 @@ impl ToolCall {
     }
 }
 
+/// How a chat template writes a call inside `<tool_call>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallFormat {
+    /// Qwen3.5's `<function=NAME>` with `<parameter=...>` blocks.
+    Xml,
+    /// Qwen2.5 / Qwen3's `{"name": ..., "arguments": ...}`.
+    Json,
+}
+
+impl CallFormat {
+    /// The format a chat template's source teaches; None when it writes no tool calls.
+    pub fn of_template(source: &str) -> Option<Self> {
+        if source.contains(FUNCTION) {
+            Some(Self::Xml)
+        } else if source.contains(OPEN) {
+            Some(Self::Json)
+        } else {
+            None
+        }
+    }
+}
+
 /// Text that, appended to the generation prompt, makes the model's answer a call: of `name`, or of a function
 /// it picks (OpenAI's `tool_choice` naming a function, or `"required"`). The same text goes first into the
 /// parser, so that the block it opens is read whole.
-pub fn forced_call_prefix(name: Option<&str>) -> String {
-    match name {
-        Some(n) => format!("{OPEN}\n{FUNCTION}{n}>\n"),
-        None => format!("{OPEN}\n{FUNCTION}"),
+pub fn forced_call_prefix(format: CallFormat, name: Option<&str>) -> String {
+    match (format, name) {
+        (CallFormat::Xml, Some(n)) => format!("{OPEN}\n{FUNCTION}{n}>\n"),
+        (CallFormat::Xml, None) => format!("{OPEN}\n{FUNCTION}"),
+        (CallFormat::Json, Some(n)) => format!("{OPEN}\n{{\"name\": {}, \"arguments\": ", Value::from(n)),
+        (CallFormat::Json, None) => format!("{OPEN}\n{{\"name\": \""),
     }
+}
+
+/// The end of the first complete `<tool_call>` ... `</tool_call>` block of `text`, if any.
+pub fn first_block_end(text: &str) -> Option<usize> {
+    let open = text.find(OPEN)?;
+    text[open..].find(CLOSE).map(|c| open + c + CLOSE.len())
 }
 
 /// A completion split into its text and its calls.
@@ -947,12 +977,12 @@ mod tests {
     #[test]
     fn a_forced_call_prefix_then_the_models_text_is_one_call() {
         let generated = "<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>";
-        let text = format!("{}{generated}", forced_call_prefix(Some("get_weather")));
+        let text = format!("{}{generated}", forced_call_prefix(CallFormat::Xml, Some("get_weather")));
         assert_eq!(text, PARIS);
-        let text = format!("{}get_weather>\n{generated}", forced_call_prefix(None));
+        let text = format!("{}get_weather>\n{generated}", forced_call_prefix(CallFormat::Xml, None));
         assert_eq!(text, PARIS);
         let mut s = StreamParser::new(tools(), CallIds::seeded(7));
-        assert_eq!(s.push(&forced_call_prefix(Some("get_weather"))), vec![]);
+        assert_eq!(s.push(&forced_call_prefix(CallFormat::Xml, Some("get_weather"))), vec![]);
         let events = s.push(generated);
         let Some(Event::Call { index: 0, call }) = events.first() else { panic!("{events:?}") };
         assert_eq!(

@@ -217,30 +217,10 @@ impl Engine {
     /// it adapts must exist in this model with the adapter's shapes.
     pub fn load_adapter(&self, name: &str, dir: &Path) -> Result<NamedAdapter> {
         let adapter = Adapter::load(dir, &self.model.device)?;
-        let mut rank = 0;
-        let mut bytes = 0;
-        for (module, (a, b)) in &adapter.weights {
-            let Some(&(inp, out)) = self.modules.get(module) else {
-                bail!(
-                    "{}: the adapter targets {module}, which this model does not have (was it trained on another \
-                     model?)",
-                    dir.display()
-                )
-            };
-            let (r, a_in) = a.dims2()?;
-            let (b_out, r2) = b.dims2()?;
-            if a_in != inp || b_out != out || r != r2 {
-                bail!(
-                    "{}: adapter for {module}: A {:?} / B {:?} do not fit the module's weight [{out}, {inp}]",
-                    dir.display(),
-                    a.dims(),
-                    b.dims()
-                );
-            }
-            rank = rank.max(r);
-            // A, B and the Bᵀ kept for decoding, f32.
-            bytes += (a.elem_count() + 2 * b.elem_count()) * 4;
-        }
+        adapter.check_fits(|m| self.modules.get(m).copied()).with_context(|| dir.display().to_string())?;
+        let rank = adapter.weights.values().map(|(a, _)| a.dims()[0]).max().unwrap_or(0);
+        // A, B and the Bᵀ kept for decoding, f32.
+        let bytes = adapter.weights.values().map(|(a, b)| (a.elem_count() + 2 * b.elem_count()) * 4).sum();
         let template =
             if dir.join("chat_template.jinja").is_file() { Some(ChatTemplate::from_dir(dir)?) } else { None };
         let modules = adapter

@@ -62,6 +62,7 @@ impl Linear {
                 let rows_lora = l.bt.as_ref().filter(|_| !train).map(|bt| RowLora {
                     rows: None,
                     a: l.a.as_tensor(),
+                    b: l.b.as_tensor(),
                     bt,
                     scale: l.scale,
                 });
@@ -122,6 +123,7 @@ impl Linear {
                 g.adapter.modules.get(&*self.path).map(|m| RowLora {
                     rows: g.rows.as_deref(),
                     a: &m.a,
+                    b: &m.b,
                     bt: &m.bt,
                     scale: g.adapter.scale,
                 })
@@ -133,8 +135,7 @@ impl Linear {
         }
         if first.rows.is_none() {
             // A whole prompt: the single-branch op.
-            let m = &groups.iter().find_map(|g| g.adapter.modules.get(&*self.path)).expect("used");
-            return self.forward_lora(x2, false, Some((&m.a, &m.b, first.scale, 0.0))).map(Some);
+            return self.forward_lora(x2, false, Some((first.a, first.b, first.scale, 0.0))).map(Some);
         }
         // Elsewhere (a GPU): the base product, plus each group's adapter product on its rows.
         let mut y = self.forward_lora(x2, false, None)?.to_dtype(DType::F32)?;
@@ -211,11 +212,12 @@ impl Linear {
     }
 }
 
-/// One adapter's rows of a decoding batch: (A [r, in], Bᵀ [r, out], scale).
+/// One adapter's rows of a product: A [r, in], B [out, r] and Bᵀ [r, out], scale.
 struct RowLora<'a> {
     /// None: every row.
     rows: Option<&'a [usize]>,
     a: &'a Tensor,
+    b: &'a Tensor,
     bt: &'a Tensor,
     scale: f64,
 }

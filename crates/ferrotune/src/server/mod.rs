@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 
 use error::ApiError;
-use ferrotune_core::tool_calls::{self, CallIds, StreamParser, ToolCall};
+use ferrotune_core::tool_calls::{self, CallFormat, CallIds, StreamParser, ToolCall};
 use media::MediaPolicy;
 use reasoning::{Part, ThinkSplitter};
 use request::{ChatRequest, ToolChoice};
@@ -683,32 +683,6 @@ struct Tools {
     parallel: bool,
 }
 
-/// How the chat template writes a call: Qwen3.5's XML blocks, or Qwen2.5 / Qwen3's JSON ones (None: the template
-/// knows no tool calls).
-fn tool_format(template: &str) -> Option<bool> {
-    if template.contains("<function=") {
-        Some(true)
-    } else if template.contains("<tool_call>") {
-        Some(false)
-    } else {
-        None
-    }
-}
-
-/// The prompt text that makes the answer a call: for `tool_choice` "required" the opening of a call, for a named
-/// function the call's opening with its name (the model writes the arguments).
-fn forced_call(choice: &ToolChoice, xml: bool) -> Option<String> {
-    Some(match (choice, xml) {
-        (ToolChoice::Function(n), true) => format!("<tool_call>\n<function={n}>\n"),
-        (ToolChoice::Function(n), false) => {
-            format!("<tool_call>\n{{\"name\": {}, \"arguments\": ", Value::from(n.as_str()))
-        }
-        (ToolChoice::Required, true) => "<tool_call>\n<function=".to_string(),
-        (ToolChoice::Required, false) => "<tool_call>\n{\"name\": \"".to_string(),
-        _ => return None,
-    })
-}
-
 impl Tools {
     /// A whole answer's content and calls (`text`: what follows the prompt, reasoning removed).
     fn read(&self, text: &str) -> (String, Vec<ToolCall>) {
@@ -719,9 +693,7 @@ impl Tools {
             return (p.content, p.calls);
         }
         // One call at most: what follows the first block stays text.
-        let cut =
-            text.find("<tool_call>").and_then(|o| text[o..].find("</tool_call>").map(|c| o + c + "</tool_call>".len()));
-        let (head, tail) = text.split_at(cut.unwrap_or(text.len()));
+        let (head, tail) = text.split_at(tool_calls::first_block_end(&text).unwrap_or(text.len()));
         let p = tool_calls::parse(head, &self.list, &mut ids);
         let content = format!("{}{}", p.content, tail).trim().to_string();
         (content, p.calls)
@@ -887,9 +859,9 @@ fn prepare(
         extra: r.template_kwargs.clone(),
     };
     let template = engine.template_for(adapter.as_deref());
-    let xml = tool_format(&template.source);
+    let format = CallFormat::of_template(&template.source);
     if !r.tools.is_empty() {
-        if xml.is_none() {
+        if format.is_none() {
             return Err(ApiError::bad(format!(
                 "'tools' given, but the chat template ({}) writes no tool calls: this model was not trained to call \
                  functions",
@@ -906,7 +878,13 @@ fn prepare(
     let mut tools = None;
     if !r.tools.is_empty() && r.tool_choice != ToolChoice::None {
         let mut forced = String::new();
-        if let Some(f) = xml.and_then(|xml| forced_call(&r.tool_choice, xml)).filter(|_| !r.continue_final) {
+        let name = match &r.tool_choice {
+            ToolChoice::Function(n) => Some(Some(n.as_str())),
+            ToolChoice::Required => Some(None),
+            _ => None,
+        };
+        let forced_prefix = format.zip(name).filter(|_| !r.continue_final);
+        if let Some(f) = forced_prefix.map(|(format, name)| tool_calls::forced_call_prefix(format, name)) {
             // A call is the answer: a think block the prompt opened closes empty first.
             if ThinkSplitter::prompt_opens_think(&text) {
                 text.push_str("\n</think>\n\n");
@@ -1280,9 +1258,7 @@ impl StreamedCalls {
                 tool_calls::Event::Text(t) => deltas.push(json!({ "content": t })),
                 tool_calls::Event::Call { index, call } => {
                     self.sent += 1;
-                    let mut d = call.to_openai();
-                    d["index"] = index.into();
-                    deltas.push(json!({ "tool_calls": [d] }));
+                    deltas.push(json!({ "tool_calls": [call.to_openai_delta(index)] }));
                 }
             }
         }
